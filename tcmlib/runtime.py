@@ -1,0 +1,49 @@
+"""Run-time switches shared by the library and the notebooks: smoke mode, seeding, device.
+
+The one place that reads ``TCMLIB_SMOKE``.  Notebooks call :func:`is_smoke` and shrink their
+work when it is true (fewer epochs, fewer classes) without taking another code path.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["is_smoke", "smoke_note", "seed_everything", "default_device"]
+
+
+def is_smoke() -> bool:
+    """True when the env var ``TCMLIB_SMOKE`` is set to a true value (``1``, ``true``, ``yes``)."""
+    return os.environ.get("TCMLIB_SMOKE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def smoke_note() -> str:
+    """A line to print under any output made in smoke mode (empty string otherwise)."""
+    if not is_smoke():
+        return ""
+    return (
+        "SMOKE MODE (TCMLIB_SMOKE=1): tiny data and few steps, so these numbers only show that "
+        "the code runs; unset TCMLIB_SMOKE for real results."
+    )
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA); return a ``torch.Generator`` seeded alike."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``mps`` on Apple silicon, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
