@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make book   - create .venv, install, execute every notebook, build the HTML book (_build/html)
+#   make test   - create .venv, install, run every test (unit, notebook pairing, nbmake smoke run)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install book test unit notebooks sync browser benchmarks clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The executed book. Warnings are errors (-W) and a failing notebook fails the build.
+book: install
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+# Everything: unit tests, then every notebook in smoke mode (nbmake collects only .ipynb).
+test: install
+	$(PY) -m pytest tests -q
+	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks -q
+
+unit: install
+	$(PY) -m pytest tests -q
+
+# Regenerate every paired .ipynb from its MyST .md source (run after editing a chapter).
+sync: install
+	$(VENV)/bin/jupytext --sync notebooks/*.md
+
+benchmarks: install
+	for b in benchmarks/*.py; do case $$b in */_*) continue;; esac; echo "== $$b"; $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf _build .jupyter_cache
