@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["is_smoke", "smoke_note", "seed_everything", "default_device"]
+__all__ = ["is_smoke", "smoke_note", "smoke_tag", "seed_everything", "default_device"]
 
 
 def is_smoke() -> bool:
@@ -28,6 +28,11 @@ def smoke_note() -> str:
         "SMOKE MODE (TCMLIB_SMOKE=1): tiny data and few steps, so these numbers only show that "
         "the code runs; unset TCMLIB_SMOKE for real results."
     )
+
+
+def smoke_tag() -> str:
+    """A short suffix for figure titles and table captions: ``" [SMOKE MODE]"`` in smoke mode, else ``""``."""
+    return " [SMOKE MODE]" if is_smoke() else ""
 
 
 def seed_everything(seed: int) -> torch.Generator:
