@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install book test unit notebooks sync browser benchmarks clean
+.PHONY: install book test unit sync browser chromium benchmarks clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,13 +22,26 @@ install: $(STAMP)
 book: install
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/jupyter-book build . -W -n --keep-going
 
-# Everything: unit tests, then every notebook in smoke mode (nbmake collects only .ipynb).
-test: install
-	$(PY) -m pytest tests -q
+# Everything: unit tests; every notebook in smoke mode (nbmake collects only .ipynb); then the
+# book built in smoke mode and opened in headless Chromium.
+test: install chromium
+	$(PY) -m pytest tests -q -m "not browser"
 	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(PY) -m pytest --nbmake --nbmake-timeout=900 notebooks -q
+	$(MAKE) browser
 
 unit: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not browser"
+
+# The book in smoke mode (its own output folder and cache), checked in a real browser.
+browser: install chromium
+	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(VENV)/bin/jupyter-book build . --path-output _build/smoke -W -n --keep-going
+	TCMLIB_BOOK_DIR=_build/smoke/_build/html $(PY) -m pytest tests -q -m browser
+
+# Debian's Chromium for the browser test; where it cannot be installed the test skips and says so.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed: the browser test will be skipped"
 
 # Regenerate every paired .ipynb from its MyST .md source (run after editing a chapter).
 sync: install
