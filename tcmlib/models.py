@@ -174,7 +174,9 @@ class Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)  # (B, F)
         z = self.head(self.norm(f))  # (B, dim)
-        return F.normalize(z.float(), dim=-1)  # (B, dim), unit norm, float32 even under autocast
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # normalise and hand to the loss in float32, even under autocast
+        return F.normalize(z, dim=-1)  # (B, dim), unit norm
 
 
 def build_embedder(
