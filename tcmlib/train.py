@@ -1,0 +1,471 @@
+"""Train an embedder with a DML loss (optionally + TCM) and evaluate R@k, MAP@R, OPIS and eps-OPIS.
+
+From a notebook::
+
+    from tcmlib.train import TrainConfig, fit
+    result = fit(TrainConfig(dataset="glyphs", glyph_size="tiny", backbone="small_cnn", loss="contrastive",
+                             tcm=True, dim=64, batch_size=128, epochs=5, lr=1e-3, run_dir="runs/glyphs"))
+    result.history[-1]["OPIS"]
+
+From a shell (``tcmlib-train`` is the same)::
+
+    python -m tcmlib.train --config configs/glyphs_tiny.yaml [--resume] [--override epochs=3 tcm=true]
+
+One epoch = m-per-class batches over the train classes (tqdm shows loss, base and TCM parts),
+then the test classes (disjoint) are embedded and scored; one line per epoch goes to
+``run_dir/metrics.jsonl`` and ``run_dir/metrics.csv``.  Checkpoints (``tcmlib.checkpoint``) are
+written every ``checkpoint_every_steps`` steps and at each epoch end; ``resume=True`` continues
+from the newest one exactly: same batches, same random numbers, same weights as a run that was
+never interrupted (with ``num_workers=0``; with workers the batches are still exact, the
+augmentation draws are not).
+
+A batch larger than memory goes through the embedding-gradient cache (``chunk_size``, see
+``tcmlib.gradcache``).  On a GPU: ``amp="bf16"`` (or ``"fp16"`` with a GradScaler),
+``channels_last=True``, pinned-memory loaders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from tcmlib.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tcmlib.data import DATASET_NAMES, MPerClassBatchSampler, get_dataset
+from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
+from tcmlib.gradcache import cached_backward, direct_backward
+from tcmlib.losses.combine import WithTCM
+from tcmlib.losses.registry import available_losses, loss_param_groups, make_loss
+from tcmlib.metrics import recall_and_map_at_r
+from tcmlib.metrics.opis import utility_curves
+from tcmlib.models import BACKBONES, Embedder, build_embedder
+from tcmlib.runtime import default_device, seed_everything
+
+__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "load_config", "main"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; a YAML file in ``configs/`` holds a subset of these keys."""
+
+    # data
+    dataset: str = "glyphs"  # cub | cars | sop | inat | glyphs | digits | mnist
+    data_root: str | None = None  # data directory (glyphs: cache dir, None = default)
+    glyph_size: str = "tiny"  # glyph preset: tiny | small | default
+    data_seed: int = 0  # glyph class split / digits split
+    image_size: int | None = None  # None: 224 (photos), 32 (glyphs), 16 (digits)
+    # model
+    backbone: str = "small_cnn"  # resnet50 | vit_b_16 | small_cnn | resnet18 | timm:<name>
+    pretrained: bool = False  # ImageNet weights (needs internet or the torch hub cache)
+    dim: int = 512  # embedding dimension
+    small_input: bool = False  # resnet18/50: 3x3 stride-1 stem for 32x32 images
+    frozen_bn: bool | None = None  # None: frozen for resnet50, live otherwise
+    # loss
+    loss: str = "smooth_ap"  # see tcmlib.losses.registry.available_losses()
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)  # override the base loss's defaults
+    tcm: bool | dict[str, float] = False  # True, or {margin_pos, margin_neg, lambda_pos, lambda_neg}
+    # batches
+    batch_size: int = 128  # images per step (= classes per batch x m)
+    m: int = 4  # samples per class in a batch
+    steps_per_epoch: int | None = None  # cut epochs short (smoke runs); None = full epochs
+    # optimisation
+    epochs: int = 1
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-4  # backbone learning rate
+    head_lr_mult: float = 0.0  # >0: LayerNorm + linear head at lr * mult; 0: same group, lr (RS@k)
+    loss_lr_mult: float | None = None  # loss parameters (proxies): None = registry default
+    weight_decay: float = 4e-4
+    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma
+    gamma: float = 0.3
+    # speed and memory
+    amp: str | None = None  # None | bf16 | fp16
+    channels_last: bool = False
+    chunk_size: int | None = None  # gradient-cache chunk; None = whole batch in one pass
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    num_workers: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms (exact reruns, slower)
+    # evaluation
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    eval_every: int = 1  # evaluate every n epochs (and always after the last)
+    eval_batch_size: int = 256
+    # bookkeeping
+    checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    seed: int = 0
+    run_dir: str = "runs/default"
+    progress: bool = True  # tqdm bars
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "head_lr_mult", "weight_decay", "gamma"):  # YAML reads 1e-4 as a string
+            setattr(self, name, float(getattr(self, name)))
+        if self.loss_lr_mult is not None:
+            self.loss_lr_mult = float(self.loss_lr_mult)
+        self.milestones = [int(v) for v in self.milestones]
+        self.eval_ks = [int(v) for v in self.eval_ks]
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for a bad name or an impossible batch layout, before any work."""
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
+        if self.backbone not in BACKBONES and not self.backbone.startswith("timm:"):
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)} or timm:<name>")
+        if self.loss.strip().lower() not in available_losses():
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(available_losses())}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or adamw")
+        if self.amp not in (None, *AMP_DTYPES):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if self.m < 2:
+            raise ValueError(f"m = {self.m}: every class in a batch needs >= 2 samples (positives)")
+        if self.batch_size % self.m:
+            raise ValueError(f"batch_size = {self.batch_size} is not divisible by m = {self.m}; use a multiple of m")
+        if self.batch_size // self.m < 2:
+            raise ValueError(f"batch_size / m = {self.batch_size // self.m}: a batch needs >= 2 classes (negatives)")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: per-epoch records, the last evaluation, where the files are, the model."""
+
+    history: list[dict[str, Any]]  # one dict per epoch: train loss parts, lr, R@k, MAP@R, OPIS, eps_OPIS
+    final: dict[str, Any]  # the last epoch's record
+    run_dir: Path
+    model: Embedder
+    checkpoint: Path | None  # the final checkpoint
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **kwargs: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file, then ``key=value`` overrides (values parsed as YAML), then kwargs."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as fh:
+            values.update(yaml.safe_load(fh) or {})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        values[key.strip()] = yaml.safe_load(raw)
+    values.update(kwargs)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    return TrainConfig(**values)
+
+
+def build_data(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
+    """``(train split, test split, in_channels)`` of ``cfg.dataset`` with the standard transforms."""
+    if cfg.dataset in SMALL_DATASETS:
+        size = cfg.image_size or (32 if cfg.dataset == "glyphs" else 16)
+        kw: dict[str, Any] = {"image_size": size} if cfg.dataset != "mnist" else {}
+        if cfg.dataset == "glyphs":
+            kw.update(size=cfg.glyph_size, seed=cfg.data_seed)
+        elif cfg.dataset == "digits":
+            kw.update(seed=cfg.data_seed)
+        train = get_dataset(cfg.dataset, cfg.data_root, "train", transform=small_train_transform(), **kw)
+        test = get_dataset(cfg.dataset, cfg.data_root, "test", transform=None, **kw)
+        return train, test, 1
+    size = cfg.image_size or 224
+    train = get_dataset(cfg.dataset, cfg.data_root, "train", transform=train_transform(size))
+    test = get_dataset(cfg.dataset, cfg.data_root, "test", transform=test_transform(size, int(size * 256 / 224)))
+    return train, test, 3
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
+    amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed a whole data set in eval mode: ``(embeddings (N, D) float32 on CPU, labels (N,))``."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    embs, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None) if amp else _null():
+            e = model(x)  # (b, D)
+        embs.append(e.float().cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    return torch.cat(embs), torch.cat(labels).long()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, *, ks: Sequence[int] = (1, 2, 4, 8), batch_size: int = 256,
+    device: str | torch.device = "cpu", amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
+) -> dict[str, float]:
+    """Embed ``dataset`` and score it: ``{"R@k": ..., "MAP@R": ..., "OPIS": ..., "eps_OPIS": ...}``.
+
+    OPIS and eps-OPIS (eps = 0.1) use ``tcmlib.metrics`` defaults: 100 thresholds between the
+    global-FAR 1e-2 and 1e-1 quantiles of the negative-pair distances.
+    """
+    emb, labels = embed(model, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
+                        channels_last=channels_last)
+    ks = [k for k in ks if k < emb.shape[0]]
+    recall, map_r = recall_and_map_at_r(emb, labels, ks)
+    curves = utility_curves(emb, labels)
+    out = {f"R@{k}": v for k, v in recall.items()}
+    out.update({"MAP@R": map_r, "OPIS": curves.opis, "eps_OPIS": curves.eps_opis(0.1)})
+    return out
+
+
+def _make_optimizer(cfg: TrainConfig, model: Embedder, criterion: nn.Module) -> torch.optim.Optimizer:
+    """Adam / AdamW over backbone (lr), head (lr or lr * head_lr_mult) and loss parameters."""
+    head_ids = {id(p) for p in model.head_parameters()}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    if cfg.head_lr_mult > 0:
+        groups = [{"params": backbone, "lr": cfg.lr}, {"params": model.head_parameters(), "lr": cfg.lr * cfg.head_lr_mult}]
+    else:  # as the RS@k / Smooth-AP code with fc_lr_mul = 0: one group, one lr
+        groups = [{"params": backbone + model.head_parameters(), "lr": cfg.lr}]
+    groups += loss_param_groups(criterion, cfg.lr, cfg.loss_lr_mult)
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the whole history (small; keeps resumes consistent)."""
+    with open(run_dir / "metrics.jsonl", "w") as fh:
+        for rec in history:
+            fh.write(json.dumps(rec) + "\n")
+    keys = list(dict.fromkeys(k for rec in history for k in rec))
+    with open(run_dir / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _all_finite(module: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if torch.is_floating_point(t))
+
+
+def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False,
+        train_data: Dataset | None = None, test_data: Dataset | None = None, **kwargs: Any) -> FitResult:
+    """Train and evaluate as ``config`` says (a :class:`TrainConfig`, a dict, or keyword arguments).
+
+    Args:
+        config: the run; keyword arguments override its fields.
+        resume: continue from the newest checkpoint in ``run_dir`` (start fresh if there is none).
+            Without it, a ``run_dir`` that already holds checkpoints is an error.
+        train_data, test_data: use these data sets (items ``(image tensor, label)``, a ``labels``
+            attribute on the train set) instead of loading ``config.dataset``.
+
+    Returns:
+        :class:`FitResult`.  Raises ``ValueError`` for bad names / batch layouts and
+        ``FloatingPointError`` when the loss or the weights stop being finite (the last good
+        checkpoint is kept).
+    """
+    if isinstance(config, TrainConfig):
+        cfg = dataclasses.replace(config, **kwargs)
+    else:
+        cfg = load_config(None, **{**(config or {}), **kwargs})
+    cfg.validate()
+    run_dir = Path(cfg.run_dir)
+    ckpt_path = latest_checkpoint(run_dir)
+    if ckpt_path is not None and not resume:
+        raise FileExistsError(f"{run_dir} already holds checkpoints ({ckpt_path.name}); pass resume=True "
+                              "(--resume) to continue that run, or choose a new run_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "config.yaml", "w") as fh:
+        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+    device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    seed_everything(cfg.seed)
+
+    # data: m-per-class batches from the train classes; the test classes are disjoint
+    if train_data is None or test_data is None:
+        train_data, test_data, in_channels = build_data(cfg)
+    else:
+        in_channels = int(train_data[0][0].shape[0])
+    train_labels = torch.as_tensor(train_data.labels)  # (N_train,)
+    n_classes = int(train_labels.unique().numel())
+    if n_classes < cfg.batch_size // cfg.m:
+        raise ValueError(f"batch_size / m = {cfg.batch_size // cfg.m} classes per batch, but the train split "
+                         f"has only {n_classes} classes; lower batch_size or raise m")
+    sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed)
+    # The loader's own generator: creating an iterator draws a worker base seed from it, which would
+    # otherwise come from the global RNG and shift every later draw after a mid-epoch resume.
+    loader_gen = torch.Generator()
+    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", generator=loader_gen)
+
+    # model, loss, optimiser, schedule, AMP
+    model = build_embedder(cfg.backbone, cfg.dim, cfg.pretrained, in_channels, small_input=cfg.small_input,
+                           image_size=cfg.image_size or 224, frozen_bn=cfg.frozen_bn).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
+                          **cfg.loss_kwargs).to(device)
+    optimizer = _make_optimizer(cfg, model, criterion)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+    amp_dtype = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < cfg.batch_size else None
+    if chunk is not None and any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
+                                 for mod in model.modules()):
+        warnings.warn("gradient cache with BatchNorm in train mode: BN statistics are per chunk, so the gradient "
+                      "is not exactly the full-batch one (freeze BN for exactness, see tcmlib.gradcache)")
+
+    # resume
+    epoch0, step, history, best, sums = 0, 0, [], {}, {}
+    sampler_state: dict[str, Any] | None = None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               loss=criterion, map_location=device)
+        epoch0, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
+        history, sums, sampler_state = ckpt["extra"]["history"], ckpt["extra"]["sums"], ckpt["sampler"]
+        _write_metrics(run_dir, history)  # drop lines written after that checkpoint
+        tqdm.write(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, step {step})")
+        sys.stdout.flush()
+    cfg_dict = dataclasses.asdict(cfg)
+
+    def checkpoint(epoch: int, batches_done: int) -> Path:
+        if not _all_finite(model) or not _all_finite(criterion):
+            raise FloatingPointError(f"weights are NaN/inf at step {step}; not saving them. The last good "
+                                     f"checkpoint, {latest_checkpoint(run_dir)}, is kept")
+        path = save_checkpoint(
+            run_dir, model=model, step=step, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+            loss=criterion, sampler_state={"epoch": epoch, "start_batch": batches_done, "seed": cfg.seed},
+            best=best, config=cfg_dict, extra={"history": history, "sums": sums})
+        tqdm.write(f"checkpoint step {step} -> {path}")
+        sys.stdout.flush()
+        return path
+
+    def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.isfinite(emb).all()):
+            raise FloatingPointError("the embeddings contain NaN/inf")
+        return criterion(emb, labels)
+
+    last_path = ckpt_path
+    for epoch in range(epoch0, cfg.epochs):
+        start = sampler_state["start_batch"] if sampler_state is not None and epoch == epoch0 else 0
+        if start == 0:
+            sums = {"loss": 0.0, "base": 0.0, "tcm": 0.0, "n": 0, "time": 0.0}
+        sampler.set_epoch(epoch, start_batch=start)
+        loader_gen.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + start)  # worker seeds: a function of the position
+        n_batches = len(sampler.plan(epoch))
+        if cfg.steps_per_epoch is not None:
+            n_batches = min(n_batches, cfg.steps_per_epoch)
+        model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   leave=False, dynamic_ncols=True)
+        for b, (x, y) in enumerate(loader, start=start):
+            if b >= n_batches:
+                break
+            x = x.to(device, non_blocking=True)  # (B, C, H, W)
+            y = torch.as_tensor(y).to(device, non_blocking=True)  # (B,)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                if chunk is None:
+                    loss, _ = direct_backward(model, x, y, loss_fn, amp_dtype=amp_dtype, scaler=scaler)
+                else:
+                    loss, _ = cached_backward(model, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
+                loss_value = float(loss)
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"the loss is {loss_value}")
+            except FloatingPointError as e:
+                raise FloatingPointError(
+                    f"training diverged at step {step + 1} (epoch {epoch + 1}, batch {b + 1}): {e}. Stopped before "
+                    f"the optimiser step; the last good checkpoint is kept: {latest_checkpoint(run_dir)}. "
+                    "Lower lr, use amp='bf16' instead of 'fp16', or check the input data"
+                ) from None
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            step += 1
+            base = float(criterion.last_base) if isinstance(criterion, WithTCM) else loss_value
+            tcm = float(criterion.last_tcm) if isinstance(criterion, WithTCM) else 0.0
+            sums["loss"] += loss_value
+            sums["base"] += base
+            sums["tcm"] += tcm
+            sums["n"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", base=f"{base:.4f}", tcm=f"{tcm:.4f}")
+            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                sums["time"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                last_path = checkpoint(epoch, b + 1)
+        bar.close()
+        sums["time"] += time.perf_counter() - t0
+        scheduler.step()
+
+        n = max(sums["n"], 1)
+        rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                               "loss": sums["loss"] / n, "loss_base": sums["base"] / n, "loss_tcm": sums["tcm"] / n,
+                               "train_time_s": round(sums["time"], 3)}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            t1 = time.perf_counter()
+            rec.update(evaluate(model, test_data, ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device,
+                                amp=cfg.amp, num_workers=cfg.num_workers, channels_last=cfg.channels_last))
+            rec["eval_time_s"] = round(time.perf_counter() - t1, 3)
+            if rec.get("R@1", -1.0) > best.get("R@1", -1.0):
+                best = {k: v for k, v in rec.items() if k[0].isupper() or k.startswith("eps")} | {"epoch": epoch + 1}
+            summary = ", ".join(f"{k} {rec[k]:.4g}" for k in rec if k[0].isupper() or k.startswith("eps"))
+            tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} (base {rec['loss_base']:.4f}, "
+                       f"tcm {rec['loss_tcm']:.4f}); {summary}")
+        history.append(rec)
+        _write_metrics(run_dir, history)
+        last_path = checkpoint(epoch + 1, 0)
+    return FitResult(history=history, final=history[-1] if history else {}, run_dir=run_dir, model=model,
+                     checkpoint=last_path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tcmlib.train --config configs/x.yaml [--resume] [--override key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="tcmlib-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a YAML file of TrainConfig keys (configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys; values are parsed as YAML (epochs=3, tcm=true, amp=null)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.override)
+        result = fit(cfg, resume=args.resume)
+    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as e:
+        print(f"tcmlib-train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.final))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
