@@ -273,3 +273,32 @@ def test_invariant_to_order_renaming_and_scale(seed, b, n_classes):
     assert tcm_loss(x, new_names[y], margin_neg=0.2).item() == pytest.approx(base, rel=1e-9, abs=1e-12)
     scale = torch.exp(torch.empty(b, 1, dtype=x.dtype).uniform_(-5, 5, generator=g))  # per-row, positive
     assert tcm_loss(x * scale, y, margin_neg=0.2).item() == pytest.approx(base, rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------- row blocks (CPU processes ~2^16 entries at a time)
+def test_several_row_blocks_match_pml():
+    x, y = _batch(21, 300, 8, 40)  # 300 x 300 entries: 2 row blocks of <= 218 rows
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    tcm_loss(x1, y, margin_neg=0.3).backward()
+    ThresholdConsistentMarginLoss(margin_minus=0.3)(x2, y).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_block_size_does_not_change_value_or_gradient(rows, monkeypatch):
+    import tcmlib.losses.tcm as tcm_module
+
+    x, y = _batch(22, 20, 5, 4)
+    r, ry = _batch(23, 11, 5, 4)
+    results = []
+    for patch in (False, True):
+        if patch:
+            monkeypatch.setattr(tcm_module, "_block_rows", lambda sim: rows)
+        for kw in ({}, {"ref_embeddings": r, "ref_labels": ry}):
+            xg = x.clone().requires_grad_()
+            loss = tcm_loss(xg, y, margin_neg=0.2, **kw)
+            loss.backward()
+            results.append((loss.detach(), xg.grad))
+    for (a, ga), (b, gb) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=0)
