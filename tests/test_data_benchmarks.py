@@ -38,7 +38,7 @@ def cars_name(c: int) -> str:
 
 
 def make_cars_kaggle(root: Path) -> None:
-    """196 classes, one image in each original half: names.csv, anno_{train,test}.csv, car_data/car_data/..."""
+    """196 classes, one image in each original half: names.csv, anno_{train,test}.csv, car_data/..."""
     (root / "names.csv").write_text("\n".join(cars_name(c) for c in range(1, 197)) + "\n")
     for half in ("train", "test"):
         rows = []
@@ -59,8 +59,8 @@ def make_cars_mat(root: Path) -> None:
         rel = f"car_ims/{i + 1:06d}.jpg"
         jpeg(root / rel, i)
         annos[i] = (rel, 1, i // 2 + 1, i % 2)
-    savemat(str(root / "cars_annos.mat"), {"annotations": annos[None, :],
-                                          "class_names": np.array([cars_name(c) for c in range(1, 197)], "O")})
+    names = np.array([cars_name(c) for c in range(1, 197)], "O")
+    savemat(str(root / "cars_annos.mat"), {"annotations": annos[None, :], "class_names": names})
 
 
 def make_sop(root: Path) -> None:
@@ -81,7 +81,7 @@ def make_sop(root: Path) -> None:
 def make_inat(root: Path) -> None:
     """Category ids 7, 3, 11 train and 20, 5 test; 2 images each, split between the two jsons."""
     cats = {"train": [7, 3, 11], "test": [20, 5]}
-    js = {"train2018.json": {"images": [], "annotations": []}, "val2018.json": {"images": [], "annotations": []}}
+    js = {name: {"images": [], "annotations": []} for name in ("train2018.json", "val2018.json")}
     split_dir = root / "Inat_dataset_splits"
     split_dir.mkdir(parents=True)
     image_id = 0
@@ -138,7 +138,8 @@ def test_cars_both_layouts(roots, key):
 
 def test_sop_and_inat(roots):
     sop = load_benchmark("sop", roots["sop"], "test")
-    assert len(sop) == 15 and sop.class_ids == list(range(6, 11)) and sop.labels.tolist() == [i // 3 for i in range(15)]
+    assert len(sop) == 15 and sop.class_ids == list(range(6, 11))
+    assert sop.labels.tolist() == [i // 3 for i in range(15)]
     inat_train = load_benchmark("inat", roots["inat"], "train")
     inat_test = load_benchmark("inat", roots["inat"], "test")
     assert inat_train.class_ids == [3, 7, 11] and inat_test.class_ids == [5, 20]

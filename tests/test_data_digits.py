@@ -24,7 +24,8 @@ def test_digits_split():
     # disjoint, and together every image once: compare the raw pixel rows as a multiset
     from sklearn.datasets import load_digits
 
-    all_rows = sorted(map(bytes, np.round(load_digits().images * (255 / 16)).astype(np.uint8).reshape(-1, 64)))
+    pixels = np.round(load_digits().images * (255 / 16)).astype(np.uint8)
+    all_rows = sorted(map(bytes, pixels.reshape(-1, 64)))
     split_rows = sorted(map(bytes, torch.cat([train.images, test.images]).reshape(-1, 64).numpy()))
     assert all_rows == split_rows
 

@@ -98,6 +98,7 @@ def test_errors():
     with pytest.raises(ValueError, match="distinct classes"):
         MPerClassBatchSampler(labels, 2, 62)  # 31 classes a batch, 30 exist
     with pytest.raises(ValueError, match="seed"):
-        MPerClassBatchSampler(labels, 4, 32, seed=0).load_state_dict({"epoch": 0, "start_batch": 0, "seed": 1})
+        state = {"epoch": 0, "start_batch": 0, "seed": 1}
+        MPerClassBatchSampler(labels, 4, 32, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="1-D"):
         MPerClassBatchSampler(np.zeros((2, 2)), 1, 1)

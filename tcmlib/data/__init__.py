@@ -1,4 +1,4 @@
-"""Data: the offline glyph benchmark, handwritten digits, CUB / Cars-196 / SOP / iNaturalist loaders, samplers.
+"""Data: the offline glyph benchmark, digits, CUB / Cars-196 / SOP / iNaturalist loaders, samplers.
 
 * :func:`load_glyphs` -- our offline open-world benchmark (Unicode characters x matplotlib fonts).
 * :func:`load_digits_split` / :func:`load_mnist` -- the closed-set MNIST toy (offline / Colab).
@@ -21,7 +21,12 @@ from tcmlib.data.benchmarks import (
 from tcmlib.data.digits import load_digits_split, load_mnist
 from tcmlib.data.glyphs import GLYPH_PRESETS, GlyphDataset, GlyphPreset, glyph_table, load_glyphs
 from tcmlib.data.samplers import MPerClassBatchSampler
-from tcmlib.data.transforms import small_test_transform, small_train_transform, test_transform, train_transform
+from tcmlib.data.transforms import (
+    small_test_transform,
+    small_train_transform,
+    test_transform,
+    train_transform,
+)
 
 __all__ = [
     "BENCHMARKS", "DATASET_NAMES", "GLYPH_PRESETS", "GlyphDataset", "GlyphPreset", "ImageArrayDataset",

@@ -83,16 +83,18 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     ),
 }
 
+_KAGGLE = "https://www.kaggle.com/api/v1/datasets/download"
+_INAT = "https://ml-inat-competition-datasets.s3.amazonaws.com/2018"
 _DOWNLOADS: dict[str, list[tuple[str, str]]] = {  # (url, file name) per data set
     "cub": [("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz", "CUB_200_2011.tgz")],
-    "cars": [("https://www.kaggle.com/api/v1/datasets/download/jutrera/stanford-car-dataset-by-classes-folder",
+    "cars": [(f"{_KAGGLE}/jutrera/stanford-car-dataset-by-classes-folder",
               "stanford-car-dataset-by-classes-folder.zip")],
     "sop": [("https://drive.usercontent.google.com/download?id=1TclrpQOF_ullUP99wk_gjGN8pKvtErG8"
              "&export=download&authuser=0&confirm=t", "Stanford_Online_Products.zip")],
     "inat": [
-        ("https://ml-inat-competition-datasets.s3.amazonaws.com/2018/train_val2018.tar.gz", "train_val2018.tar.gz"),
-        ("https://ml-inat-competition-datasets.s3.amazonaws.com/2018/train2018.json.tar.gz", "train2018.json.tar.gz"),
-        ("https://ml-inat-competition-datasets.s3.amazonaws.com/2018/val2018.json.tar.gz", "val2018.json.tar.gz"),
+        (f"{_INAT}/train_val2018.tar.gz", "train_val2018.tar.gz"),
+        (f"{_INAT}/train2018.json.tar.gz", "train2018.json.tar.gz"),
+        (f"{_INAT}/val2018.json.tar.gz", "val2018.json.tar.gz"),
         ("gdrive:1sXfkBTFDrRU3__-NUs1qBP3sf_0uMB98", "Inat_dataset_splits.zip"),
     ],
 }
@@ -216,7 +218,7 @@ def sop_index(root: str | os.PathLike, split: str) -> Index:
 
 
 def inat_index(root: str | os.PathLike, split: str) -> Index:
-    """iNaturalist-2018, Smooth-AP split: paths from ``Inaturalist_{split}_set1.txt``, labels from the jsons."""
+    """iNaturalist-2018, Smooth-AP split: paths from ``Inaturalist_{split}_set1.txt``, labels: json."""
     _check_split(split)
     root = Path(root)
     split_file = root / "Inat_dataset_splits" / f"Inaturalist_{split}_set1.txt"
@@ -232,7 +234,9 @@ def inat_index(root: str | os.PathLike, split: str) -> Index:
             cat = {a["image_id"]: int(a["category_id"]) for a in js["annotations"]}
             label_of.update({im["file_name"]: cat[im["id"]] for im in js["images"]})
         except (ValueError, KeyError) as e:
-            raise ValueError(f"iNaturalist-2018: cannot read {path} ({e!r}). {BENCHMARKS['inat'].how_to_get}") from e
+            raise ValueError(
+                f"iNaturalist-2018: cannot read {path} ({e!r}). {BENCHMARKS['inat'].how_to_get}"
+            ) from e
     paths, ids = [], []
     for i, rel in enumerate(rel_paths, 1):
         if rel not in label_of:
@@ -296,7 +300,8 @@ def _check_files(name: str, paths: list[Path]) -> None:
     if missing:
         shown = ", ".join(str(p) for p in missing[:5])
         raise FileNotFoundError(
-            f"{BENCHMARKS[name].title}: {len(missing)} of {len(paths)} listed images are missing, e.g. {shown}. "
+            f"{BENCHMARKS[name].title}: {len(missing)} of {len(paths)} listed images are missing, "
+            f"e.g. {shown}. "
             f"{BENCHMARKS[name].how_to_get}"
         )
 
@@ -351,10 +356,14 @@ def verify_benchmark(name: str, root: str | os.PathLike, *, strict: bool = True,
                 ds[i]
         out[split] = {"images": len(paths), "classes": len(set(ids))}
         class_sets.append(set(ids))
-        want = (spec.train_images, spec.train_classes) if split == "train" else (spec.test_images, spec.test_classes)
+        if split == "train":
+            want = (spec.train_images, spec.train_classes)
+        else:
+            want = (spec.test_images, spec.test_classes)
         if strict and (out[split]["images"], out[split]["classes"]) != want:
             raise ValueError(
-                f"{spec.title} {split}: found {out[split]['images']} images of {out[split]['classes']} classes, "
+                f"{spec.title} {split}: found {out[split]['images']} images of "
+                f"{out[split]['classes']} classes, "
                 f"expected {want[0]} of {want[1]}; the copy under {root} is incomplete "
                 f"(strict=False accepts a partial copy). {spec.how_to_get}"
             )
@@ -393,7 +402,7 @@ DATASET_NAMES = ("cub", "cars", "sop", "inat", "glyphs", "digits", "mnist")
 
 def get_dataset(name: str, root: Optional[str | os.PathLike], split: str = "train", transform: Any = None,
                 download: bool = False, **kwargs: Any) -> Dataset:
-    """Any data set of the book by name: ``cub``, ``cars``, ``sop``, ``inat``, ``glyphs``, ``digits``, ``mnist``.
+    """Any data set of the book by name: ``cub cars sop inat glyphs digits mnist``.
 
     ``root``: the data directory (for ``glyphs`` the cache directory, ``None`` = default;
     ignored by ``digits``).  Extra keyword arguments go to the loader (e.g. ``size="tiny"``

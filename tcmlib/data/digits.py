@@ -54,8 +54,9 @@ def load_digits_split(
     keep = np.sort(np.concatenate(chosen))
     x = torch.from_numpy(images[keep])
     if image_size != 8:
-        x = torch.nn.functional.interpolate(x[:, None].float(), size=(image_size, image_size), mode="bilinear",
-                                            align_corners=False)[:, 0].round().clamp(0, 255).to(torch.uint8)
+        x = torch.nn.functional.interpolate(x[:, None].float(), size=(image_size, image_size),
+                                            mode="bilinear")
+        x = x[:, 0].round().clamp(0, 255).to(torch.uint8)
     return ImageArrayDataset(x, torch.from_numpy(labels[keep]), DIGIT_NAMES, transform)
 
 
@@ -88,5 +89,5 @@ def load_mnist(
     try:
         ds = MNIST(str(root), train=(split == "train"), download=download)
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise ValueError(f"cannot read MNIST from {raw}: {e}; delete the files and download them again") from e
+        raise ValueError(f"cannot read MNIST from {raw}: {e}; delete the files and download again") from e
     return ImageArrayDataset(ds.data.to(torch.uint8), ds.targets.long(), DIGIT_NAMES, transform)

@@ -27,13 +27,13 @@ How it is made (every step is deterministic from ``seed``):
    picture equals, in some font, the picture of a character already kept is dropped
    (``Ι``, ``К``, ``‚`` and ``‐`` go; ``I``, ``K``, ``,`` and ``-`` stay).  So no two classes
    share a picture in any font.  The dropped ones are listed in
-   ``GlyphDataset.dropped_lookalikes`` as ``{dropped: kept look-alike}``.  (The grouping is done at 32x32 whatever
-   ``image_size`` is, so the classes do not depend on the image size.)
+   ``GlyphDataset.dropped_lookalikes`` as ``{dropped: kept look-alike}``.  (This is done at
+   32x32 whatever ``image_size`` is, so the classes do not depend on the image size.)
 5. Split: the kept characters are permuted with ``seed``; the first ``n_train`` are the train
    classes, the next ``n_test`` the test classes.
 6. Images: for each class, each font that draws it, ``instances_per_font`` augmented copies:
-   rotation +-10 deg, scale 0.8-1.1, shift +-2 px, stroke thickening by 0, 1 or 2 px; drawn
-   white on black at twice the size and averaged down to ``image_size``.
+   rotation +-10 deg, scale 0.8-1.1, shift +-2 px, strokes thickened by 1 px half of the
+   time; drawn white on black at twice the size and averaged down to ``image_size``.
 
 The arrays are cached as a compressed ``.npz`` in ``$TCMLIB_CACHE`` (default
 ``~/.cache/tcmlib``); the key holds every generation parameter, the format version and the
@@ -69,7 +69,7 @@ __all__ = [
     "ALL_FONTS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever the generated arrays change
 REFERENCE_SIZE = 32  # look-alikes are detected at this resolution, whatever image_size is
 
 DEJAVU_FONTS = (
@@ -176,15 +176,15 @@ def _render_base(font: ImageFont.FreeTypeFont, code: str, canvas: int) -> Option
 
 
 def _augment(base: np.ndarray, rng: np.random.Generator, out_size: int) -> np.ndarray:
-    """Rotate +-10 deg, scale 0.8-1.1, shift +-2 px (output pixels), thicken by 0-2 px; downsample 2x."""
+    """Rotate +-10 deg, scale 0.8-1.1, shift +-2 output px, thicken strokes by 0 or 1 px; downsample 2x."""
     s = base.shape[0]  # = 2 * out_size
     angle = np.deg2rad(rng.uniform(-10.0, 10.0))
     scale = rng.uniform(0.8, 1.1)
     tx, ty = rng.uniform(-2.0, 2.0, size=2) * (s / out_size)
-    thick = int(rng.integers(0, 3))  # 0, 1 or 2 output pixels
+    thick = bool(rng.integers(0, 2))  # strokes 1 output pixel wider, half of the time
     im = Image.fromarray(base)
     if thick:
-        im = im.filter(ImageFilter.MaxFilter(2 * thick + 1))
+        im = im.filter(ImageFilter.MaxFilter(3))  # +1 px each side at twice the size
     # PIL wants the inverse map: input = c + R(-angle) (output - c - t) / scale
     c = s / 2.0
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
@@ -203,8 +203,9 @@ def _catalogue(preset: GlyphPreset) -> tuple[list[str], dict[str, str]]:
     """Characters usable as classes (sorted by code point) and the dropped look-alikes {dropped: kept}."""
     canvas = 2 * REFERENCE_SIZE
     maps = {f: font_charmap(f) for f in preset.fonts}
-    cands = sorted({ch for m in maps.values() for ch in m if ord(ch) < preset.max_codepoint and _is_candidate(ch)})
-    pictures: dict[str, list[tuple[int, bytes]]] = {ch: [] for ch in cands}  # (font, digest of the 32x32 picture)
+    cands = sorted({ch for m in maps.values() for ch in m if ord(ch) < preset.max_codepoint})
+    cands = [ch for ch in cands if _is_candidate(ch)]
+    pictures: dict[str, list[tuple[int, bytes]]] = {ch: [] for ch in cands}  # (font, digest of 32x32 picture)
     for fi, f in enumerate(preset.fonts):
         font = open_font(f, _font_size(canvas))
         for ch in cands:
@@ -287,14 +288,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TCMLIB_CACHE") or Path.home() / ".cache" / "tcmlib")
 
 
-def cache_file(size: str | GlyphPreset, seed: int, image_size: int, cache_dir: Optional[str | os.PathLike] = None
-               ) -> Path:
+def cache_file(size: str | GlyphPreset, seed: int, image_size: int,
+               cache_dir: Optional[str | os.PathLike] = None) -> Path:
     """Where :func:`load_glyphs` caches a data set: the name hashes every generation parameter."""
     import matplotlib
     import PIL
 
     preset = GLYPH_PRESETS[size] if isinstance(size, str) else size
-    key = json.dumps({"format": FORMAT_VERSION, "preset": asdict(preset), "seed": seed, "image_size": image_size,
+    key = json.dumps({"format": FORMAT_VERSION, "preset": asdict(preset), "seed": seed,
+                      "image_size": image_size,
                       "matplotlib": matplotlib.__version__, "pillow": PIL.__version__}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     name = size if isinstance(size, str) else "custom"
@@ -344,7 +346,7 @@ def load_glyphs(
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if isinstance(size, str) and size not in GLYPH_PRESETS:
-        raise ValueError(f"unknown glyph size {size!r}; choose one of {sorted(GLYPH_PRESETS)} or pass a GlyphPreset")
+        raise ValueError(f"unknown glyph size {size!r}; use one of {sorted(GLYPH_PRESETS)} or a GlyphPreset")
     path = cache_file(size, seed, image_size, cache_dir)
     if not path.exists():
         arrays = generate_glyphs(size, seed=seed, image_size=image_size)
@@ -377,7 +379,8 @@ def glyph_table(dataset: ImageArrayDataset, n_classes: int = 8, n_per_class: int
 
     rng = np.random.default_rng(seed)
     labels = dataset.labels.numpy()
-    classes = np.sort(rng.choice(dataset.num_classes, size=min(n_classes, dataset.num_classes), replace=False))
+    n_classes = min(n_classes, dataset.num_classes)
+    classes = np.sort(rng.choice(dataset.num_classes, size=n_classes, replace=False))
     fig, axes = plt.subplots(len(classes), n_per_class, figsize=(0.8 * n_per_class, 0.8 * len(classes)),
                              squeeze=False)
     for row, c in zip(axes, classes):
@@ -390,6 +393,7 @@ def glyph_table(dataset: ImageArrayDataset, n_classes: int = 8, n_per_class: int
                 s.set_visible(False)
             if j < len(idx):
                 ax.imshow(dataset.images[idx[j]].numpy(), cmap="gray", vmin=0, vmax=255)
-        row[0].set_ylabel(dataset.class_names[c].split(" ")[0], rotation=0, ha="right", va="center", fontsize=8)
+        code = dataset.class_names[c].split(" ")[0]  # "U+0041"
+        row[0].set_ylabel(code, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout(pad=0.2)
     return fig

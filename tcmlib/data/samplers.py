@@ -64,7 +64,7 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         self.classes_per_batch = batch_size // m
         if len(classes) < self.classes_per_batch:
             raise ValueError(
-                f"batch_size={batch_size} with m={m} needs {self.classes_per_batch} distinct classes per batch, "
+                f"batch_size={batch_size}, m={m}: needs {self.classes_per_batch} distinct classes a batch, "
                 f"but labels hold only {len(classes)} classes; lower batch_size or raise m"
             )
         self.m, self.batch_size, self.seed, self.drop_last = int(m), int(batch_size), int(seed), drop_last

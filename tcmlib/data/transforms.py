@@ -20,7 +20,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def train_transform(size: int = 224) -> T.Compose:
-    """PIL image -> float tensor (3, size, size): random resized crop, horizontal flip, ImageNet normalisation."""
+    """PIL image -> float tensor (3, size, size): random resized crop, flip, ImageNet normalisation."""
     return T.Compose([
         T.RandomResizedCrop(size),
         T.RandomHorizontalFlip(),
@@ -30,7 +30,7 @@ def train_transform(size: int = 224) -> T.Compose:
 
 
 def test_transform(size: int = 224, resize: int = 256) -> T.Compose:
-    """PIL image -> float tensor (3, size, size): resize the short side to ``resize``, centre crop, normalise."""
+    """PIL image -> float tensor (3, size, size): short side to ``resize``, centre crop, normalise."""
     return T.Compose([
         T.Resize(resize),
         T.CenterCrop(size),
