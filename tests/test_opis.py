@@ -1,0 +1,323 @@
+"""Tests for tcmlib.metrics.opis against independent oracles.
+
+The oracle below loops over every pair in Python, computes distances in float64 NumPy and takes the
+calibration range with numpy.quantile; the definitions are those of background/paper-notes.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from tcmlib.metrics import UtilityCurves, eps_opis, opis, utility_curves
+from tcmlib.metrics.opis import _negative_distance_quantiles
+
+
+# ----------------------------------------------------------------------------- brute-force oracle
+def brute_force(x, y, *, far_range=(1e-2, 1e-1), distance_range=None, num_thresholds=100, beta=1.0, groups=None, eps=0.1):
+    """Every unordered pair in a Python loop; returns a dict of NumPy arrays and floats."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    units = y if groups is None else np.asarray(groups)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(y)
+    pairs = []  # (a, b, distance, positive?)
+    for a in range(n):
+        for b in range(a + 1, n):
+            pairs.append((a, b, 1.0 - float(np.dot(xn[a], xn[b])), bool(y[a] == y[b])))
+    neg_all = np.array([d for _, _, d, p in pairs if not p])
+    if distance_range is None:
+        lo, hi = np.quantile(neg_all, far_range)  # method="linear" is numpy's default
+    else:
+        lo, hi = distance_range
+    thr = np.linspace(lo, hi, num_thresholds)
+    ids, tar, trr, npos, nneg, excluded = [], [], [], [], [], 0
+    for u in sorted(set(units.tolist())):
+        touch = [(d, p) for a, b, d, p in pairs if units[a] == u or units[b] == u]
+        pos = np.array([d for d, p in touch if p])
+        neg = np.array([d for d, p in touch if not p])
+        if len(pos) == 0 or len(neg) == 0:
+            excluded += 1
+            continue
+        ids.append(u)
+        npos.append(len(pos))
+        nneg.append(len(neg))
+        tar.append((pos[:, None] <= thr[None, :]).mean(axis=0))
+        trr.append((neg[:, None] > thr[None, :]).mean(axis=0))
+    tar, trr = np.array(tar).T, np.array(trr).T  # (K, T)
+    b2 = beta**2
+    den = b2 * trr + tar
+    util = np.where(den > 0, (1 + b2) * tar * trr / np.where(den > 0, den, 1), 0.0)
+    t = util.shape[1]
+    w = math.ceil(round(eps * t, 9))
+    order = np.argsort(util.mean(axis=0), kind="stable")
+    worst = np.zeros(t, dtype=bool)
+    worst[order[:w]] = True
+    gap = util[:, worst].mean(axis=1) - util[:, ~worst].mean(axis=1)
+    return dict(
+        thresholds=thr, tar=tar, trr=trr, utility=util, class_ids=np.array(ids), num_pos=np.array(npos),
+        num_neg=np.array(nneg), num_excluded=excluded, opis=float(util.var(axis=1).mean()),
+        eps_opis=float((gap**2).mean()), range=(float(lo), float(hi)),
+    )
+
+
+def assert_matches(res: UtilityCurves, ref: dict, atol: float = 1e-12) -> None:
+    np.testing.assert_allclose(res.thresholds.numpy(), ref["thresholds"], rtol=0, atol=atol)
+    np.testing.assert_allclose(res.distance_range, ref["range"], rtol=0, atol=atol)
+    np.testing.assert_array_equal(res.class_ids.numpy(), ref["class_ids"])
+    np.testing.assert_array_equal(res.num_pos.numpy(), ref["num_pos"])
+    np.testing.assert_array_equal(res.num_neg.numpy(), ref["num_neg"])
+    assert res.num_excluded == ref["num_excluded"]
+    assert res.num_eligible == len(ref["class_ids"])
+    for name in ("tar", "trr", "utility"):
+        np.testing.assert_allclose(getattr(res, name).numpy(), ref[name], rtol=0, atol=1e-12, err_msg=name)
+    assert res.opis == pytest.approx(ref["opis"], rel=1e-9, abs=1e-15)
+    assert res.eps_opis(0.1) == pytest.approx(ref["eps_opis"], rel=1e-9, abs=1e-15)
+
+
+def make_data(seed: int, n: int, dim: int, classes: int, singletons: int = 0):
+    """Uneven class sizes (Dirichlet weights), a few singleton classes appended, clustered points."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.multinomial(n - classes * 2, rng.dirichlet(np.ones(classes))) + 2  # every class >= 2
+    y = np.concatenate([np.full(s, c) for c, s in enumerate(sizes)] + [np.arange(classes, classes + singletons)])
+    centres = rng.normal(size=(classes + singletons, dim))
+    x = centres[y] + rng.normal(scale=rng.uniform(0.3, 1.2, size=classes + singletons)[y][:, None], size=(len(y), dim))
+    perm = rng.permutation(len(y))
+    return x[perm], y[perm] * 7 - 3  # non-contiguous, negative label ids
+
+
+# ----------------------------------------------------------------------------- brute-force comparisons
+CASES = [  # seed, n, dim, classes, singletons, kwargs
+    (0, 40, 4, 5, 0, dict(chunk_size=7)),
+    (1, 53, 6, 6, 3, dict(chunk_size=16, beta=0.5)),
+    (2, 37, 3, 4, 2, dict(chunk_size=37, beta=2.0, num_thresholds=17)),
+    (3, 45, 5, 8, 1, dict(chunk_size=1, distance_range=(0.1, 1.3), num_thresholds=50)),
+    (4, 30, 8, 3, 0, dict(chunk_size=11, far_range=(0.0, 1.0))),
+    (5, 50, 2, 7, 4, dict(chunk_size=1000, far_range=(0.05, 0.5), beta=1.5)),
+]
+
+
+@pytest.mark.parametrize("seed,n,dim,classes,singletons,kwargs", CASES)
+def test_matches_brute_force(seed, n, dim, classes, singletons, kwargs):
+    x, y = make_data(seed, n, dim, classes, singletons)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
+    res = utility_curves(torch.tensor(x), torch.tensor(y), **kwargs)
+    assert_matches(res, brute_force(x, y, **ref_kwargs))
+    assert res.far_range == (None if "distance_range" in kwargs else kwargs.get("far_range", (1e-2, 1e-1)))
+
+
+@pytest.mark.parametrize("chunk_size", [3, 8, 64])
+def test_groups_match_brute_force(chunk_size):
+    x, y = make_data(10, 42, 4, 6, 2)
+    groups = np.random.default_rng(11).integers(0, 4, size=len(y))  # 4 "customers" across classes
+    res = utility_curves(torch.tensor(x), torch.tensor(y), groups=torch.tensor(groups), chunk_size=chunk_size)
+    assert_matches(res, brute_force(x, y, groups=groups))
+
+
+def test_float32_input_close_to_float64_oracle():
+    x, y = make_data(20, 60, 16, 6, 1)
+    res = utility_curves(torch.tensor(x, dtype=torch.float32), torch.tensor(y), chunk_size=13)
+    ref = brute_force(x, y)
+    np.testing.assert_allclose(res.distance_range, ref["range"], atol=1e-6)
+    np.testing.assert_allclose(res.utility.numpy(), ref["utility"], atol=1e-12)
+
+
+def test_global_far_range_matches_numpy_quantile():
+    x, y = make_data(30, 80, 5, 9, 3)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    iu = np.triu_indices(len(y), 1)
+    neg = (1 - xn @ xn.T)[iu][(y[:, None] != y[None, :])[iu]]
+    for far in [(0.01, 0.1), (0.0, 1.0), (0.2, 0.7)]:
+        res = utility_curves(torch.tensor(x), torch.tensor(y), far_range=far, num_thresholds=2, chunk_size=9)
+        np.testing.assert_allclose(res.distance_range, np.quantile(neg, far), rtol=0, atol=1e-12)
+        # by definition, global FAR(t_max) = share of negative pairs with d <= t_max ~ far[1]
+        assert abs((neg <= res.distance_range[1]).mean() - far[1]) <= 1 / len(neg) + 1e-12
+
+
+@pytest.mark.parametrize("slack", [6.0, 0.0])  # slack 0: the pilot bracket misses and is widened
+def test_bracketed_quantiles_exact(slack):
+    x, y = make_data(40, 400, 6, 30, 5)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    iu = np.triu_indices(len(y), 1)
+    neg = (1 - xn @ xn.T)[iu][(y[:, None] != y[None, :])[iu]]
+    qs = (0.0, 1e-3, 0.01, 0.1, 0.5, 1.0)
+    _, lab = np.unique(y, return_inverse=True)
+    got = _negative_distance_quantiles(
+        torch.tensor(xn), torch.tensor(lab), qs, 64, len(neg), collect_all_max=0, slack=slack
+    )
+    np.testing.assert_allclose(got, np.quantile(neg, qs), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- hand-computed toy
+def test_toy_two_classes_on_unit_circle():
+    deg = np.deg2rad([0, 60, 90, 210, 270])
+    x = np.stack([np.cos(deg), np.sin(deg)], axis=1)
+    y = np.array([0, 0, 1, 1, 2])  # A = {0, 60 deg}, B = {90, 210 deg}, C = {270 deg} a singleton
+    # d = 1 - cos(angle): A+ (0,60): 0.5;  B+ (90,210): 1.5
+    # negatives of A: 0-90 1, 0-210 1.866, 60-90 0.134, 60-210 1.866, 0-270 1, 60-270 1.866   (6)
+    # negatives of B: 0-90 1, 0-210 1.866, 60-90 0.134, 60-210 1.866, 90-270 2, 210-270 0.5  (6)
+    # t = 0.6: TAR_A = 1, TRR_A = 5/6 -> U_A = 2 (5/6) / (11/6) = 10/11;  TAR_B = 0 -> U_B = 0
+    # t = 1.6: TAR_A = 1, TRR_A = 3/6;  TAR_B = 1, TRR_B = 3/6 (1.866, 1.866, 2) -> U_A = U_B = 2/3
+    res = utility_curves(torch.tensor(x), torch.tensor(y), distance_range=(0.6, 1.6), num_thresholds=2)
+    assert res.class_ids.tolist() == [0, 1] and res.num_excluded == 1 and res.num_eligible == 2
+    assert res.num_pos.tolist() == [1, 1] and res.num_neg.tolist() == [6, 6]
+    np.testing.assert_allclose(res.tar.numpy(), [[1, 0], [1, 1]])
+    np.testing.assert_allclose(res.trr.numpy(), [[5 / 6, 4 / 6], [3 / 6, 3 / 6]])
+    np.testing.assert_allclose(res.utility.numpy(), [[10 / 11, 0], [2 / 3, 2 / 3]])
+    # OPIS = mean(var(10/11, 0), var(2/3, 2/3)) = mean((5/11)^2, 0) = 25/242
+    assert res.opis == pytest.approx(25 / 242)
+    # 10%-OPIS: W = ceil(0.2) = 1 class, B (mean 1/3 < A's 61/66); gaps -10/11 and 0 -> (100/121)/2
+    assert res.worst_classes(0.1).tolist() == [1]
+    assert res.eps_opis(0.1) == pytest.approx(50 / 121)
+    assert res.far_range is None and res.distance_range == (0.6, 1.6)
+
+
+def test_opis_zero_when_classes_are_copies():
+    # 4 classes, each the same 2-D arc in its own pair of dimensions: identical positives, and every
+    # negative pair is orthogonal (d = 1 exactly), so every class has the same curves.
+    ang = np.deg2rad([0, 20, 55, 90])
+    arc = np.stack([np.cos(ang), np.sin(ang)], axis=1)  # (4, 2)
+    x = np.zeros((16, 8))
+    for c in range(4):
+        x[4 * c : 4 * c + 4, 2 * c : 2 * c + 2] = arc
+    y = np.repeat(np.arange(4), 4)
+    for dtype in (torch.float32, torch.float64):
+        res = utility_curves(torch.tensor(x, dtype=dtype), torch.tensor(y), distance_range=(0.01, 1.5), chunk_size=5)
+        assert res.utility.var(dim=1).max() == 0
+        assert res.opis == 0 and res.eps_opis(0.25) == pytest.approx(0, abs=1e-30)  # mean of 3 equal floats
+        assert res.utility.max() > 0  # not trivially zero
+
+
+def test_groups_equal_labels_reduce_to_classes():
+    x, y = make_data(50, 70, 5, 8, 3)
+    a = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=17)
+    b = utility_curves(torch.tensor(x), torch.tensor(y), groups=torch.tensor(y), chunk_size=17)
+    for name in ("thresholds", "tar", "trr", "utility", "class_ids", "num_pos", "num_neg"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.num_excluded == b.num_excluded == 3
+
+
+def test_functional_wrappers_agree():
+    x, y = make_data(60, 50, 4, 6, 0)
+    res = utility_curves(torch.tensor(x), torch.tensor(y), beta=2.0)
+    assert opis(torch.tensor(x), torch.tensor(y), beta=2.0) == res.opis
+    assert eps_opis(torch.tensor(x), torch.tensor(y), eps=0.3, beta=2.0) == res.eps_opis(0.3)
+    assert opis(x, y.tolist()) == utility_curves(x, y).opis  # numpy and lists are accepted
+    assert res.mean_utility.shape == (res.num_eligible,)
+
+
+# ----------------------------------------------------------------------------- invariances (hypothesis)
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _summary(res: UtilityCurves) -> dict:
+    order = torch.argsort(res.class_ids)
+    return dict(range=res.distance_range, utility=res.utility[:, order], opis=res.opis)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), n=st.integers(8, 30), chunk=st.integers(1, 32))
+def test_invariant_to_sample_order(seed, n, chunk):
+    x, y = make_data(seed, n, 3, max(2, n // 5), seed % 3)
+    perm = np.random.default_rng(seed + 1).permutation(len(y))
+    a = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=chunk)
+    b = utility_curves(torch.tensor(x[perm]), torch.tensor(y[perm]), chunk_size=chunk)
+    np.testing.assert_allclose(a.distance_range, b.distance_range, rtol=0, atol=1e-12)
+    assert torch.equal(a.class_ids, b.class_ids)
+    torch.testing.assert_close(a.utility, b.utility, rtol=0, atol=1e-12)
+    assert a.opis == pytest.approx(b.opis, rel=1e-9, abs=1e-15)
+    assert a.eps_opis() == pytest.approx(b.eps_opis(), rel=1e-9, abs=1e-15)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), n=st.integers(8, 30))
+def test_invariant_to_label_renaming(seed, n):
+    x, y = make_data(seed, n, 3, max(2, n // 4), seed % 3)
+    old = np.unique(y)
+    new = np.random.default_rng(seed).permutation(len(old)) * 5 + 100  # a random bijection
+    y2 = new[np.searchsorted(old, y)]
+    a = utility_curves(torch.tensor(x), torch.tensor(y))
+    b = utility_curves(torch.tensor(x), torch.tensor(y2))
+    sa, sb = _summary(a), _summary(b)
+    # class old[i] is class new[i]: map b's columns back to a's order
+    col = torch.tensor([int(np.where(b.class_ids.numpy() == new[np.searchsorted(old, c)])[0][0]) for c in a.class_ids.tolist()])
+    torch.testing.assert_close(a.utility, b.utility[:, col], rtol=0, atol=1e-12)
+    assert sa["opis"] == pytest.approx(sb["opis"], rel=1e-9, abs=1e-15)
+    mean = np.sort(a.mean_utility.numpy())
+    w = math.ceil(round(0.1 * a.num_eligible, 9))
+    assume(mean[w - 1] != mean[w])  # no tie at the worst-group boundary (ties go by class id)
+    assert a.eps_opis() == pytest.approx(b.eps_opis(), rel=1e-9, abs=1e-15)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10**6), log_scale=st.integers(-20, 20), row_scale=st.booleans())
+def test_invariant_to_positive_scale(seed, log_scale, row_scale):
+    x, y = make_data(seed, 24, 4, 4, 1)
+    rng = np.random.default_rng(seed)
+    scale = 2.0 ** (rng.integers(-20, 20, size=(len(y), 1)) if row_scale else log_scale)  # exact in binary
+    a = utility_curves(torch.tensor(x), torch.tensor(y))
+    b = utility_curves(torch.tensor(x * scale), torch.tensor(y))
+    assert a.distance_range == b.distance_range
+    assert torch.equal(a.utility, b.utility) and a.opis == b.opis
+
+
+# ----------------------------------------------------------------------------- errors
+def _xy(n=12, classes=3):
+    x, y = make_data(0, n, 3, classes)
+    return torch.tensor(x), torch.tensor(y)
+
+
+BAD = [
+    ("not 2-D", lambda x, y: utility_curves(x[:, 0], y), "2-D"),
+    ("labels 2-D", lambda x, y: utility_curves(x, y[:, None]), "1-D"),
+    ("length mismatch", lambda x, y: utility_curves(x, y[:-1]), "one label per"),
+    ("nan", lambda x, y: utility_curves(torch.where(torch.arange(len(y))[:, None] == 2, float("nan"), x), y), "NaN"),
+    ("inf", lambda x, y: utility_curves(torch.where(torch.arange(len(y))[:, None] == 2, float("inf"), x), y), "NaN or inf"),
+    ("zero row", lambda x, y: utility_curves(torch.cat([x[:-1], torch.zeros(1, 3, dtype=x.dtype)]), y), "all-zero"),
+    ("one eligible class", lambda x, y: utility_curves(x, torch.tensor([0, 0] + list(range(1, len(y) - 1)))), "eligible"),
+    ("no negatives", lambda x, y: utility_curves(x, torch.zeros_like(y)), "no negative pairs"),
+    ("eps zero", lambda x, y: eps_opis(x, y, eps=0.0), "eps"),
+    ("eps one", lambda x, y: eps_opis(x, y, eps=1.0), "eps"),
+    ("eps no rest", lambda x, y: eps_opis(x, y, eps=0.9), "worst group"),
+    ("eps no rest (method)", lambda x, y: utility_curves(x, y).eps_opis(0.7), "worst group"),
+    ("far inverted", lambda x, y: utility_curves(x, y, far_range=(0.1, 0.01)), "far_range"),
+    ("far empty", lambda x, y: utility_curves(x, y, far_range=(0.1, 0.1)), "far_range"),
+    ("far above 1", lambda x, y: utility_curves(x, y, far_range=(0.1, 1.5)), "far_range"),
+    ("far negative", lambda x, y: utility_curves(x, y, far_range=(-0.1, 0.5)), "far_range"),
+    ("distance inverted", lambda x, y: utility_curves(x, y, distance_range=(1.0, 0.5)), "distance_range"),
+    ("distance empty", lambda x, y: utility_curves(x, y, distance_range=(0.5, 0.5)), "distance_range"),
+    ("distance inf", lambda x, y: utility_curves(x, y, distance_range=(0.0, float("inf"))), "distance_range"),
+    ("one threshold", lambda x, y: utility_curves(x, y, num_thresholds=1), "num_thresholds"),
+    ("beta zero", lambda x, y: utility_curves(x, y, beta=0.0), "beta"),
+    ("beta negative", lambda x, y: utility_curves(x, y, beta=-1.0), "beta"),
+    ("groups length", lambda x, y: utility_curves(x, y, groups=y[:-1]), "groups"),
+    ("groups 2-D", lambda x, y: utility_curves(x, y, groups=y[:, None]), "groups"),
+    ("chunk zero", lambda x, y: utility_curves(x, y, chunk_size=0), "chunk_size"),
+]
+
+
+@pytest.mark.parametrize("name,call,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(name, call, match):
+    x, y = _xy()
+    with pytest.raises(ValueError, match=match):
+        call(x, y)
+
+
+def test_degenerate_calibration_range_raises():
+    # all negatives orthogonal: every negative distance is 1, so the FAR quantiles coincide
+    x = torch.eye(6, dtype=torch.float64).repeat_interleave(2, dim=0)  # (12, 6): 6 classes of 2 equal rows
+    y = torch.arange(6).repeat_interleave(2)
+    with pytest.raises(ValueError, match="calibration range is empty"):
+        utility_curves(x, y)
+
+
+def test_singletons_are_excluded_and_counted():
+    x, y = make_data(70, 30, 4, 3, 5)
+    res = utility_curves(torch.tensor(x), torch.tensor(y))
+    assert res.num_eligible == 3 and res.num_excluded == 5
+    assert res.utility.shape == (100, 3)
