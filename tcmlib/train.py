@@ -34,6 +34,7 @@ import math
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -207,20 +208,12 @@ def embed(
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None) if amp else _null():
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext():
             e = model(x)  # (b, D)
         embs.append(e.float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(embs), torch.cat(labels).long()
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def evaluate(
