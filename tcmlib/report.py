@@ -1,0 +1,561 @@
+"""Deploying one threshold: choose it on held-out data, then see what it does to every class and group.
+
+A deployed embedder accepts a pair ``(a, b)`` as "same" when ``d(a, b) = 1 - cos(x_a, x_b) <= t``
+for ONE global threshold ``t``. This module answers the deployment questions in one call::
+
+    from tcmlib.report import threshold_report, load_embeddings_npy
+    emb, labels = load_embeddings_npy("test_emb.npy", "test_labels.npy")
+    rep = threshold_report(emb, labels, far_target=1e-2, calibration=(cal_emb, cal_labels))
+    print(rep.to_text()); rep.plot()
+
+Definitions (those of :mod:`tcmlib.metrics.opis`; pairs are unordered, ``a != b``):
+
+- :func:`threshold_for_far`: the ``far_target`` quantile (linear interpolation, exactly
+  ``numpy.quantile``) of the distances of ALL negative pairs, i.e. the threshold where the global
+  false-accept rate is ``far_target`` (up to ties and 1 / #negatives). Computed exactly by the
+  streamed order-statistic search of :mod:`tcmlib.metrics.opis`; never forms the N x N matrix.
+- :func:`rates_at_threshold`: per class (or per group), with the pairs that touch it,
+  ``FAR_i = #{negative pairs of i with d <= t} / #{negative pairs of i}`` and
+  ``FRR_i = #{positive pairs of i with d > t} / #{positive pairs of i}``, i.e. ``1 - TRR_i(t)`` and
+  ``1 - TAR_i(t)`` of :func:`tcmlib.metrics.utility_curves`. A pair is accepted when ``d <= t``
+  (ties accepted). Only eligible units (>= 1 positive and >= 1 negative pair) are reported.
+- :func:`opis_bootstrap_ci`: a percentile bootstrap over classes (or groups) of OPIS: the utility
+  curves are computed once, then the eligible classes are resampled with replacement.
+- :func:`threshold_report` -> :class:`ThresholdReport`: all of the above plus eps-OPIS and R@1,
+  with ``.to_text()`` and ``.plot()``; :func:`compare_reports` puts several side by side.
+
+Inputs may be torch tensors or NumPy arrays; bad input raises ``ValueError`` with what to do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from tcmlib._checks import check_embeddings_labels, check_labels
+from tcmlib.metrics.opis import (
+    DEFAULT_CHUNK_SIZE,
+    UtilityCurves,
+    _accept_boundaries,
+    _negative_distance_quantiles,
+    _pair_totals,
+    _similarity_blocks,
+    utility_curves,
+)
+from tcmlib.metrics.retrieval import recall_at_k
+
+__all__ = [
+    "threshold_for_far",
+    "ThresholdRates",
+    "rates_at_threshold",
+    "BootstrapCI",
+    "opis_bootstrap_ci",
+    "ThresholdReport",
+    "threshold_report",
+    "compare_reports",
+    "ReportComparison",
+    "load_embeddings_npy",
+]
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Unit rows in the working dtype (as utility_curves does), dense labels (N,), label sizes (L,), #negatives."""
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x64 = x.detach().double()
+    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work).contiguous()  # (N, D)
+    _, lab = torch.unique(y, return_inverse=True)  # (N,)
+    n_lab = torch.bincount(lab)  # (L,)
+    n = y.shape[0]
+    num_neg = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())
+    return xn, lab, n_lab, num_neg
+
+
+def _check_far(far_target: float) -> float:
+    far = float(far_target)
+    if not (math.isfinite(far) and 0.0 <= far <= 1.0):
+        raise ValueError(f"far_target = {far_target} must lie in [0, 1] (a false-accept rate, e.g. 1e-2 for 1 %)")
+    return far
+
+
+def _check_chunk(chunk_size: int) -> int:
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
+    return int(chunk_size)
+
+
+# ----------------------------------------------------------------------------- the threshold
+def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+    """The global distance threshold with false-accept rate ``far_target`` on ``embeddings`` (N, D).
+
+    Exactly ``numpy.quantile(d_neg, far_target)`` (linear interpolation) over the distances
+    ``d = 1 - cos`` of all negative pairs (different labels), streamed ``chunk_size`` rows at a time.
+    Accepting ``d <= t`` then accepts a share of the negatives that is ``far_target`` up to ties and
+    one pair in #negatives. Pick it on held-out (calibration) data, deploy it on new data.
+
+    Raises ``ValueError`` for bad input, a ``far_target`` outside [0, 1], or no negative pairs.
+    """
+    x, y = check_embeddings_labels(embeddings, labels)
+    far = _check_far(far_target)
+    chunk = _check_chunk(chunk_size)
+    xn, lab, _, num_neg = _prepare(x, y)
+    if num_neg == 0:
+        raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
+    return float(_negative_distance_quantiles(xn, lab.to(xn.device), (far,), chunk, num_neg)[0])
+
+
+# ----------------------------------------------------------------------------- rates at one threshold
+@dataclass
+class ThresholdRates:
+    """False-accept and false-reject rates at one threshold, globally and per eligible class (or group).
+
+    ``unit_ids`` (T,) the eligible class labels (or group ids), ascending; ``far``, ``frr`` (T,) float64;
+    ``false_accepts`` / ``num_neg`` and ``false_rejects`` / ``num_pos`` (T,) int64 the counts behind them
+    (pairs touching the unit). ``global_far`` / ``global_frr`` over all pairs (each pair counted once).
+    """
+
+    threshold: float
+    unit_ids: torch.Tensor  # (T,)
+    far: torch.Tensor  # (T,) float64
+    frr: torch.Tensor  # (T,) float64
+    false_accepts: torch.Tensor  # (T,) int64
+    false_rejects: torch.Tensor  # (T,) int64
+    num_neg: torch.Tensor  # (T,) int64
+    num_pos: torch.Tensor  # (T,) int64
+    global_far: float
+    global_frr: float
+    total_neg: int
+    total_pos: int
+    num_excluded: int
+    by: str  # "class" or "group"
+
+    def summary(self, far_target: float | None = None) -> dict[str, float]:
+        """min / median / max of per-unit FAR and FRR; with ``far_target``, the share of units over 2x it."""
+        out: dict[str, float] = {}
+        for name, v in (("FAR", self.far), ("FRR", self.frr)):
+            out[f"{name}_min"] = float(v.min())
+            out[f"{name}_median"] = float(v.median()) if v.numel() % 2 else float(v.quantile(0.5))
+            out[f"{name}_max"] = float(v.max())
+        if far_target is not None:
+            out["share_FAR_over_2x"] = float((self.far > 2 * float(far_target)).double().mean())
+        return out
+
+
+def rates_at_threshold(
+    embeddings: Any, labels: Any, threshold: float, *, groups: Any = None, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> ThresholdRates:
+    """Global and per-class (per-group with ``groups`` (N,)) FAR and FRR when ``d <= threshold`` is accepted.
+
+    Exact and streamed: the accepted pairs (``d <= t``, compared exactly through the float boundary of
+    :mod:`tcmlib.metrics.opis`) are counted block by block; the totals per unit are known in closed form.
+    With ``groups``, a unit's pairs are those with at least one member in it (a pair spanning two groups
+    counts for both), as in :func:`tcmlib.metrics.utility_curves`. Eligible units only (>= 1 positive
+    and >= 1 negative pair); ``FRR_i = 1 - TAR_i(t)``, ``FAR_i = 1 - TRR_i(t)``.
+    """
+    x, y = check_embeddings_labels(embeddings, labels)
+    n = x.shape[0]
+    t = float(threshold)
+    if not math.isfinite(t):
+        raise ValueError(f"threshold = {threshold} must be a finite distance (1 - cosine, in [0, 2])")
+    chunk = _check_chunk(chunk_size)
+    g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
+    xn, lab, n_lab, num_neg_all = _prepare(x, y)
+    lab = lab.to(xn.device)
+    if num_neg_all == 0:
+        raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
+    num_pos_all = int((n_lab * (n_lab - 1) // 2).sum())
+    unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
+    num_units = len(unit_ids)
+    num_pos, num_neg = _pair_totals(lab, unit, n_lab, num_units)  # (U,)
+    eligible = (num_pos > 0) & (num_neg > 0)
+    if int(eligible.sum()) == 0:
+        raise ValueError(
+            f"no eligible {'group' if g is not None else 'class'}: each needs >= 2 samples of one label "
+            "(a positive pair) and a negative pair"
+        )
+    bnd = float(_accept_boundaries(torch.tensor([t, t + 1.0], dtype=torch.float64), xn.dtype)[0])
+    acc = torch.zeros(2, num_units, dtype=torch.long, device=xn.device)  # [0] positive, [1] negative accepted
+    acc_pos_all = acc_neg_all = 0
+    for s0, sim in _similarity_blocks(xn, chunk):
+        rows, cols = torch.nonzero(sim >= bnd, as_tuple=True)  # (P,) accepted pairs, row < col
+        rows += s0
+        cols += s0
+        neg = (lab[rows] != lab[cols]).long()  # (P,) 0 positive, 1 negative
+        n_neg_acc = int(neg.sum())
+        acc_neg_all += n_neg_acc
+        acc_pos_all += rows.shape[0] - n_neg_acc
+        ur, uc = unit[rows], unit[cols]
+        flat = acc.view(-1)
+        flat += torch.bincount(neg * num_units + ur, minlength=2 * num_units)
+        two = ur != uc  # the pair touches two units: count it for the second one too
+        flat += torch.bincount((neg * num_units + uc)[two], minlength=2 * num_units)
+    acc = acc.cpu()
+    pos_t, neg_t = num_pos[eligible].cpu(), num_neg[eligible].cpu()
+    fa = acc[1][eligible.cpu()]
+    fr = pos_t - acc[0][eligible.cpu()]
+    return ThresholdRates(
+        threshold=t,
+        unit_ids=unit_ids[eligible].cpu(),
+        far=fa.double() / neg_t.double(),
+        frr=fr.double() / pos_t.double(),
+        false_accepts=fa,
+        false_rejects=fr,
+        num_neg=neg_t,
+        num_pos=pos_t,
+        global_far=acc_neg_all / num_neg_all,
+        global_frr=(num_pos_all - acc_pos_all) / num_pos_all if num_pos_all else math.nan,
+        total_neg=num_neg_all,
+        total_pos=num_pos_all,
+        num_excluded=num_units - int(eligible.sum()),
+        by="class" if g is None else "group",
+    )
+
+
+# ----------------------------------------------------------------------------- bootstrap CI of OPIS
+class BootstrapCI(NamedTuple):
+    """``(opis, lo, hi)``: the OPIS of all classes and the percentile interval of its bootstrap."""
+
+    opis: float
+    lo: float
+    hi: float
+
+
+def _bootstrap_opis_values(utility: torch.Tensor, n_boot: int, seed: int, block: int = 256) -> np.ndarray:
+    """(n_boot,) OPIS of class-resampled utility curves ``utility`` (K, T).
+
+    Replicate b draws ``idx = rng.integers(0, T, size=T)`` (rng = numpy default_rng(seed), one call per
+    replicate, in order); its OPIS is the mean over thresholds of the population variance of
+    ``utility[:, idx]`` across the T drawn columns, computed from the draw counts (weights).
+    """
+    u = utility.double().cpu().numpy()  # (K, T)
+    k_thr, t_cls = u.shape
+    u = u - u.mean(axis=1, keepdims=True)  # shift per threshold: variance unchanged, no cancellation
+    u2 = u * u
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    for b0 in range(0, n_boot, block):
+        nb = min(block, n_boot - b0)
+        w = np.empty((nb, t_cls))  # (nb, T) draw counts / T
+        for i in range(nb):
+            w[i] = np.bincount(rng.integers(0, t_cls, size=t_cls), minlength=t_cls)
+        w /= t_cls
+        mean = u @ w.T  # (K, nb)
+        second = u2 @ w.T  # (K, nb)
+        out[b0 : b0 + nb] = np.maximum(second - mean * mean, 0.0).mean(axis=0)
+    return out
+
+
+def opis_bootstrap_ci(
+    curves_or_embeddings: UtilityCurves | Any,
+    labels: Any = None,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    **curve_kwargs: Any,
+) -> BootstrapCI:
+    """OPIS with a percentile bootstrap interval over classes (or groups): ``(opis, lo, hi)``.
+
+    Pass :class:`~tcmlib.metrics.UtilityCurves` (computed once, reused), or embeddings (N, D) and
+    ``labels`` (N,) plus any :func:`~tcmlib.metrics.utility_curves` keyword (``groups=``, ``far_range=``,
+    ...). Each of ``n_boot`` replicates draws T of the T eligible classes with replacement and
+    recomputes OPIS from their curves (the thresholds stay fixed: the interval is about which
+    classes the test set happened to contain, not about the pairs within a class). ``lo`` / ``hi``
+    are the ``alpha / 2`` and ``1 - alpha / 2`` quantiles of the replicates (``numpy.quantile``).
+    """
+    if isinstance(curves_or_embeddings, UtilityCurves):
+        if labels is not None or curve_kwargs:
+            raise ValueError("pass either UtilityCurves alone, or embeddings with labels (and utility_curves keywords)")
+        curves = curves_or_embeddings
+    else:
+        if labels is None:
+            raise ValueError("labels are required when embeddings (not UtilityCurves) are passed")
+        curves = utility_curves(curves_or_embeddings, labels, **curve_kwargs)
+    nb = int(n_boot)
+    if nb != n_boot or nb < 2:
+        raise ValueError(f"n_boot = {n_boot} must be an integer >= 2 (1000 is a usual choice)")
+    alpha = float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha = {alpha} must lie strictly between 0 and 1 (0.05 gives a 95 % interval)")
+    boots = _bootstrap_opis_values(curves.utility, nb, int(seed))
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return BootstrapCI(curves.opis, float(lo), float(hi))
+
+
+# ----------------------------------------------------------------------------- the one-call report
+@dataclass
+class ThresholdReport:
+    """What one global threshold does on a test set; build it with :func:`threshold_report`."""
+
+    name: str
+    threshold: float
+    far_target: float
+    threshold_source: str  # "calibration set" or "evaluation set itself"
+    calibration_far: float | None  # global FAR on the calibration set at the threshold (None: no calibration set)
+    class_rates: ThresholdRates
+    group_rates: ThresholdRates | None
+    curves: UtilityCurves
+    opis_ci: BootstrapCI
+    alpha: float
+    eps: float
+    eps_opis: float
+    recall_at_1: float
+    num_samples: int
+    num_classes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def global_far(self) -> float:
+        return self.class_rates.global_far
+
+    @property
+    def global_frr(self) -> float:
+        return self.class_rates.global_frr
+
+    @property
+    def opis(self) -> float:
+        return self.opis_ci.opis
+
+    def row(self) -> dict[str, Any]:
+        """One flat row (a dict) for tables: the numbers of :meth:`to_text`."""
+        s = self.class_rates.summary(self.far_target)
+        row: dict[str, Any] = {
+            "name": self.name, "threshold": self.threshold, "FAR_target": self.far_target,
+            "global_FAR": self.global_far, "global_FRR": self.global_frr,
+            "class_FAR_median": s["FAR_median"], "class_FAR_max": s["FAR_max"],
+            "classes_FAR_over_2x": s["share_FAR_over_2x"],
+            "class_FRR_median": s["FRR_median"], "class_FRR_max": s["FRR_max"],
+            "OPIS": self.opis, "OPIS_lo": self.opis_ci.lo, "OPIS_hi": self.opis_ci.hi,
+            "eps_OPIS": self.eps_opis, "R@1": self.recall_at_1,
+        }
+        if self.group_rates is not None:
+            gs = self.group_rates.summary(self.far_target)
+            row.update({"group_FAR_min": gs["FAR_min"], "group_FAR_max": gs["FAR_max"],
+                        "group_FRR_min": gs["FRR_min"], "group_FRR_max": gs["FRR_max"]})
+        return row
+
+    def to_text(self) -> str:
+        """A plain-text summary a reader can paste into a ticket."""
+        c = self.class_rates
+        s = c.summary(self.far_target)
+        pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+        lines = [
+            f"Threshold report: {self.name}",
+            f"  data: {self.num_samples} samples, {self.num_classes} classes ({c.far.numel()} with positive pairs)",
+            f"  threshold d <= {self.threshold:.4f} (1 - cosine), chosen for global FAR {pct(self.far_target)} "
+            f"on the {self.threshold_source}"
+            + (f" (FAR there: {pct(self.calibration_far)})" if self.calibration_far is not None else ""),
+            f"  global at this threshold: FAR {pct(c.global_far)}, FRR {pct(c.global_frr)}",
+            f"  per class FAR: min {pct(s['FAR_min'])}, median {pct(s['FAR_median'])}, max {pct(s['FAR_max'])}; "
+            f"{pct(s['share_FAR_over_2x'])} of classes above 2x the target",
+            f"  per class FRR: min {pct(s['FRR_min'])}, median {pct(s['FRR_median'])}, max {pct(s['FRR_max'])}",
+        ]
+        if self.group_rates is not None:
+            gs = self.group_rates.summary(self.far_target)
+            lines.append(
+                f"  per group ({self.group_rates.far.numel()}): FAR {pct(gs['FAR_min'])} .. {pct(gs['FAR_max'])}, "
+                f"FRR {pct(gs['FRR_min'])} .. {pct(gs['FRR_max'])}; {pct(gs['share_FAR_over_2x'])} above 2x the target"
+            )
+        lo_f, hi_f = self.curves.far_range or (math.nan, math.nan)
+        lines += [
+            f"  OPIS {self.opis:.3g} ({100 * (1 - self.alpha):.0f} % bootstrap CI over classes "
+            f"{self.opis_ci.lo:.3g} .. {self.opis_ci.hi:.3g}); {100 * self.eps:.0f}%-OPIS {self.eps_opis:.3g}; "
+            f"calibration range global FAR {lo_f:g} .. {hi_f:g}",
+            f"  R@1 {self.recall_at_1:.4f}",
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def plot(self, axes: Sequence[Any] | None = None, *, color: str = "tab:blue", title: str | None = None) -> Any:
+        """Two panels: per-class FAR vs FRR at the threshold (groups as large markers), and the
+        per-class utility curves with the threshold marked. Returns the matplotlib Figure."""
+        import matplotlib.pyplot as plt
+
+        if axes is None:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        else:
+            fig = axes[0].figure
+        ax0, ax1 = axes
+        c = self.class_rates
+        ax0.scatter(100 * c.far.numpy(), 100 * c.frr.numpy(), s=10, alpha=0.5, color=color, label="classes")
+        if self.group_rates is not None:
+            gr = self.group_rates
+            ax0.scatter(100 * gr.far.numpy(), 100 * gr.frr.numpy(), s=70, marker="D", edgecolor="k",
+                        color=color, label="groups")
+        ax0.scatter([100 * c.global_far], [100 * c.global_frr], s=160, marker="*", color="k", zorder=5,
+                    label="global")
+        ax0.axvline(100 * self.far_target, color="grey", ls="--", lw=1, label="FAR target")
+        ax0.axvline(200 * self.far_target, color="grey", ls=":", lw=1, label="2x target")
+        ax0.set(xlabel="false-accept rate at the threshold (%)", ylabel="false-reject rate (%)",
+                title=title or f"{self.name}: d <= {self.threshold:.3f}")
+        ax0.legend(fontsize=8)
+        cv = self.curves
+        ax1.plot(cv.thresholds.numpy(), cv.utility.numpy(), color=color, alpha=0.15, lw=0.8)
+        ax1.plot(cv.thresholds.numpy(), cv.utility.mean(dim=1).numpy(), color="k", lw=2, label="mean over classes")
+        if cv.distance_range[0] <= self.threshold <= cv.distance_range[1]:
+            ax1.axvline(self.threshold, color="tab:red", lw=1.5, label="deployed threshold")
+        ax1.set(xlabel="distance threshold (1 - cosine)", ylabel="per-class utility",
+                title=f"OPIS {self.opis:.3g} [{self.opis_ci.lo:.3g}, {self.opis_ci.hi:.3g}]", ylim=(0, 1.02))
+        ax1.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        return fig
+
+
+def threshold_report(
+    embeddings: Any,
+    labels: Any,
+    *,
+    far_target: float = 1e-2,
+    groups: Any = None,
+    calibration: tuple[Any, Any] | None = None,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    eps: float = 0.1,
+    seed: int = 0,
+    name: str = "model",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> ThresholdReport:
+    """Everything about deploying one threshold on ``embeddings`` (N, D) with ``labels`` (N,), in one call.
+
+    The threshold meets ``far_target`` (global FAR) on ``calibration = (emb, labels)`` when given (the
+    honest choice: held-out data), else on the evaluation data itself. Then, on the evaluation data:
+    global / per-class (and per-group with ``groups`` (N,)) FAR and FRR at that threshold, OPIS over
+    ``far_range`` with a bootstrap CI over classes (``n_boot``, ``alpha``, ``seed``), eps-OPIS and R@1.
+    """
+    x, y = check_embeddings_labels(embeddings, labels)
+    far = _check_far(far_target)
+    if calibration is not None:
+        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
+            raise ValueError("calibration must be a pair (embeddings, labels) of held-out data")
+        cx, cy = check_embeddings_labels(*calibration, emb_name="calibration embeddings",
+                                         label_name="calibration labels")
+        if cx.shape[1] != x.shape[1]:
+            raise ValueError(f"calibration embeddings have dimension {cx.shape[1]}, the evaluation ones "
+                             f"{x.shape[1]}: both must come from the same model")
+        t = threshold_for_far(cx, cy, far, chunk_size=chunk_size)
+        cal_far = rates_at_threshold(cx, cy, t, chunk_size=chunk_size).global_far
+        source = "calibration set"
+    else:
+        t = threshold_for_far(x, y, far, chunk_size=chunk_size)
+        cal_far, source = None, "evaluation set itself"
+    class_rates = rates_at_threshold(x, y, t, chunk_size=chunk_size)
+    group_rates = None if groups is None else rates_at_threshold(x, y, t, groups=groups, chunk_size=chunk_size)
+    curves = utility_curves(x, y, far_range=far_range, chunk_size=chunk_size)
+    ci = opis_bootstrap_ci(curves, n_boot=n_boot, alpha=alpha, seed=seed)
+    return ThresholdReport(
+        name=str(name), threshold=t, far_target=far, threshold_source=source, calibration_far=cal_far,
+        class_rates=class_rates, group_rates=group_rates, curves=curves, opis_ci=ci, alpha=float(alpha),
+        eps=float(eps), eps_opis=curves.eps_opis(eps), recall_at_1=recall_at_k(x, y, (1,))[1],
+        num_samples=int(x.shape[0]), num_classes=int(torch.unique(y).numel()),
+    )
+
+
+# ----------------------------------------------------------------------------- several models
+@dataclass
+class ReportComparison:
+    """Several :class:`ThresholdReport` side by side: ``rows`` (one dict each), ``to_text()``, ``plot()``."""
+
+    reports: dict[str, ThresholdReport]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [{**r.row(), "name": name} for name, r in self.reports.items()]
+
+    def to_text(self) -> str:
+        """A Markdown table: one column per model, one line per quantity."""
+        names = list(self.reports)
+        rows = self.rows
+        fmt_pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+        lines_spec = [
+            ("threshold (1 - cos)", "threshold", lambda v: f"{v:.4f}"),
+            ("global FAR", "global_FAR", fmt_pct),
+            ("global FRR", "global_FRR", fmt_pct),
+            ("per-class FAR, median", "class_FAR_median", fmt_pct),
+            ("per-class FAR, max", "class_FAR_max", fmt_pct),
+            ("classes with FAR > 2x target", "classes_FAR_over_2x", fmt_pct),
+            ("per-class FRR, median", "class_FRR_median", fmt_pct),
+            ("per-class FRR, max", "class_FRR_max", fmt_pct),
+            ("group FAR, min .. max", ("group_FAR_min", "group_FAR_max"), None),
+            ("group FRR, min .. max", ("group_FRR_min", "group_FRR_max"), None),
+            ("OPIS", "OPIS", lambda v: f"{v:.3g}"),
+            ("OPIS, bootstrap CI", ("OPIS_lo", "OPIS_hi"), None),
+            ("eps-OPIS", "eps_OPIS", lambda v: f"{v:.3g}"),
+            ("R@1", "R@1", lambda v: f"{v:.4f}"),
+        ]
+        out = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for label, key, fmt in lines_spec:
+            cells = []
+            for r in rows:
+                if isinstance(key, tuple):
+                    if key[0] not in r:
+                        cells.append("")
+                        continue
+                    f = fmt_pct if key[0].startswith("group") else (lambda v: f"{v:.3g}")
+                    cells.append(f"{f(r[key[0]])} .. {f(r[key[1]])}")
+                else:
+                    cells.append(fmt(r[key]))
+            if any(cells):
+                out.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(out)
+
+    def _repr_markdown_(self) -> str:
+        return self.to_text()
+
+    def plot(self, colors: Sequence[str] | None = None) -> Any:
+        """One row of two panels per report (as :meth:`ThresholdReport.plot`), sharing axes. Returns the Figure."""
+        import matplotlib.pyplot as plt
+
+        n = len(self.reports)
+        colors = list(colors or plt.rcParams["axes.prop_cycle"].by_key()["color"])
+        fig, axes = plt.subplots(n, 2, figsize=(11, 3.6 * n), squeeze=False, sharex="col", sharey="col")
+        for i, (name, rep) in enumerate(self.reports.items()):
+            rep.plot(axes[i], color=colors[i % len(colors)], title=f"{name}: d <= {rep.threshold:.3f}")
+        fig.tight_layout()
+        return fig
+
+
+def compare_reports(reports: Mapping[str, ThresholdReport]) -> ReportComparison:
+    """Put ``{name: ThresholdReport}`` side by side (``.to_text()`` table, ``.plot()`` panels)."""
+    if not reports:
+        raise ValueError("pass at least one report: {name: threshold_report(...)}")
+    for name, rep in reports.items():
+        if not isinstance(rep, ThresholdReport):
+            raise ValueError(f"{name!r} is a {type(rep).__name__}, not a ThresholdReport (use threshold_report)")
+    return ReportComparison(dict(reports))
+
+
+# ----------------------------------------------------------------------------- files
+def load_embeddings_npy(emb_path: str | Path, labels_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``(embeddings (N, D) float, labels (N,) int64)`` from two ``.npy`` files (``numpy.save``).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for anything that is not one
+    float row per sample and one integer label per row (wrong shapes, NaN, a pickled object array).
+    """
+    arrays = []
+    for path, what in ((Path(emb_path), "embeddings"), (Path(labels_path), "labels")):
+        if not path.exists():
+            raise FileNotFoundError(f"{what} file {path} does not exist; save it with numpy.save(path, array)")
+        if path.suffix == ".npz":
+            raise ValueError(f"{path} is an .npz archive; pass .npy files (numpy.save), or load the archive and "
+                             "pass its arrays to threshold_report directly")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"could not read {what} from {path} as a plain .npy array ({e}); save a numeric "
+                             "array with numpy.save, not a list of objects") from None
+        arrays.append(arr)
+    emb, lab = arrays
+    if lab.ndim == 2 and lab.shape[1] == 1:
+        lab = lab[:, 0]
+    if not np.issubdtype(emb.dtype, np.number) or np.issubdtype(emb.dtype, np.complexfloating):
+        raise ValueError(f"embeddings in {emb_path} have dtype {emb.dtype}; expected floats (N, D)")
+    x, y = check_embeddings_labels(torch.from_numpy(np.ascontiguousarray(emb)), torch.from_numpy(np.ascontiguousarray(lab)),
+                                   emb_name=f"embeddings ({emb_path})", label_name=f"labels ({labels_path})")
+    return x, y

@@ -1,0 +1,281 @@
+"""Tests for tcmlib.report against independent oracles (every pair in a Python loop, float64 NumPy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tcmlib.metrics import opis, utility_curves
+from tcmlib.report import (
+    compare_reports,
+    load_embeddings_npy,
+    opis_bootstrap_ci,
+    rates_at_threshold,
+    threshold_for_far,
+    threshold_report,
+)
+
+
+def pairs_of(x, y):
+    """Every unordered pair (a, b, distance, positive?) in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.asarray(y)
+    return [(a, b, 1.0 - float(xn[a] @ xn[b]), bool(y[a] == y[b])) for a in range(len(y)) for b in range(a + 1, len(y))]
+
+
+def brute_rates(x, y, t, groups=None):
+    """{unit: (FAR, FRR, #neg, #pos)} for eligible units, plus global (FAR, FRR)."""
+    pairs = pairs_of(x, y)
+    units = np.asarray(y if groups is None else groups)
+    out = {}
+    for u in sorted(set(units.tolist())):
+        touch = [(d, p) for a, b, d, p in pairs if units[a] == u or units[b] == u]
+        pos = [d for d, p in touch if p]
+        neg = [d for d, p in touch if not p]
+        if pos and neg:
+            out[u] = (sum(d <= t for d in neg) / len(neg), sum(d > t for d in pos) / len(pos), len(neg), len(pos))
+    pos_all = [d for *_, d, p in pairs if p]
+    neg_all = [d for *_, d, p in pairs if not p]
+    return out, (sum(d <= t for d in neg_all) / len(neg_all), sum(d > t for d in pos_all) / len(pos_all))
+
+
+def toy(n=60, d=6, c=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    centres = torch.randn(c, d, generator=g, dtype=torch.float64)
+    spread = torch.linspace(0.3, 1.2, c, dtype=torch.float64)
+    x = centres[y] + spread[y, None] * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return x.to(dtype), y
+
+
+# ----------------------------------------------------------------------------- threshold_for_far
+@pytest.mark.parametrize("far", [0.0, 1e-2, 0.05, 0.37, 1.0])
+@pytest.mark.parametrize("chunk", [7, 1024])
+def test_threshold_is_the_negative_distance_quantile(far, chunk):
+    x, y = toy()
+    neg = np.array([d for *_, d, p in pairs_of(x, y) if not p])
+    expected = np.quantile(neg, far)
+    assert threshold_for_far(x, y, far, chunk_size=chunk) == pytest.approx(expected, abs=1e-12)
+
+
+def test_threshold_meets_the_target_on_its_own_data():
+    x, y = toy(n=80)
+    for far in (0.01, 0.1, 0.5):
+        t = threshold_for_far(x, y, far)
+        got = rates_at_threshold(x, y, t).global_far
+        m = rates_at_threshold(x, y, t).total_neg
+        assert far <= got <= far + 1.0 / m + 1e-12  # quantile: at least far, at most one pair more
+
+
+def test_threshold_numpy_and_float32_inputs():
+    x, y = toy(dtype=torch.float32)
+    t_torch = threshold_for_far(x, y, 0.05)
+    t_np = threshold_for_far(x.numpy(), y.numpy(), 0.05)
+    assert t_torch == t_np
+    neg = np.array([d for *_, d, p in pairs_of(x, y) if not p])
+    assert t_torch == pytest.approx(np.quantile(neg, 0.05), abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, math.nan])
+def test_threshold_rejects_bad_far(bad):
+    x, y = toy()
+    with pytest.raises(ValueError, match="far_target"):
+        threshold_for_far(x, y, bad)
+
+
+def test_threshold_rejects_one_class_and_bad_shapes():
+    x, _ = toy()
+    with pytest.raises(ValueError, match="no negative pairs"):
+        threshold_for_far(x, torch.zeros(len(x), dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="labels has"):
+        threshold_for_far(x, torch.zeros(3, dtype=torch.long), 0.1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        threshold_for_far(x, torch.arange(len(x)) % 3, 0.1, chunk_size=0)
+
+
+# ----------------------------------------------------------------------------- rates_at_threshold
+@pytest.mark.parametrize("chunk", [5, 1024])
+@pytest.mark.parametrize("use_groups", [False, True])
+def test_rates_match_brute_force(chunk, use_groups):
+    x, y = toy(n=50, c=6)
+    y[0] = 99  # a singleton class: excluded per class, still forms negative pairs
+    groups = (torch.arange(len(y)) * 7) % 4 if use_groups else None
+    t = threshold_for_far(x, y, 0.08)
+    r = rates_at_threshold(x, y, t, groups=groups, chunk_size=chunk)
+    want, (gfar, gfrr) = brute_rates(x, y, t, groups)
+    assert r.unit_ids.tolist() == list(want)
+    assert r.far.tolist() == pytest.approx([v[0] for v in want.values()], abs=1e-15)
+    assert r.frr.tolist() == pytest.approx([v[1] for v in want.values()], abs=1e-15)
+    assert r.num_neg.tolist() == [v[2] for v in want.values()]
+    assert r.num_pos.tolist() == [v[3] for v in want.values()]
+    assert r.global_far == pytest.approx(gfar, abs=1e-15) and r.global_frr == pytest.approx(gfrr, abs=1e-15)
+    assert r.num_excluded == (0 if use_groups else 1)
+    assert r.by == ("group" if use_groups else "class")
+
+
+def test_rates_ties_at_the_threshold_are_accepted():
+    # distances exactly 0 (identical rows) and exactly 1 (orthogonal rows)
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 0, 1, 1, 2])
+    r = rates_at_threshold(x, y, 0.0)
+    assert r.frr.tolist() == [0.0, 0.0]  # positive pairs at d = 0 accepted at t = 0
+    # class 0's negatives: 4 with class 1 (d = 1), 2 with sample 4 (d = 0) -> FAR 2/6
+    assert r.far.tolist() == pytest.approx([2 / 6, 0.0])
+    assert rates_at_threshold(x, y, 1.0).far.tolist() == [1.0, 1.0]
+
+
+def test_rates_agree_with_utility_curves():
+    x, y = toy(n=70, dtype=torch.float32)
+    t = threshold_for_far(x, y, 0.05)
+    r = rates_at_threshold(x, y, t)
+    cv = utility_curves(x, y, distance_range=(t, t + 0.5), num_thresholds=3)
+    assert torch.equal(r.unit_ids, cv.class_ids)
+    assert torch.allclose(r.far, 1 - cv.trr[0], atol=1e-15)
+    assert torch.allclose(r.frr, 1 - cv.tar[0], atol=1e-15)
+
+
+def test_rates_bad_input():
+    x, y = toy()
+    with pytest.raises(ValueError, match="threshold"):
+        rates_at_threshold(x, y, math.inf)
+    with pytest.raises(ValueError, match="groups"):
+        rates_at_threshold(x, y, 0.5, groups=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no eligible"):
+        rates_at_threshold(x, torch.arange(len(y)), 0.5)  # all singletons
+    with pytest.raises(ValueError, match="NaN"):
+        rates_at_threshold(x.clone().fill_(math.nan), y, 0.5)
+
+
+def test_summary():
+    x, y = toy(n=80)
+    r = rates_at_threshold(x, y, threshold_for_far(x, y, 0.05))
+    s = r.summary(0.05)
+    f = r.far.numpy()
+    assert s["FAR_min"] == f.min() and s["FAR_max"] == f.max()
+    assert s["FAR_median"] == pytest.approx(np.median(f))
+    assert s["share_FAR_over_2x"] == pytest.approx((f > 0.1).mean())
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def test_bootstrap_matches_explicit_resampling():
+    x, y = toy(n=90, c=9)
+    cv = utility_curves(x, y)
+    n_boot, seed = 200, 3
+    rng = np.random.default_rng(seed)
+    u = cv.utility.numpy()
+    boots = [u[:, rng.integers(0, u.shape[1], size=u.shape[1])].var(axis=1).mean() for _ in range(n_boot)]
+    lo, hi = np.quantile(boots, [0.05, 0.95])
+    got = opis_bootstrap_ci(cv, n_boot=n_boot, alpha=0.1, seed=seed)
+    assert got.opis == cv.opis
+    assert got.lo == pytest.approx(lo, rel=1e-9) and got.hi == pytest.approx(hi, rel=1e-9)
+    assert got.lo <= got.opis * 1.5 and got.lo <= got.hi
+
+
+def test_bootstrap_from_embeddings_and_groups():
+    x, y = toy(n=90, c=9)
+    a = opis_bootstrap_ci(x, y, n_boot=50, seed=1)
+    b = opis_bootstrap_ci(utility_curves(x, y), n_boot=50, seed=1)
+    assert a == b and a.opis == opis(x, y)
+    groups = torch.arange(len(y)) % 5
+    c = opis_bootstrap_ci(x, y, n_boot=50, seed=1, groups=groups)
+    assert c.opis == opis(x, y, groups=groups)
+
+
+def test_bootstrap_identical_classes_has_zero_width():
+    # every class identical up to a rotation of the coordinates -> identical curves -> OPIS 0, CI [0, 0]
+    base = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.9, 0.3, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    x = torch.cat([base.roll(2 * i, dims=1) for i in range(3)])
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    ci = opis_bootstrap_ci(x, y, n_boot=20, distance_range=(0.0, 1.5))
+    assert max(abs(v) for v in ci) < 1e-15
+
+
+@pytest.mark.parametrize("kw,match", [({"n_boot": 1}, "n_boot"), ({"alpha": 0.0}, "alpha"), ({"alpha": 1.2}, "alpha")])
+def test_bootstrap_bad_input(kw, match):
+    x, y = toy()
+    with pytest.raises(ValueError, match=match):
+        opis_bootstrap_ci(x, y, **kw)
+    with pytest.raises(ValueError, match="labels are required"):
+        opis_bootstrap_ci(x)
+    with pytest.raises(ValueError, match="either"):
+        opis_bootstrap_ci(utility_curves(x, y), y)
+
+
+# ----------------------------------------------------------------------------- report
+def test_report_with_calibration_and_groups():
+    x, y = toy(n=120, c=12, dtype=torch.float32)
+    cal = slice(0, 60)
+    ev = slice(60, 120)
+    groups = torch.arange(60) % 3
+    rep = threshold_report(x[ev], y[ev], far_target=0.05, calibration=(x[cal], y[cal]), groups=groups,
+                           n_boot=100, name="toy")
+    assert rep.threshold == threshold_for_far(x[cal], y[cal], 0.05)
+    assert rep.threshold_source == "calibration set"
+    assert rep.calibration_far == rates_at_threshold(x[cal], y[cal], rep.threshold).global_far
+    r = rates_at_threshold(x[ev], y[ev], rep.threshold)
+    assert torch.equal(rep.class_rates.far, r.far) and rep.global_frr == r.global_frr
+    assert rep.group_rates is not None and rep.group_rates.unit_ids.tolist() == [0, 1, 2]
+    assert rep.opis == opis(x[ev], y[ev])
+    assert rep.opis_ci.lo <= rep.opis_ci.hi
+    text = rep.to_text()
+    assert "calibration set" in text and "per group (3)" in text and "R@1" in text
+    row = rep.row()
+    assert row["global_FAR"] == r.global_far and "group_FAR_max" in row
+
+
+def test_report_without_calibration_numpy_input_and_plot(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x, y = toy(n=80)
+    rep = threshold_report(x.numpy(), y.numpy(), far_target=0.02, n_boot=50)
+    assert rep.threshold_source == "evaluation set itself" and rep.calibration_far is None
+    assert rep.global_far >= 0.02
+    fig = rep.plot()
+    fig.savefig(tmp_path / "r.png")
+    rep2 = threshold_report(x, y, far_target=0.02, n_boot=50, name="b")
+    cmp = compare_reports({"a": rep, "b": rep2})
+    text = cmp.to_text()
+    assert text.splitlines()[0] == "| | a | b |" and "OPIS" in text and "group" not in text
+    cmp.plot().savefig(tmp_path / "c.png")
+
+
+def test_report_bad_input():
+    x, y = toy()
+    with pytest.raises(ValueError, match="calibration must be a pair"):
+        threshold_report(x, y, calibration=x)
+    with pytest.raises(ValueError, match="dimension"):
+        threshold_report(x, y, calibration=(x[:, :3], y))
+    with pytest.raises(ValueError, match="far_target"):
+        threshold_report(x, y, far_target=2.0)
+    with pytest.raises(ValueError, match="at least one report"):
+        compare_reports({})
+    with pytest.raises(ValueError, match="not a ThresholdReport"):
+        compare_reports({"a": 1})
+
+
+# ----------------------------------------------------------------------------- .npy files
+def test_load_embeddings_npy_roundtrip_and_errors(tmp_path):
+    x, y = toy(dtype=torch.float32)
+    np.save(tmp_path / "e.npy", x.numpy())
+    np.save(tmp_path / "l.npy", y.numpy()[:, None])  # (N, 1) is accepted
+    e, lab = load_embeddings_npy(tmp_path / "e.npy", tmp_path / "l.npy")
+    assert torch.equal(e, x) and torch.equal(lab, y)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_embeddings_npy(tmp_path / "missing.npy", tmp_path / "l.npy")
+    np.save(tmp_path / "short.npy", y.numpy()[:5])
+    with pytest.raises(ValueError, match="one label per embedding row"):
+        load_embeddings_npy(tmp_path / "e.npy", tmp_path / "short.npy")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="plain .npy"):
+        load_embeddings_npy(tmp_path / "obj.npy", tmp_path / "l.npy")
+    np.save(tmp_path / "f.npy", y.numpy() + 0.5)
+    with pytest.raises(ValueError, match="integer"):
+        load_embeddings_npy(tmp_path / "e.npy", tmp_path / "f.npy")
+    np.savez(tmp_path / "z.npz", e=x.numpy())
+    with pytest.raises(ValueError, match="npz"):
+        load_embeddings_npy(tmp_path / "z.npz", tmp_path / "l.npy")
