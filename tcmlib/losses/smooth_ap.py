@@ -21,6 +21,10 @@ Differences from the authors' code, none of which changes the value on their bat
   each chunk in ``torch.utils.checkpoint`` so backward does not keep every chunk's
   intermediates: peak memory is ``O(B^2 + c P B)`` and the work ``O(B^2 P)`` instead of ``B^3``.
 
+pytorch-metric-learning 2.9's ``SmoothAPLoss`` takes consecutive blocks of ``C`` = #classes
+samples as the positive sets instead of the ``m`` samples of each class, so it matches the
+original only when ``C == m`` (``tests/test_smooth_ap.py::test_pml_groups_by_position``).
+
 A query alone in its class has ``P_q = {q}``: ``R_pos = 1`` and ``R_all = 1 + sum_j
 sigma(s_qj - 1) ~ 1``, so ``AP_q ~ 1`` and it adds almost nothing to the loss or its gradient
 but still counts in the mean (the original's behaviour; kept).
