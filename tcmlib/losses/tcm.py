@@ -13,10 +13,17 @@ operating band, so one threshold works for all of them.
 
 Inequalities (``<=`` for positives, ``>=`` for negatives), ordered pairs and the defaults
 (m+ = 0.9, m- = 0.5, l+ = l- = 1) match pytorch-metric-learning's ``ThresholdConsistentMarginLoss``
-(v2.9).  Ordered vs unordered pairs give the same value: every unordered pair appears twice in
-the sum and twice in the count.  Unlike pml we compute one (B, M) similarity matrix instead of
-gathering every pair (pml needs O(B^2 D) memory), and our reference-set path is correct.
-Extra memory is O(B M): the similarity matrix, two boolean masks and its gradient.
+(v2.9); without a reference set value and gradient equal pml's (to rounding).  Ordered vs
+unordered pairs give the same value: every unordered pair appears twice in the sum and twice in
+the count.  Differences from pml:
+
+* one (B, M) similarity GEMM instead of gathering both members of every pair: extra memory is
+  O(B M) (similarities, two boolean masks, their gradient), not O(B^2 D);
+* with a reference set pml pairs ``embeddings[i]`` with ``embeddings[j]`` (not ``ref_emb[j]``):
+  wrong; we pair query i with reference j;
+* pml drops self pairs when ``ref_labels is labels``; we drop them when
+  ``ref_embeddings is embeddings`` (or no reference set is given): the pair (i, i) is a sample
+  with itself, whatever the label tensors are.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from tcmlib._checks import check_embeddings_labels, check_margin
 
