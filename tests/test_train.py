@@ -112,3 +112,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert path is not None and path.name == "step-00000002.pt"
     state = load_checkpoint(path, restore_rng=False)["model"]
     assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def test_fit_bf16_gradcache_channels_last_on_cpu(tmp_path: Path) -> None:
+    """The GPU code path (autocast, chunked gradient cache, channels_last) also runs on a CPU."""
+    cfg = load_config(TINY, run_dir=str(tmp_path), epochs=1, amp="bf16", chunk_size=8, channels_last=True,
+                      frozen_bn=True, **{**FAST, "steps_per_epoch": 1})
+    rec = fit(cfg).final
+    assert rec["step"] == 1 and rec["loss"] == rec["loss"] and 0.0 <= rec["R@1"] <= 1.0
