@@ -294,7 +294,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     with open(run_dir / "config.yaml", "w") as fh:
         yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
     device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
-    if cfg.deterministic:
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:  # bit-exact reruns and resumes (restored to the previous setting on return)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     seed_everything(cfg.seed)
@@ -438,6 +439,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         history.append(rec)
         _write_metrics(run_dir, history)
         last_path = checkpoint(epoch + 1, 0)
+    torch.use_deterministic_algorithms(was_deterministic)
     return FitResult(history=history, final=history[-1] if history else {}, run_dir=run_dir, model=model,
                      checkpoint=last_path)
 
