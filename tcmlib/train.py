@@ -51,12 +51,11 @@ from tcmlib.data.transforms import small_train_transform, test_transform, train_
 from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
 from tcmlib.losses.registry import available_losses, loss_param_groups, make_loss
-from tcmlib.metrics import recall_and_map_at_r
-from tcmlib.metrics.opis import utility_curves
+from tcmlib.metrics import recall_and_map_at_r, utility_curves
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "load_config", "main"]
+__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "load_config", "main"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
