@@ -6,19 +6,21 @@ standard classes of the split (train and test classes are disjoint), remaps the 
 ``0..C-1`` and checks that every listed image exists.  Whatever is missing or unreadable raises
 ``FileNotFoundError`` / ``ValueError`` naming the file and saying how to get the data.
 
-=========  ========================================================  =================  =================
-name       layout under ``root``                                      train              test
-=========  ========================================================  =================  =================
-``cub``    ``CUB_200_2011/{images.txt, image_class_labels.txt,        classes 1-100,     101-200, 5,924
-           images/}``                                                 5,864 images
-``cars``   ``names.csv, anno_{train,test}.csv,                        classes 1-98,      99-196, 8,131
-           car_data/car_data/{train,test}/<name, / -> ->/``           8,054
-           or ``cars_annos.mat`` + ``car_ims/``
-``sop``    ``Stanford_Online_Products/Ebay_{train,test}.txt``         11,318 classes,    11,316, 60,502
-                                                                      59,551
-``inat``   ``train_val2018/, train2018.json, val2018.json,             5,690 classes,     2,452, 136,093
-           Inat_dataset_splits/Inaturalist_{train,test}_set1.txt``    325,846
-=========  ========================================================  =================  =================
+Layouts and splits::
+
+    =========  ========================================================  =================  =================
+    name       layout under ``root``                                      train              test
+    =========  ========================================================  =================  =================
+    ``cub``    ``CUB_200_2011/{images.txt, image_class_labels.txt,        classes 1-100,     101-200, 5,924
+               images/}``                                                 5,864 images
+    ``cars``   ``names.csv, anno_{train,test}.csv,                        classes 1-98,      99-196, 8,131
+               car_data/car_data/{train,test}/<name, / -> ->/``           8,054
+               or ``cars_annos.mat`` + ``car_ims/``
+    ``sop``    ``Stanford_Online_Products/Ebay_{train,test}.txt``         11,318 classes,    11,316, 60,502
+                                                                          59,551
+    ``inat``   ``train_val2018/, train2018.json, val2018.json,             5,690 classes,     2,452, 136,093
+               Inat_dataset_splits/Inaturalist_{train,test}_set1.txt``    325,846
+    =========  ========================================================  =================  =================
 
 Use :func:`load_benchmark` (or :func:`get_dataset`, which also knows ``glyphs``, ``digits``
 and ``mnist``), :func:`verify_benchmark` to check a copy, :func:`download_benchmark` on Colab.

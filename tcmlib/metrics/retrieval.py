@@ -88,9 +88,9 @@ def per_query_retrieval(
         chunk_size: queries per block; default ``2**25 // N`` (a 128 MiB float32 block).
 
     Returns:
-        hits: (N, len(ks)) bool, ``hits[q, j]`` = some of the ks[j] nearest others of q shares its label
-            (always False for singletons).
-        ap_at_r: (N,) float64, AP@R of each query (eq. 2 of Musgrave et al. 2020); NaN for singletons.
+        ``(hits, ap_at_r)``: ``hits`` is (N, len(ks)) bool, ``hits[q, j]`` = some of the ks[j]
+        nearest others of q shares its label (always False for singletons); ``ap_at_r`` is (N,)
+        float64, the AP@R of each query (eq. 2 of Musgrave et al. 2020), NaN for singletons.
     """
     x, y = check_embeddings_labels(embeddings, labels)
     n = x.shape[0]
