@@ -6,6 +6,7 @@ calibration range with numpy.quantile; the definitions are those of background/p
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -15,7 +16,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tcmlib.metrics import UtilityCurves, eps_opis, opis, utility_curves
-from tcmlib.metrics.opis import _negative_distance_quantiles
+from tcmlib.metrics.opis import _first_accepting, _negative_distance_quantiles
+
+opis_module = importlib.import_module("tcmlib.metrics.opis")  # (tcmlib.metrics.opis is also a function name)
 
 
 # ----------------------------------------------------------------------------- brute-force oracle
@@ -102,8 +105,10 @@ CASES = [  # seed, n, dim, classes, singletons, kwargs
 ]
 
 
+@pytest.mark.parametrize("tile_cols", [4096, 5])  # 5: many column tiles per row block
 @pytest.mark.parametrize("seed,n,dim,classes,singletons,kwargs", CASES)
-def test_matches_brute_force(seed, n, dim, classes, singletons, kwargs):
+def test_matches_brute_force(seed, n, dim, classes, singletons, kwargs, tile_cols, monkeypatch):
+    monkeypatch.setattr(opis_module, "TILE_COLS", tile_cols)
     x, y = make_data(seed, n, dim, classes, singletons)
     ref_kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
     res = utility_curves(torch.tensor(x), torch.tensor(y), **kwargs)
@@ -147,10 +152,43 @@ def test_bracketed_quantiles_exact(slack):
     neg = (1 - xn @ xn.T)[iu][(y[:, None] != y[None, :])[iu]]
     qs = (0.0, 1e-3, 0.01, 0.1, 0.5, 1.0)
     _, lab = np.unique(y, return_inverse=True)
+    order = np.argsort(lab, kind="stable")  # the private helper wants samples sorted by label
     got = _negative_distance_quantiles(
-        torch.tensor(xn), torch.tensor(lab), qs, 64, len(neg), collect_all_max=0, slack=slack
+        torch.tensor(xn[order]), torch.tensor(lab[order]), qs, 64, len(neg), collect_all_max=0, slack=slack
     )
     np.testing.assert_allclose(got, np.quantile(neg, qs), rtol=0, atol=1e-12)
+
+
+def test_medium_size_against_dense_oracle(monkeypatch):
+    # N = 1200 with the pilot-bracket quantiles forced on and several column tiles, against a dense
+    # NumPy computation (the full distance matrix, per-class masks)
+    monkeypatch.setattr(opis_module, "COLLECT_ALL_MAX", 0)
+    monkeypatch.setattr(opis_module, "TILE_COLS", 300)
+    x, y = make_data(80, 1200, 16, 40, 6)
+    res = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=256, far_range=(0.02, 0.2), beta=0.7)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = 1 - xn @ xn.T  # (N, N)
+    iu = np.triu_indices(len(y), 1)
+    lo, hi = np.quantile(dist[iu][(y[:, None] != y[None, :])[iu]], (0.02, 0.2))
+    thr = np.linspace(lo, hi, 100)
+    classes = [c for c in np.unique(y) if (y == c).sum() >= 2]
+    tar = np.stack([(dist[np.ix_(y == c, y == c)][np.triu_indices((y == c).sum(), 1)][:, None] <= thr).mean(0) for c in classes], 1)
+    trr = np.stack([(dist[np.ix_(y == c, y != c)].ravel()[:, None] > thr).mean(0) for c in classes], 1)
+    np.testing.assert_allclose(res.distance_range, (lo, hi), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.tar.numpy(), tar, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.trr.numpy(), trr, rtol=0, atol=1e-12)
+    assert res.num_excluded == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [0.3, 1e-5])  # narrow: float32 steps too fine for the arithmetic guess
+def test_first_accepting_counts_boundaries_above(dtype, width):
+    rng = np.random.default_rng(3)
+    bnd = torch.linspace(0.5, 0.5 - width, 100, dtype=torch.float64).to(dtype)  # (K,) non-increasing
+    s = torch.cat([bnd, torch.tensor(rng.uniform(0.5 - 1.1 * width, 0.5, 5000)).to(dtype)])  # ties included
+    expected = torch.tensor([int((bnd > v).sum()) for v in s])  # k0 = #{k : b_k > s}, counted one by one
+    step = float(bnd[0].double() - bnd[1].double())
+    assert torch.equal(_first_accepting(s, bnd, step).clamp(max=99), expected.clamp(max=99))
 
 
 # ----------------------------------------------------------------------------- hand-computed toy

@@ -52,6 +52,8 @@ from tcmlib._checks import check_embeddings_labels, check_labels
 __all__ = ["UtilityCurves", "utility_curves", "opis", "eps_opis"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
+COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
+TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
 
 
 @dataclass
@@ -173,7 +175,9 @@ def utility_curves(
     # Unit-normalised rows in the working dtype (normalised in float64, so scaling x changes nothing).
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x64 = x.detach().double()
-    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work).contiguous()  # (N, D)
+    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)  # (N, D)
+    order = torch.argsort(lab, stable=True)  # sort by label: positives of a row block form one band
+    xn, lab, el = xn[order].contiguous(), lab[order], el[order]
 
     if distance_range is None:
         t_lo, t_hi = _negative_distance_quantiles(xn, lab, (q_lo, q_hi), int(chunk_size), num_neg_all)
@@ -184,7 +188,7 @@ def utility_curves(
             )
     thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
 
-    hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size))  # (2, T + 1, K)
+    hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None)  # (2, T + 1, K)
     acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
     pos_t = num_pos[eligible].double().cpu()  # (T,)
     neg_t = num_neg[eligible].double().cpu()  # (T,)
@@ -241,17 +245,41 @@ def _pair_totals(
     return pos, touching - pos
 
 
-def _similarity_blocks(xn: torch.Tensor, chunk_size: int):  # type: ignore[no-untyped-def]
-    """Yield ``(s0, S)``: S (B, N - s0) = cosines of rows s0..s0+B-1 with columns s0..N-1, where the
-    pairs with column <= row (the diagonal and the lower triangle) are set to -inf (never counted)."""
+def _tiles(xn: torch.Tensor, lab: torch.Tensor, chunk_size: int, want_positives: bool):  # type: ignore[no-untyped-def]
+    """Yield ``(r0, c0, sim, pos)`` over the upper triangle, ``chunk_size`` rows by ``TILE_COLS`` columns.
+
+    ``sim`` (B, W) = cosines of rows r0..r0+B-1 with columns c0..c0+W-1 (c0 >= r0), where the pairs
+    with column <= row and the same-label (positive) pairs are set to -inf, so ``sim`` holds negative
+    pairs only. ``pos`` = (rows, cols, s) of the positive pairs (column > row) of the tile, global
+    indices, or None when ``want_positives`` is False. ``lab`` must be sorted: then the positives of a
+    row block lie in one band of columns, and only that band is compared.
+    """
     n = xn.shape[0]
+    assert bool((lab[1:] >= lab[:-1]).all()), "_tiles needs the samples sorted by label"
     chunk_size = min(chunk_size, n)
-    lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B)
-    for s0 in range(0, n, chunk_size):
-        b = min(chunk_size, n - s0)
-        sim = xn[s0 : s0 + b] @ xn[s0:].T  # (B, N - s0)
-        sim[:, :b].masked_fill_(lower[:b, :b], float("-inf"))
-        yield s0, sim
+    tile_cols = max(TILE_COLS, chunk_size)  # the first tile holds the whole diagonal block
+    run_end = torch.cumsum(torch.bincount(lab), 0)[lab]  # (N,) one past the last sample of the same label
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
+    for r0 in range(0, n, chunk_size):
+        r1 = min(r0 + chunk_size, n)
+        b = r1 - r0
+        band_end = int(run_end[r1 - 1])  # same-label columns of these rows lie in [r0, band_end)
+        for c0 in range(r0, n, tile_cols):
+            sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
+            if c0 == r0:
+                sim[:, :b].masked_fill_(~upper[:b, :b], float("-inf"))
+            pos = None
+            w = min(sim.shape[1], band_end - c0)  # band columns in this tile: [c0, c0 + w)
+            if w > 0:
+                same = lab[r0:r1, None] == lab[None, c0 : c0 + w]  # (B, w)
+                if c0 == r0:  # (sorted labels: w >= b here)
+                    same[:, :b] &= upper[:b, :b]
+                band = sim[:, :w]
+                if want_positives:
+                    pr, pc = torch.nonzero(same, as_tuple=True)
+                    pos = (pr + r0, pc + c0, band[pr, pc])
+                band.masked_fill_(same, float("-inf"))
+            yield r0, c0, sim, pos
 
 
 def _accept_boundaries(thresholds: torch.Tensor, work: torch.dtype) -> torch.Tensor:
@@ -276,42 +304,57 @@ def _accept_boundaries(thresholds: torch.Tensor, work: torch.dtype) -> torch.Ten
     return torch.from_numpy(b)
 
 
+def _first_accepting(s: torch.Tensor, bnd: torch.Tensor, step: float) -> torch.Tensor:
+    """(P,) int64 k0 = #{k : b_k > s}, the first threshold accepting each similarity s (P,).
+
+    ``bnd`` (K,) non-increasing, ``b_k ~ b_0 - k * step``: the arithmetic guess ceil((b_0 - s) / step)
+    is exact unless s lies within ``tol`` steps of a boundary; those few are searched exactly.
+    """
+    k_thr = bnd.shape[0]
+    asc = bnd.flip(0)  # (K,) ascending; #{b_k <= s} = bucketize(s, asc, right=True)
+    tol = 0.01 + 16 * torch.finfo(s.dtype).eps / step  # rounding of s, 1 - t_k and b_k, in steps
+    if tol >= 0.5:
+        return k_thr - torch.bucketize(s, asc, right=True)
+    f = (float(bnd[0]) - s) * (1.0 / step)  # (P,) fractional threshold index
+    k = f.ceil().clamp_(0, k_thr - 1).long()
+    near = torch.nonzero((f - f.round()).abs_() < tol).squeeze(1)
+    k[near] = k_thr - torch.bucketize(s[near], asc, right=True)
+    return k
+
+
 def _accept_histograms(
-    xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, t_cls: int, thresholds: torch.Tensor, chunk_size: int
+    xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, t_cls: int, thresholds: torch.Tensor,
+    chunk_size: int, grouped: bool,
 ) -> torch.Tensor:
     """(2, T + 1, K) int64: [0] positive, [1] negative pairs per eligible unit (T = excluded) by the
     first threshold index k0 that accepts them (``d <= t_k`` for all k >= k0). Pairs with d > t_max
-    are not counted (their totals are known in closed form)."""
+    are not counted (their totals are known in closed form). ``lab`` sorted, as for :func:`_tiles`."""
     dev = xn.device
     k_thr = thresholds.shape[0]
     bnd = _accept_boundaries(thresholds, xn.dtype).to(dev)  # (K,) non-increasing
-    inf = torch.tensor([float("inf")], dtype=xn.dtype, device=dev)
-    bpad = torch.cat([inf, bnd, -inf])  # (K + 2,) bpad[k] = b_{k-1}, bpad[k + 1] = b_k
     b_last = float(bnd[-1])
-    t0 = float(thresholds[0])
     step = float(thresholds[1] - thresholds[0])
-    size = 2 * (t_cls + 1) * k_thr
-    hist = torch.zeros(size, dtype=torch.long, device=dev)
-    for s0, sim in _similarity_blocks(xn, chunk_size):
-        rows, cols = torch.nonzero(sim >= b_last, as_tuple=True)  # (P,) pairs accepted at t_max
-        s = sim[rows, cols]  # (P,)
-        rows += s0
-        cols += s0
-        # first accepting threshold: arithmetic guess, then exact correction against the boundaries
-        d = 1.0 - s.double()  # (P,) exact for float32 s
-        k = ((d - t0) / step).ceil_().clamp_(0, k_thr - 1).long()  # (P,)
-        while True:
-            up = s < bpad[k + 1]  # not accepted at k: k too small
-            down = s >= bpad[k]  # accepted at k - 1: k too large
-            if not bool(up.any() or down.any()):
-                break
-            k += up.long() - down.long()
-        base = (lab[rows] == lab[cols]).long().mul_(-(t_cls + 1)).add_(t_cls + 1)  # 0 positive, T + 1 negative
-        ur, uc = el[rows], el[cols]
-        hist += torch.bincount((base + ur) * k_thr + k, minlength=size)
-        two = ur != uc  # the pair touches two units: count it for the second one too
-        hist += torch.bincount(((base + uc) * k_thr + k)[two], minlength=size)
-    return hist.view(2, t_cls + 1, k_thr)
+    hist = torch.zeros(2, t_cls + 1, k_thr, dtype=torch.long, device=dev)
+    pos_h, neg_h = hist[0].view(-1), hist[1].view(-1)  # (T + 1) * K each, views into hist
+    one = torch.ones(1, dtype=torch.long, device=dev)
+    for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, want_positives=True):
+        if pos is not None:  # positives: few; a pair in two groups counts for both
+            keep = pos[2] >= b_last
+            pr, pc, ps = pos[0][keep], pos[1][keep], pos[2][keep]
+            k = _first_accepting(ps, bnd, step)
+            ur, uc = el[pr], el[pc]
+            pos_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
+            two = ur != uc
+            pos_h.index_add_(0, (uc * k_thr + k)[two], one.expand(int(two.sum())))
+        rows, cols = torch.nonzero(sim >= b_last, as_tuple=True)  # (P,) negatives accepted at t_max
+        k = _first_accepting(sim[rows, cols], bnd, step)  # (P,)
+        ur, uc = el[rows + r0], el[cols + c0]  # (P,) units of both members
+        neg_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
+        if grouped:  # both members in one group: count the pair once (for classes this cannot happen)
+            two = ur != uc
+            uc, k = uc[two], k[two]
+        neg_h.index_add_(0, uc * k_thr + k, one.expand(k.shape[0]))
+    return hist
 
 
 def _negative_distance_quantiles(
@@ -321,7 +364,7 @@ def _negative_distance_quantiles(
     chunk_size: int,
     num_neg: int,
     *,
-    collect_all_max: int = 1 << 22,
+    collect_all_max: int | None = None,
     slack: float = 6.0,
     seed: int = 0,
 ) -> list[float]:
@@ -335,7 +378,7 @@ def _negative_distance_quantiles(
         j = int(math.floor(h))
         need.append((j, min(j + 1, m - 1), h - j))
     inf = float("inf")
-    if m <= collect_all_max:
+    if m <= (COLLECT_ALL_MAX if collect_all_max is None else collect_all_max):
         brackets = [(-inf, inf)] * len(qs)  # similarity brackets (s_lo, s_hi), inclusive
     else:
         brackets = _pilot_brackets(xn, lab, qs, slack, seed)
@@ -345,10 +388,8 @@ def _negative_distance_quantiles(
         s_min = min(brackets[i][0] for i in pending)
         above = {i: 0 for i in pending}  # negatives with s > s_hi (the smallest distances)
         kept: dict[int, list[torch.Tensor]] = {i: [] for i in pending}
-        for s0, sim in _similarity_blocks(xn, chunk_size):
-            sel = sim > s_min if s_min == -inf else sim >= s_min  # (B, N - s0)
-            rows, cols = torch.nonzero(sel, as_tuple=True)
-            s = sim[rows, cols][lab[rows + s0] != lab[cols + s0]]  # (P,) negatives only
+        for _, _, sim, _ in _tiles(xn, lab, chunk_size, want_positives=False):
+            s = sim[sim > s_min if s_min == -inf else sim >= s_min]  # (P,) negatives only (the rest is -inf)
             for i in pending:
                 lo, hi = brackets[i]
                 above[i] += int((s > hi).sum())
@@ -378,10 +419,10 @@ def _pilot_brackets(
     xn: torch.Tensor, lab: torch.Tensor, qs: tuple[float, ...], slack: float, seed: int
 ) -> list[tuple[float, float]]:
     """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances,
-    from the negative pairs of ~2M / N random rows; width = slack x the estimated standard error in
+    from the negative pairs of ~1M / N random rows; width = slack x the estimated standard error in
     probability (from the spread across 8 groups of rows, at least the binomial one)."""
     n = xn.shape[0]
-    r = min(n, max(16, 2_000_000 // n))
+    r = min(n, max(16, 1_000_000 // n))
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n, generator=gen)[:r].to(xn.device)  # (r,)
     sim = xn[pick] @ xn.T  # (r, N)
