@@ -304,7 +304,10 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         train_data, test_data, in_channels = build_data(cfg)
     else:
         in_channels = int(train_data[0][0].shape[0])
-    train_labels = torch.as_tensor(train_data.labels)  # (N_train,)
+    if not hasattr(train_data, "labels"):
+        raise ValueError("train_data must expose a .labels array (one class id per sample) for m-per-class "
+                         "batch sampling; tcmlib's datasets do, wrap yours or add the attribute")
+    train_labels = torch.as_tensor(getattr(train_data, "labels"))  # (N_train,)
     n_classes = int(train_labels.unique().numel())
     if n_classes < cfg.batch_size // cfg.m:
         raise ValueError(f"batch_size / m = {cfg.batch_size // cfg.m} classes per batch, but the train split "
@@ -405,8 +408,9 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             else:
                 optimizer.step()
             step += 1
-            base = float(criterion.last_base) if isinstance(criterion, WithTCM) else loss_value
-            tcm = float(criterion.last_tcm) if isinstance(criterion, WithTCM) else 0.0
+            parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
+            base = float(criterion.last_base) if parts else loss_value  # type: ignore[arg-type]
+            tcm = float(criterion.last_tcm) if parts else 0.0  # type: ignore[arg-type]
             sums["loss"] += loss_value
             sums["base"] += base
             sums["tcm"] += tcm

@@ -158,7 +158,7 @@ def _render_base(font: ImageFont.FreeTypeFont, code: str, canvas: int) -> Option
     left, top, right, bottom = font.getbbox(code)
     if right <= left or bottom <= top:
         return None
-    im = Image.new("L", (right - left + 2, bottom - top + 2))
+    im = Image.new("L", (int(right - left) + 2, int(bottom - top) + 2))
     ImageDraw.Draw(im).text((1 - left, 1 - top), code, font=font, fill=255)
     box = im.getbbox()
     if box is None:
@@ -169,7 +169,7 @@ def _render_base(font: ImageFont.FreeTypeFont, code: str, canvas: int) -> Option
     if max(w, h) > limit:  # too big: shrink to fit, keep the aspect ratio
         f = limit / max(w, h)
         w, h = max(1, round(w * f)), max(1, round(h * f))
-        im = im.resize((w, h), Image.LANCZOS)
+        im = im.resize((w, h), Image.Resampling.LANCZOS)
     out = Image.new("L", (canvas, canvas))
     out.paste(im, ((canvas - w) // 2, (canvas - h) // 2))
     return np.asarray(out)
@@ -190,9 +190,9 @@ def _augment(base: np.ndarray, rng: np.random.Generator, out_size: int) -> np.nd
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
     a, b, d, e = cos, sin, -sin, cos
     ox, oy = c + tx, c + ty
-    im = im.transform((s, s), Image.AFFINE, (a, b, c - a * ox - b * oy, d, e, c - d * ox - e * oy),
-                      resample=Image.BILINEAR)
-    return np.asarray(im.resize((out_size, out_size), Image.BOX))
+    im = im.transform((s, s), Image.Transform.AFFINE, (a, b, c - a * ox - b * oy, d, e, c - d * ox - e * oy),
+                      resample=Image.Resampling.BILINEAR)
+    return np.asarray(im.resize((out_size, out_size), Image.Resampling.BOX))
 
 
 def _font_size(canvas: int) -> int:
@@ -214,7 +214,7 @@ def _catalogue(preset: GlyphPreset) -> tuple[list[str], dict[str, str]]:
             base = _render_base(font, maps[f][ch], canvas)
             if base is None:
                 continue
-            small = np.asarray(Image.fromarray(base).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.BOX))
+            small = np.asarray(Image.fromarray(base).resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.Resampling.BOX))
             pictures[ch].append((fi, hashlib.blake2b((small >> 4).tobytes(), digest_size=16).digest()))
     # In code-point order: a character whose picture equals, in some font, that of an already kept
     # character is dropped; otherwise it is kept and claims its pictures.  (Not transitive: a font
@@ -354,7 +354,7 @@ def load_glyphs(
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
         try:
             with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, **arrays)
+                np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
             os.replace(tmp, path)  # atomic: readers see the old state or the whole file
         finally:
             if os.path.exists(tmp):

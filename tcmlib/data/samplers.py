@@ -99,7 +99,9 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         queue = deque(order.tolist())
         k, batches = self.classes_per_batch, []
         while len(queue) >= k:
-            picked, used, deferred = [], set(), []
+            picked: list[int] = []
+            used: set[int] = set()
+            deferred: list[int] = []
             while queue and len(picked) < k:
                 j = queue.popleft()
                 if chunk_class[j] in used:
