@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -152,7 +153,7 @@ def _load(cfg: TrainConfig, run_dir: Path, key: str, trained: bool) -> RunResult
 
 
 def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.PathLike | None = None,
-               force: bool = False, keep_checkpoints: bool = False) -> RunResult:
+               force: bool = False, keep_checkpoints: bool = False, quiet: bool | None = None) -> RunResult:
     """Load the finished run of ``config`` from the cache, or train it (resuming a partial run) and cache it.
 
     Args:
@@ -162,6 +163,8 @@ def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.P
         force: delete any cached or partial run of this config and train from scratch.
         keep_checkpoints: keep the resumable training checkpoints (weights + optimiser state) after
             the run completes; by default only the final weights, ``model.pt``, are kept.
+        quiet: hide the per-epoch and checkpoint lines ``fit`` prints; default: when ``config.progress``
+            is False (then a notebook shows only what the page prints itself).
 
     Raises ``ValueError`` for a bad config (before any work), and whatever :func:`tcmlib.train.fit` raises.
     """
@@ -177,7 +180,9 @@ def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.P
         if (run_dir / "summary.json").exists():
             return _load(cfg, run_dir, key, trained=False)
         # new or interrupted: fit() resumes from the newest checkpoint if there is one
-        result = fit(cfg, resume=True, run_dir=str(run_dir))
+        quiet = not cfg.progress if quiet is None else quiet
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            result = fit(cfg, resume=True, run_dir=str(run_dir))
         torch.save(result.model.state_dict(), run_dir / "model.pt")
         summary = {"key": key, "config": dataclasses.asdict(cfg), "final": result.final, "history": result.history}
         tmp = run_dir / "summary.json.tmp"
