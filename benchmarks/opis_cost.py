@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -85,11 +85,11 @@ def main() -> None:
         x, y = make_embeddings(n, a.dim, classes, device)
         out = {}
 
-        def curves() -> None:
+        def curves(x: torch.Tensor = x, y: torch.Tensor = y, out: dict = out) -> None:
             res = utility_curves(x, y, chunk_size=a.chunk_size)
             out["values"] = (res.opis, res.eps_opis(0.1))
 
-        gw, gc = timed(lambda: blocked_gemm(x, a.chunk_size), a.repeats, device)
+        gw, gc = timed(lambda x=x: blocked_gemm(x, a.chunk_size), a.repeats, device)
         ow, oc = timed(curves, a.repeats, device)
         o, e = out["values"]
         print(f"{n:>7} {classes:>7} {gw:>10.3f} {ow:>10.3f} {ow / gw:>6.2f} {gc:>9.3f} {oc:>9.3f} {oc / gc:>6.2f}  {o:.3e} / {e:.3e}")

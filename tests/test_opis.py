@@ -62,11 +62,11 @@ def brute_force(x, y, *, far_range=(1e-2, 1e-1), distance_range=None, num_thresh
     worst = np.zeros(t, dtype=bool)
     worst[order[:w]] = True
     gap = util[:, worst].mean(axis=1) - util[:, ~worst].mean(axis=1)
-    return dict(
-        thresholds=thr, tar=tar, trr=trr, utility=util, class_ids=np.array(ids), num_pos=np.array(npos),
-        num_neg=np.array(nneg), num_excluded=excluded, opis=float(util.var(axis=1).mean()),
-        eps_opis=float((gap**2).mean()), range=(float(lo), float(hi)),
-    )
+    return {
+        "thresholds": thr, "tar": tar, "trr": trr, "utility": util, "class_ids": np.array(ids), "num_pos": np.array(npos),
+        "num_neg": np.array(nneg), "num_excluded": excluded, "opis": float(util.var(axis=1).mean()),
+        "eps_opis": float((gap**2).mean()), "range": (float(lo), float(hi)),
+    }
 
 
 def assert_matches(res: UtilityCurves, ref: dict, atol: float = 1e-12) -> None:
@@ -96,12 +96,12 @@ def make_data(seed: int, n: int, dim: int, classes: int, singletons: int = 0):
 
 # ----------------------------------------------------------------------------- brute-force comparisons
 CASES = [  # seed, n, dim, classes, singletons, kwargs
-    (0, 40, 4, 5, 0, dict(chunk_size=7)),
-    (1, 53, 6, 6, 3, dict(chunk_size=16, beta=0.5)),
-    (2, 37, 3, 4, 2, dict(chunk_size=37, beta=2.0, num_thresholds=17)),
-    (3, 45, 5, 8, 1, dict(chunk_size=1, distance_range=(0.1, 1.3), num_thresholds=50)),
-    (4, 30, 8, 3, 0, dict(chunk_size=11, far_range=(0.0, 1.0))),
-    (5, 50, 2, 7, 4, dict(chunk_size=1000, far_range=(0.05, 0.5), beta=1.5)),
+    (0, 40, 4, 5, 0, {"chunk_size": 7}),
+    (1, 53, 6, 6, 3, {"chunk_size": 16, "beta": 0.5}),
+    (2, 37, 3, 4, 2, {"chunk_size": 37, "beta": 2.0, "num_thresholds": 17}),
+    (3, 45, 5, 8, 1, {"chunk_size": 1, "distance_range": (0.1, 1.3), "num_thresholds": 50}),
+    (4, 30, 8, 3, 0, {"chunk_size": 11, "far_range": (0.0, 1.0)}),
+    (5, 50, 2, 7, 4, {"chunk_size": 1000, "far_range": (0.05, 0.5), "beta": 1.5}),
 ]
 
 
@@ -160,11 +160,11 @@ def test_bracketed_quantiles_exact(slack):
 
 
 def test_medium_size_against_dense_oracle(monkeypatch):
-    # N = 1200 with the pilot-bracket quantiles forced on and several column tiles, against a dense
+    # N = 800 with the pilot-bracket quantiles forced on and several column tiles, against a dense
     # NumPy computation (the full distance matrix, per-class masks)
     monkeypatch.setattr(opis_module, "COLLECT_ALL_MAX", 0)
     monkeypatch.setattr(opis_module, "TILE_COLS", 300)
-    x, y = make_data(80, 1200, 16, 40, 6)
+    x, y = make_data(80, 800, 16, 30, 6)
     res = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=256, far_range=(0.02, 0.2), beta=0.7)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     dist = 1 - xn @ xn.T  # (N, N)
@@ -255,7 +255,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 
 def _summary(res: UtilityCurves) -> dict:
     order = torch.argsort(res.class_ids)
-    return dict(range=res.distance_range, utility=res.utility[:, order], opis=res.opis)
+    return {"range": res.distance_range, "utility": res.utility[:, order], "opis": res.opis}
 
 
 @SETTINGS

@@ -23,14 +23,21 @@ labels) with at least one member in g; a pair whose members lie in two groups co
 ``groups = labels`` this is exactly the class definition above. A group is eligible when it has at
 least one positive and one negative pair.
 
-Algorithm (exact, memory O(chunk_size * N)): the cosine similarities ``s`` of the pairs ``a < b`` are
-computed ``chunk_size`` rows at a time, ``(B, D) @ (D, N - s0)``. Pass 1 finds the two negative-distance
-order statistics behind each quantile: a pilot on a few random rows brackets them, one pass counts the
-negatives above each bracket and keeps only the values inside it (the bracket is widened and the pass
-repeated in the rare case it missed). Pass 2 keeps the pairs accepted at ``t_max`` (``d <= t_max``,
-about ``far_range[1]`` of the negatives plus the close positives), finds for each its first accepting
-threshold, and scatter-adds into per-class histograms ``(2, T + 1, K)``; cumulative sums give the
-accepted counts at every threshold; the totals per class are known in closed form.
+Algorithm (exact, memory O(chunk_size * N), no N x N matrix, no Python loop over pairs or classes).
+The samples are sorted by label once (results do not depend on the order). The cosine similarities of
+the pairs a < b are computed in tiles of ``chunk_size`` rows by ``TILE_COLS`` columns,
+``(B, D) @ (D, W)``; the same-label pairs of a row block lie in one band of columns, so only that band
+is compared to split positives from negatives. Two passes over the tiles:
+
+1. Calibration range: each quantile needs two order statistics of the M negative distances. A pilot
+   on ~1M / N random rows brackets them; the pass counts the negatives above each bracket and keeps
+   only the values inside it, which gives the order statistics exactly (a missed bracket is widened
+   and the pass repeated; with M <= ``COLLECT_ALL_MAX`` all values are kept, no pilot).
+2. Counting: only the pairs accepted at t_max matter (about ``far_range[1]`` of the negatives plus the
+   close positives; the totals per class are known in closed form). For each, the first accepting
+   threshold k0 (an arithmetic guess, searched exactly near a boundary) is scatter-added into
+   per-class histograms (2, T + 1, K); cumulative sums over k give the counts at every threshold.
+   A negative pair is added for both of its classes.
 
 Exactness: ``s`` is computed in the working dtype (float32, or float64 for float64 input) and
 ``d = 1 - s`` is evaluated in float64, which is exact for float32 ``s``. Every comparison ``d <= t`` is
@@ -49,7 +56,7 @@ import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
 
-__all__ = ["UtilityCurves", "utility_curves", "opis", "eps_opis"]
+__all__ = ["UtilityCurves", "eps_opis", "opis", "utility_curves"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
@@ -238,7 +245,7 @@ def _pair_totals(
     key, n_ul = torch.unique(unit * num_lab + lab, return_counts=True)  # (P,) present (unit, label) cells
     u_of, l_of = key // num_lab, key % num_lab
     n_l = n_lab[l_of]
-    c2 = lambda m: m * (m - 1) // 2  # noqa: E731
+    c2 = lambda m: m * (m - 1) // 2
     pos = torch.zeros(num_units, dtype=torch.long, device=lab.device).index_add_(0, u_of, c2(n_l) - c2(n_l - n_ul))
     n_u = torch.bincount(unit, minlength=num_units)  # (U,)
     touching = n * (n - 1) // 2 - c2(n - n_u)  # (U,)
@@ -375,7 +382,7 @@ def _negative_distance_quantiles(
     need = []  # (j, j + 1 clipped, gamma) per q: value = lerp(d_(j), d_(j+1), gamma), 0-based ascending
     for q in qs:
         h = (m - 1) * q
-        j = int(math.floor(h))
+        j = math.floor(h)
         need.append((j, min(j + 1, m - 1), h - j))
     inf = float("inf")
     if m <= (COLLECT_ALL_MAX if collect_all_max is None else collect_all_max):
@@ -392,15 +399,23 @@ def _negative_distance_quantiles(
             s = sim[sim > s_min if s_min == -inf else sim >= s_min]  # (P,) negatives only (the rest is -inf)
             for i in pending:
                 lo, hi = brackets[i]
+                if lo == -inf and hi == inf:  # keep everything
+                    kept[i].append(s)
+                    continue
                 above[i] += int((s > hi).sum())
                 kept[i].append(s[(s >= lo) & (s <= hi)])
         still = []
         for i in pending:
-            d = torch.sort(1.0 - torch.cat(kept[i]).double()).values.cpu()  # ascending distances
+            vals = torch.cat(kept[i])  # (n_i,) the bracket's similarities
+            n_i = vals.shape[0]
             j0, j1, gamma = need[i]
-            a, b = j0 - above[i], j1 - above[i]
-            if a >= 0 and b < d.shape[0]:
-                lo_v, hi_v = float(d[a]), float(d[b])
+            a, b = j0 - above[i], j1 - above[i]  # ranks inside the bracket (0 = largest s = smallest d)
+            if a >= 0 and b < n_i:
+                s0 = torch.kthvalue(vals, n_i - a).values  # the a-th largest similarity
+                s1 = s0  # the b-th (b = a or a + 1): s0 again, or the next smaller value
+                if b > a and int((vals >= s0).sum()) <= b:
+                    s1 = vals[vals < s0].max()
+                lo_v, hi_v = 1.0 - float(s0), 1.0 - float(s1)  # d_(j0), d_(j1) in float64
                 # numpy's _lerp, so that the result matches numpy.quantile to the last bit
                 out[i] = lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
             else:
@@ -435,7 +450,7 @@ def _pilot_brackets(
     inf = float("inf")
 
     def s_at(p: float) -> float:  # the pilot's similarity with a share p of negatives at or above it
-        idx = min(n_p - 1, max(0, int(round((1.0 - p) * (n_p - 1)))))
+        idx = min(n_p - 1, max(0, round((1.0 - p) * (n_p - 1))))
         return float(torch.kthvalue(pooled, idx + 1).values)
 
     out = []
