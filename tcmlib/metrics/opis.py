@@ -3,7 +3,7 @@
 Definitions (our reading of Zhang et al., ICLR 2024; see ``background/paper-notes.md``).
 Embeddings ``X`` (N, D), labels ``y`` (N,). Distance ``d(a, b) = 1 - cos(x_a, x_b)``; pairs are
 unordered, ``a != b``. A class is *eligible* when it has >= 2 samples; the others are excluded from
-every per-class quantity and counted in ``num_excluded`` (their samples still form negative pairs).
+every per-class quantity and counted in ``num_excluded`` (their samples still form negative pairs)::
 
     TAR_i(t) = #{positive pairs of i with d <= t} / #{positive pairs of i}      (both members in i)
     TRR_i(t) = #{negative pairs of i with d >  t} / #{negative pairs of i}      (exactly one member in i)
