@@ -12,8 +12,10 @@ Definitions (those of :mod:`tcmlib.metrics.opis`; pairs are unordered, ``a != b`
 
 - :func:`threshold_for_far`: the ``far_target`` quantile (linear interpolation, exactly
   ``numpy.quantile``) of the distances of ALL negative pairs, i.e. the threshold where the global
-  false-accept rate is ``far_target`` (up to ties and 1 / #negatives). Computed exactly by the
-  streamed order-statistic search of :mod:`tcmlib.metrics.opis`; never forms the N x N matrix.
+  false-accept rate is ``far_target`` (up to ties and 1 / #negatives). Computed exactly by a streamed
+  order-statistic search (histogram refinement, then sorting one small window); never forms the
+  N x N matrix. Distances are ``1 - s`` in float64 with ``s`` in the working dtype, as in
+  :mod:`tcmlib.metrics.opis`, so both modules agree on every pair.
 - :func:`rates_at_threshold`: per class (or per group), with the pairs that touch it,
   ``FAR_i = #{negative pairs of i with d <= t} / #{negative pairs of i}`` and
   ``FRR_i = #{positive pairs of i with d > t} / #{positive pairs of i}``, i.e. ``1 - TRR_i(t)`` and
@@ -38,15 +40,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
-from tcmlib.metrics.opis import (
-    DEFAULT_CHUNK_SIZE,
-    UtilityCurves,
-    _accept_boundaries,
-    _negative_distance_quantiles,
-    _pair_totals,
-    _similarity_blocks,
-    utility_curves,
-)
+from tcmlib.metrics.opis import UtilityCurves, utility_curves
 from tcmlib.metrics.retrieval import recall_at_k
 
 __all__ = [
@@ -61,6 +55,116 @@ __all__ = [
     "ReportComparison",
     "load_embeddings_npy",
 ]
+
+
+DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block (as tcmlib.metrics.opis)
+_COLLECT_MAX = 1 << 22  # at most this many distances are held in memory by the quantile search
+_BINS = 4096  # histogram bins per refinement pass of the quantile search
+
+
+def _similarity_blocks(xn: torch.Tensor, chunk_size: int):  # type: ignore[no-untyped-def]
+    """Yield ``(s0, S)``: S (B, N - s0) = cosines of rows s0..s0+B-1 with columns s0..N-1; the pairs with
+    column <= row (the diagonal and the lower triangle) are set to -inf, so each unordered pair is seen once."""
+    n = xn.shape[0]
+    chunk_size = min(chunk_size, n)
+    lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B)
+    for s0 in range(0, n, chunk_size):
+        b = min(chunk_size, n - s0)
+        sim = xn[s0 : s0 + b] @ xn[s0:].T  # (B, N - s0)
+        sim[:, :b].masked_fill_(lower[:b, :b], float("-inf"))
+        yield s0, sim
+
+
+def _negative_distances(xn: torch.Tensor, lab: torch.Tensor, chunk_size: int):  # type: ignore[no-untyped-def]
+    """Yield the float64 distances ``d = 1 - s`` (s in the working dtype) of the negative pairs, block by block."""
+    for s0, sim in _similarity_blocks(xn, chunk_size):
+        rows, cols = torch.nonzero(sim > float("-inf"), as_tuple=True)
+        neg = lab[rows + s0] != lab[cols + s0]
+        yield 1.0 - sim[rows[neg], cols[neg]].double()
+
+
+def _order_statistics(xn: torch.Tensor, lab: torch.Tensor, ranks: list[int], chunk_size: int) -> list[float]:
+    """The values at 0-based ``ranks`` of the ascending negative-pair distances, exactly, in O(chunk x N) memory.
+
+    Each pass streams all negative distances: per target, the values below its window ``[lo, hi)`` are
+    counted and those inside are histogrammed over ``_BINS`` bins with explicit float64 edges; the bin
+    holding the target rank becomes the next window (its edges are the same floats, so the counts stay
+    exact). Once a window holds at most ``_COLLECT_MAX`` values, one more pass collects and sorts them.
+    A window that cannot be split further (narrower than float64 resolution) holds one distinct value.
+    """
+    windows = {i: (-1e-6, 2.0 + 1e-6) for i in range(len(ranks))}  # d = 1 - s lies in [0, 2] up to rounding
+    out: dict[int, float] = {}
+    while len(out) < len(ranks):
+        todo = [i for i in windows if i not in out]
+        edges = {i: torch.linspace(windows[i][0], windows[i][1], _BINS + 1, dtype=torch.float64) for i in todo}
+        hist = {i: torch.zeros(_BINS, dtype=torch.long) for i in todo}
+        below = {i: 0 for i in todo}
+        for d in _negative_distances(xn, lab, chunk_size):
+            d = d.cpu()
+            for i in todo:
+                e = edges[i]
+                below[i] += int((d < e[0]).sum())
+                inside = d[(d >= e[0]) & (d < e[-1])]
+                hist[i] += torch.bincount(torch.bucketize(inside, e, right=True) - 1, minlength=_BINS)[:_BINS]
+        collect = []
+        for i in todo:
+            cum = torch.cumsum(hist[i], 0)  # (BINS,)
+            r = ranks[i] - below[i]  # rank inside the window
+            if not 0 <= r < int(cum[-1]):
+                raise RuntimeError(f"order statistic {ranks[i]} not inside its window (internal error)")
+            k = int(torch.searchsorted(cum, torch.tensor(r), right=True))  # first bin with cum > r
+            lo, hi = float(edges[i][k]), float(edges[i][k + 1])
+            windows[i] = (lo, hi)
+            if int(hist[i][k]) <= _COLLECT_MAX or not lo < np.nextafter(np.nextafter(lo, 3.0), 3.0) < hi:
+                collect.append(i)
+        if collect:
+            kept: dict[int, list[torch.Tensor]] = {i: [] for i in collect}
+            below = {i: 0 for i in collect}
+            for d in _negative_distances(xn, lab, chunk_size):
+                d = d.cpu()
+                for i in collect:
+                    lo, hi = windows[i]
+                    below[i] += int((d < lo).sum())
+                    sel = d[(d >= lo) & (d < hi)]
+                    kept[i].append(sel[:1] if sel.numel() > _COLLECT_MAX else sel)  # a huge window: one value
+            for i in collect:
+                vals = torch.sort(torch.cat(kept[i])).values
+                r = ranks[i] - below[i]
+                # a window too narrow to split holds one distinct value (or two adjacent floats: then exact
+                # only if all values were kept, which holds unless more than _COLLECT_MAX values tie)
+                out[i] = float(vals[min(r, vals.numel() - 1)])
+    return [out[i] for i in range(len(ranks))]
+
+
+def _accept_boundary(threshold: float, work: torch.dtype) -> float:
+    """The smallest similarity s (in ``work``) with float64(1 - s) <= threshold, so that
+    ``s >= boundary``  <=>  ``d <= threshold`` exactly (ties at the threshold are accepted)."""
+    npdt = np.float32 if work == torch.float32 else np.float64
+    b = npdt(1.0 - threshold)
+    while (1.0 - np.float64(b)) > threshold:  # not accepted: step up
+        b = np.nextafter(b, npdt(np.inf))
+    while (1.0 - np.float64(np.nextafter(b, npdt(-np.inf)))) <= threshold:  # a smaller one accepted too
+        b = np.nextafter(b, npdt(-np.inf))
+    return float(b)
+
+
+def _pair_totals(lab: torch.Tensor, unit: torch.Tensor, n_lab: torch.Tensor, num_units: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive / negative pair counts (U,) per unit: pairs with at least one member in the unit.
+
+    pos_u = sum_l [C(n_l, 2) - C(n_l - n_ul, 2)] over labels l present in u (n_ul samples of u with label l);
+    neg_u = [C(N, 2) - C(N - n_u, 2)] - pos_u (all pairs touching u, minus the positive ones).
+    """
+    n = lab.shape[0]
+    num_lab = n_lab.shape[0]
+    key, n_ul = torch.unique(unit * num_lab + lab, return_counts=True)  # (P,) present (unit, label) cells
+    u_of, l_of = key // num_lab, key % num_lab
+    n_l = n_lab[l_of]
+    c2 = lambda m: m * (m - 1) // 2  # noqa: E731
+    pos = torch.zeros(num_units, dtype=torch.long, device=lab.device).index_add_(0, u_of, c2(n_l) - c2(n_l - n_ul))
+    n_u = torch.bincount(unit, minlength=num_units)  # (U,)
+    touching = n * (n - 1) // 2 - c2(n - n_u)  # (U,)
+    return pos, touching - pos
 
 
 def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -105,7 +209,12 @@ def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_
     xn, lab, _, num_neg = _prepare(x, y)
     if num_neg == 0:
         raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
-    return float(_negative_distance_quantiles(xn, lab.to(xn.device), (far,), chunk, num_neg)[0])
+    h = (num_neg - 1) * far  # numpy.quantile, method="linear": lerp of order statistics j and j + 1
+    j = int(math.floor(h))
+    gamma = h - j
+    lo_v, hi_v = _order_statistics(xn, lab.to(xn.device), [j, min(j + 1, num_neg - 1)], chunk)
+    # numpy's _lerp, so that the result matches numpy.quantile to the last bit
+    return lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
 
 
 # ----------------------------------------------------------------------------- rates at one threshold
@@ -177,7 +286,7 @@ def rates_at_threshold(
             f"no eligible {'group' if g is not None else 'class'}: each needs >= 2 samples of one label "
             "(a positive pair) and a negative pair"
         )
-    bnd = float(_accept_boundaries(torch.tensor([t, t + 1.0], dtype=torch.float64), xn.dtype)[0])
+    bnd = _accept_boundary(t, xn.dtype)
     acc = torch.zeros(2, num_units, dtype=torch.long, device=xn.device)  # [0] positive, [1] negative accepted
     acc_pos_all = acc_neg_all = 0
     for s0, sim in _similarity_blocks(xn, chunk):

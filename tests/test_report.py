@@ -62,6 +62,32 @@ def test_threshold_is_the_negative_distance_quantile(far, chunk):
     assert threshold_for_far(x, y, far, chunk_size=chunk) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("far", [0.0, 0.013, 0.5, 0.99, 1.0])
+def test_threshold_refinement_passes_are_exact(monkeypatch, far):
+    """Tiny histograms and a tiny collection cap force many refinement passes of the streamed search."""
+    import tcmlib.report as rp
+
+    monkeypatch.setattr(rp, "_BINS", 4)
+    monkeypatch.setattr(rp, "_COLLECT_MAX", 3)
+    x, y = toy(n=70)
+    neg = np.array([d for *_, d, p in pairs_of(x, y) if not p])
+    assert threshold_for_far(x, y, far, chunk_size=9) == pytest.approx(np.quantile(neg, far), abs=1e-12)
+
+
+def test_threshold_with_many_tied_distances(monkeypatch):
+    """Repeated rows give many identical distances; a window of ties cannot be split and holds one value."""
+    import tcmlib.report as rp
+
+    monkeypatch.setattr(rp, "_COLLECT_MAX", 2)
+    base = torch.eye(4, dtype=torch.float64)
+    x = base.repeat_interleave(5, dim=0)  # 4 classes x 5 identical rows: negatives all at d = 1
+    x[0, 1] = 0.5  # one negative distance differs
+    y = torch.arange(4).repeat_interleave(5)
+    neg = np.array([d for *_, d, p in pairs_of(x, y) if not p])
+    for far in (0.0, 0.3, 1.0):
+        assert threshold_for_far(x, y, far) == pytest.approx(np.quantile(neg, far), abs=1e-12)
+
+
 def test_threshold_meets_the_target_on_its_own_data():
     x, y = toy(n=80)
     for far in (0.01, 0.1, 0.5):
