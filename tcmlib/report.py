@@ -138,14 +138,37 @@ def _order_statistics(xn: torch.Tensor, lab: torch.Tensor, ranks: list[int], chu
 
 def _accept_boundary(threshold: float, work: torch.dtype) -> float:
     """The smallest similarity s (in ``work``) with float64(1 - s) <= threshold, so that
-    ``s >= boundary``  <=>  ``d <= threshold`` exactly (ties at the threshold are accepted)."""
-    npdt = np.float32 if work == torch.float32 else np.float64
-    b = npdt(1.0 - threshold)
-    while (1.0 - np.float64(b)) > threshold:  # not accepted: step up
-        b = np.nextafter(b, npdt(np.inf))
-    while (1.0 - np.float64(np.nextafter(b, npdt(-np.inf)))) <= threshold:  # a smaller one accepted too
-        b = np.nextafter(b, npdt(-np.inf))
-    return float(b)
+    ``s >= boundary``  <=>  ``d <= threshold`` exactly (ties at the threshold are accepted).
+
+    Found by bisection over the ordered bit patterns of the floats in [-3, 3] (``1 - s`` is monotone in
+    s); returns -3 when every cosine is accepted and 3 when none is (cosines lie in [-1, 1] up to rounding).
+    """
+    npdt, uint, nbits = (np.float32, np.uint32, 32) if work == torch.float32 else (np.float64, np.uint64, 64)
+    sign = 1 << (nbits - 1)
+
+    def key(v: float) -> int:  # order-preserving integer of a float (-0.0 and 0.0 both map to 0)
+        bits = int(np.array(v, dtype=npdt).view(uint))
+        return bits if bits < sign else -(bits - sign)
+
+    def val(k: int) -> float:
+        bits = k if k >= 0 else sign + (-k)
+        return float(np.array(bits, dtype=uint).view(npdt))
+
+    def accepted(k: int) -> bool:
+        return (1.0 - np.float64(val(k))) <= threshold
+
+    lo, hi = key(-3.0), key(3.0)
+    if accepted(lo):
+        return val(lo)
+    if not accepted(hi):
+        return val(hi)
+    while hi - lo > 1:  # invariant: not accepted(lo), accepted(hi)
+        mid = (lo + hi) // 2
+        if accepted(mid):
+            hi = mid
+        else:
+            lo = mid
+    return val(hi)
 
 
 def _pair_totals(lab: torch.Tensor, unit: torch.Tensor, n_lab: torch.Tensor, num_units: int

@@ -305,3 +305,17 @@ def test_load_embeddings_npy_roundtrip_and_errors(tmp_path):
     np.savez(tmp_path / "z.npz", e=x.numpy())
     with pytest.raises(ValueError, match="npz"):
         load_embeddings_npy(tmp_path / "z.npz", tmp_path / "l.npy")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_accept_boundary_is_the_smallest_accepted_similarity(dtype):
+    """s >= boundary <=> float64(1 - s) <= t, including t = 0, 1 (cosine 0: denormals), 2 and out-of-range t."""
+    from tcmlib.report import _accept_boundary
+
+    work = torch.float32 if dtype == np.float32 else torch.float64
+    ts = [0.0, 1.0, 2.0, 1e-9, 0.3, 1.7, -1.0, 5.0] + list(np.random.default_rng(0).uniform(0, 2, 30))
+    for t in ts:
+        b = dtype(_accept_boundary(float(t), work))
+        prev = np.nextafter(b, dtype(-np.inf))
+        assert (1.0 - np.float64(b)) <= t or b == 3.0
+        assert (1.0 - np.float64(prev)) > t or b == -3.0
