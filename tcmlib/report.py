@@ -530,8 +530,7 @@ class ThresholdReport:
         cv = self.curves
         ax1.plot(cv.thresholds.numpy(), cv.utility.numpy(), color=color, alpha=0.15, lw=0.8)
         ax1.plot(cv.thresholds.numpy(), cv.utility.mean(dim=1).numpy(), color="k", lw=2, label="mean over classes")
-        if cv.distance_range[0] <= self.threshold <= cv.distance_range[1]:
-            ax1.axvline(self.threshold, color="tab:red", lw=1.5, label="deployed threshold")
+        ax1.axvline(self.threshold, color="tab:red", lw=1.5, label="deployed threshold")  # may lie outside the range
         ax1.set(xlabel="distance threshold (1 - cosine)", ylabel="per-class utility",
                 title=f"OPIS {self.opis:.3g} [{self.opis_ci.lo:.3g}, {self.opis_ci.hi:.3g}]", ylim=(0, 1.02))
         ax1.legend(fontsize=8, loc="lower right")
