@@ -32,9 +32,10 @@ Inputs may be torch tensors or NumPy arrays; bad input raises ``ValueError`` wit
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,16 +45,16 @@ from tcmlib.metrics.opis import UtilityCurves, utility_curves
 from tcmlib.metrics.retrieval import recall_at_k
 
 __all__ = [
-    "threshold_for_far",
-    "ThresholdRates",
-    "rates_at_threshold",
     "BootstrapCI",
-    "opis_bootstrap_ci",
-    "ThresholdReport",
-    "threshold_report",
-    "compare_reports",
     "ReportComparison",
+    "ThresholdRates",
+    "ThresholdReport",
+    "compare_reports",
     "load_embeddings_npy",
+    "opis_bootstrap_ci",
+    "rates_at_threshold",
+    "threshold_for_far",
+    "threshold_report",
 ]
 
 
@@ -183,7 +184,7 @@ def _pair_totals(lab: torch.Tensor, unit: torch.Tensor, n_lab: torch.Tensor, num
     key, n_ul = torch.unique(unit * num_lab + lab, return_counts=True)  # (P,) present (unit, label) cells
     u_of, l_of = key // num_lab, key % num_lab
     n_l = n_lab[l_of]
-    c2 = lambda m: m * (m - 1) // 2  # noqa: E731
+    c2 = lambda m: m * (m - 1) // 2
     pos = torch.zeros(num_units, dtype=torch.long, device=lab.device).index_add_(0, u_of, c2(n_l) - c2(n_l - n_ul))
     n_u = torch.bincount(unit, minlength=num_units)  # (U,)
     touching = n * (n - 1) // 2 - c2(n - n_u)  # (U,)
@@ -233,7 +234,7 @@ def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_
     if num_neg == 0:
         raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
     h = (num_neg - 1) * far  # numpy.quantile, method="linear": lerp of order statistics j and j + 1
-    j = int(math.floor(h))
+    j = math.floor(h)
     gamma = h - j
     lo_v, hi_v = _order_statistics(xn, lab.to(xn.device), [j, min(j + 1, num_neg - 1)], chunk)
     # numpy's _lerp, so that the result matches numpy.quantile to the last bit
@@ -364,7 +365,7 @@ def _bootstrap_opis_values(utility: torch.Tensor, n_boot: int, seed: int, block:
     ``utility[:, idx]`` across the T drawn columns, computed from the draw counts (weights).
     """
     u = utility.double().cpu().numpy()  # (K, T)
-    k_thr, t_cls = u.shape
+    _, t_cls = u.shape  # (K, T)
     u = u - u.mean(axis=1, keepdims=True)  # shift per threshold: variance unchanged, no cancellation
     u2 = u * u
     rng = np.random.default_rng(seed)
@@ -474,7 +475,7 @@ class ThresholdReport:
         """A plain-text summary a reader can paste into a ticket."""
         c = self.class_rates
         s = c.summary(self.far_target)
-        pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+        pct = lambda v: f"{100 * v:.2f} %"
         lines = [
             f"Threshold report: {self.name}",
             f"  data: {self.num_samples} samples, {self.num_classes} classes ({c.far.numel()} with positive pairs)",
@@ -482,8 +483,8 @@ class ThresholdReport:
             f"on the {self.threshold_source}"
             + (f" (FAR there: {pct(self.calibration_far)})" if self.calibration_far is not None else ""),
             f"  global at this threshold: FAR {pct(c.global_far)}, FRR {pct(c.global_frr)}",
-            f"  per class FAR: min {pct(s['FAR_min'])}, median {pct(s['FAR_median'])}, max {pct(s['FAR_max'])}; "
-            f"{pct(s['share_FAR_over_2x'])} of classes above 2x the target",
+            (f"  per class FAR: min {pct(s['FAR_min'])}, median {pct(s['FAR_median'])}, max {pct(s['FAR_max'])}; "
+            f"{pct(s['share_FAR_over_2x'])} of classes above 2x the target"),
             f"  per class FRR: min {pct(s['FRR_min'])}, median {pct(s['FRR_median'])}, max {pct(s['FRR_max'])}",
         ]
         if self.group_rates is not None:
@@ -494,9 +495,9 @@ class ThresholdReport:
             )
         lo_f, hi_f = self.curves.far_range or (math.nan, math.nan)
         lines += [
-            f"  OPIS {self.opis:.3g} ({100 * (1 - self.alpha):.0f} % bootstrap CI over classes "
+            (f"  OPIS {self.opis:.3g} ({100 * (1 - self.alpha):.0f} % bootstrap CI over classes "
             f"{self.opis_ci.lo:.3g} .. {self.opis_ci.hi:.3g}); {100 * self.eps:.0f}%-OPIS {self.eps_opis:.3g}; "
-            f"calibration range global FAR {lo_f:g} .. {hi_f:g}",
+            f"calibration range global FAR {lo_f:g} .. {hi_f:g}"),
             f"  R@1 {self.recall_at_1:.4f}",
         ]
         return "\n".join(lines)
@@ -603,7 +604,7 @@ class ReportComparison:
         """A Markdown table: one column per model, one line per quantity."""
         names = list(self.reports)
         rows = self.rows
-        fmt_pct = lambda v: f"{100 * v:.2f} %"  # noqa: E731
+        fmt_pct = lambda v: f"{100 * v:.2f} %"
         lines_spec = [
             ("threshold (1 - cos)", "threshold", lambda v: f"{v:.4f}"),
             ("global FAR", "global_FAR", fmt_pct),
@@ -658,7 +659,7 @@ def compare_reports(reports: Mapping[str, ThresholdReport]) -> ReportComparison:
         raise ValueError("pass at least one report: {name: threshold_report(...)}")
     for name, rep in reports.items():
         if not isinstance(rep, ThresholdReport):
-            raise ValueError(f"{name!r} is a {type(rep).__name__}, not a ThresholdReport (use threshold_report)")
+            raise ValueError(f"{name!r} is a {type(rep).__name__}, not a ThresholdReport (use threshold_report)")  # noqa: TRY004
     return ReportComparison(dict(reports))
 
 
