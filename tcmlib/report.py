@@ -156,7 +156,7 @@ def _accept_boundary(threshold: float, work: torch.dtype) -> float:
         return float(np.array(bits, dtype=uint).view(npdt))
 
     def accepted(k: int) -> bool:
-        return (1.0 - np.float64(val(k))) <= threshold
+        return bool((1.0 - np.float64(val(k))) <= threshold)
 
     lo, hi = key(-3.0), key(3.0)
     if accepted(lo):
@@ -605,7 +605,7 @@ class ReportComparison:
         names = list(self.reports)
         rows = self.rows
         fmt_pct = lambda v: f"{100 * v:.2f} %"
-        lines_spec = [
+        lines_spec: list[tuple[str, Any, Any]] = [
             ("threshold (1 - cos)", "threshold", lambda v: f"{v:.4f}"),
             ("global FAR", "global_FAR", fmt_pct),
             ("global FRR", "global_FRR", fmt_pct),
