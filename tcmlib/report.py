@@ -19,7 +19,7 @@ Definitions (those of :mod:`tcmlib.metrics.opis`; pairs are unordered, ``a != b`
 - :func:`rates_at_threshold`: per class (or per group), with the pairs that touch it,
   ``FAR_i = #{negative pairs of i with d <= t} / #{negative pairs of i}`` and
   ``FRR_i = #{positive pairs of i with d > t} / #{positive pairs of i}``, i.e. ``1 - TRR_i(t)`` and
-  ``1 - TAR_i(t)`` of :func:`tcmlib.metrics.utility_curves`. A pair is accepted when ``d <= t``
+  ``1 - TAR_i(t)`` of :func:`~tcmlib.metrics.opis.utility_curves`. A pair is accepted when ``d <= t``
   (ties accepted). Only eligible units (>= 1 positive and >= 1 negative pair) are reported.
 - :func:`opis_bootstrap_ci`: a percentile bootstrap over classes (or groups) of OPIS: the utility
   curves are computed once, then the eligible classes are resampled with replacement.
@@ -286,7 +286,7 @@ def rates_at_threshold(
     Exact and streamed: the accepted pairs (``d <= t``, compared exactly through the float boundary of
     :mod:`tcmlib.metrics.opis`) are counted block by block; the totals per unit are known in closed form.
     With ``groups``, a unit's pairs are those with at least one member in it (a pair spanning two groups
-    counts for both), as in :func:`tcmlib.metrics.utility_curves`. Eligible units only (>= 1 positive
+    counts for both), as in :func:`~tcmlib.metrics.opis.utility_curves`. Eligible units only (>= 1 positive
     and >= 1 negative pair); ``FRR_i = 1 - TAR_i(t)``, ``FAR_i = 1 - TRR_i(t)``.
     """
     x, y = check_embeddings_labels(embeddings, labels)
@@ -394,7 +394,7 @@ def opis_bootstrap_ci(
     """OPIS with a percentile bootstrap interval over classes (or groups): ``(opis, lo, hi)``.
 
     Pass :class:`~tcmlib.metrics.UtilityCurves` (computed once, reused), or embeddings (N, D) and
-    ``labels`` (N,) plus any :func:`~tcmlib.metrics.utility_curves` keyword (``groups=``, ``far_range=``,
+    ``labels`` (N,) plus any :func:`~tcmlib.metrics.opis.utility_curves` keyword (``groups=``, ``far_range=``,
     ...). Each of ``n_boot`` replicates draws T of the T eligible classes with replacement and
     recomputes OPIS from their curves (the thresholds stay fixed: the interval is about which
     classes the test set happened to contain, not about the pairs within a class). ``lo`` / ``hi``
