@@ -43,7 +43,7 @@ def _chapter_stems() -> list[str]:
 
 def _book_dir() -> Path:
     explicit = os.environ.get("TCMLIB_BOOK_DIR")
-    path = Path(explicit) if explicit else ROOT / "_build" / "html"
+    path = (ROOT / explicit).resolve() if explicit else ROOT / "_build" / "html"
     if not (path / "index.html").exists():
         if explicit:
             pytest.fail(f"TCMLIB_BOOK_DIR={explicit} holds no built book (index.html missing)")
@@ -103,11 +103,15 @@ def test_chapter_page_renders(browser, stem: str) -> None:
         page.close()
 
 
-def test_index_page_loads(browser) -> None:
+def test_index_redirects_to_the_introduction(browser) -> None:
     book = _book_dir()
     page = browser.new_page()
     try:
-        page.goto((book / "index.html").as_uri(), wait_until="load")
-        assert "Threshold" in page.title() or "threshold" in page.content()
+        page.goto((book / "index.html").as_uri())
+        page.wait_for_url("**/book/intro.html")
+        page.wait_for_load_state("load")
+        assert "Threshold-consistent deep metric learning" in page.title()
+        chapters = page.eval_on_selector_all("nav a.reference.internal", "as => as.map(a => a.href)")
+        assert sum("/notebooks/" in h for h in chapters) == len(_chapter_stems()), chapters
     finally:
         page.close()
