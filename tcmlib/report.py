@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
-from tcmlib.metrics.opis import UtilityCurves, utility_curves
+from tcmlib.metrics.opis import UtilityCurves, _pair_totals, utility_curves  # closed-form pair counts shared
 from tcmlib.metrics.retrieval import recall_at_k
 
 __all__ = [
@@ -170,25 +170,6 @@ def _accept_boundary(threshold: float, work: torch.dtype) -> float:
         else:
             lo = mid
     return val(hi)
-
-
-def _pair_totals(lab: torch.Tensor, unit: torch.Tensor, n_lab: torch.Tensor, num_units: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive / negative pair counts (U,) per unit: pairs with at least one member in the unit.
-
-    pos_u = sum_l [C(n_l, 2) - C(n_l - n_ul, 2)] over labels l present in u (n_ul samples of u with label l);
-    neg_u = [C(N, 2) - C(N - n_u, 2)] - pos_u (all pairs touching u, minus the positive ones).
-    """
-    n = lab.shape[0]
-    num_lab = n_lab.shape[0]
-    key, n_ul = torch.unique(unit * num_lab + lab, return_counts=True)  # (P,) present (unit, label) cells
-    u_of, l_of = key // num_lab, key % num_lab
-    n_l = n_lab[l_of]
-    c2 = lambda m: m * (m - 1) // 2
-    pos = torch.zeros(num_units, dtype=torch.long, device=lab.device).index_add_(0, u_of, c2(n_l) - c2(n_l - n_ul))
-    n_u = torch.bincount(unit, minlength=num_units)  # (U,)
-    touching = n * (n - 1) // 2 - c2(n - n_u)  # (U,)
-    return pos, touching - pos
 
 
 def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
