@@ -33,9 +33,14 @@ test: install chromium
 unit: install
 	$(PY) -m pytest tests -q -m "not browser"
 
-# The book in smoke mode (its own output folder and cache), checked in a real browser.
+# The book in smoke mode (its own output folder and cache), checked in a real browser. Its config
+# is _config.yml with a 600 s cell timeout (a smoke cell takes seconds; the default build keeps
+# 3600 s for real training), so a hung kernel fails the build in minutes, not an hour.
+SMOKE_CONFIG := _build/smoke/_config.yml
 browser: install chromium
-	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(VENV)/bin/jupyter-book build . --path-output _build/smoke -W -n --keep-going
+	mkdir -p _build/smoke
+	$(PY) -c "import yaml,sys; c=yaml.safe_load(open('_config.yml')); c['execute']['timeout']=600; yaml.safe_dump(c,open(sys.argv[1],'w'),sort_keys=False)" $(SMOKE_CONFIG)
+	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(VENV)/bin/jupyter-book build . --config $(SMOKE_CONFIG) --path-output _build/smoke -W -n --keep-going
 	TCMLIB_BOOK_DIR=_build/smoke/_build/html $(PY) -m pytest tests -q -m browser
 
 # Debian's Chromium for the browser test; where it cannot be installed the test skips and says so.
