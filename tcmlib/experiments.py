@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tcmlib.models import Embedder, build_embedder
-from tcmlib.train import SMALL_DATASETS, TrainConfig, build_data, embed, fit, load_config
+from tcmlib.train import SMALL_DATASETS, TrainConfig, build_data, embed, fit, input_size, load_config
 
 __all__ = ["RunResult", "run_cached", "run_grid", "summarize", "tcm_deltas", "config_key", "default_runs_dir",
            "format_table", "write_csv", "read_csv", "METRICS"]
@@ -111,7 +111,7 @@ class RunResult:
         cfg = self.config
         in_channels = 1 if cfg.dataset in SMALL_DATASETS else 3
         model = build_embedder(cfg.backbone, cfg.dim, False, in_channels, small_input=cfg.small_input,
-                               image_size=cfg.image_size or 224, frozen_bn=cfg.frozen_bn)
+                               image_size=input_size(cfg), frozen_bn=cfg.frozen_bn)
         model.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
         return model.to(device).eval()
 
@@ -315,3 +315,37 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
 
     with open(path, newline="") as fh:
         return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tcmlib.experiments reproduce ch07 [--scale cpu|gpu] [--only CELL ...] [--max-runs N]``."""
+    import argparse
+    import shlex
+    import sys
+
+    from tcmlib import study
+
+    parser = argparse.ArgumentParser(prog="python -m tcmlib.experiments",
+                                     description="Train what a study's results file lacks and append it (Part II).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="train the missing runs of a study, stage by stage")
+    rep.add_argument("study", choices=study.STUDIES)
+    rep.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: $TCMLIB_SCALE or cpu")
+    rep.add_argument("--only", nargs="+", default=[], metavar="CELL",
+                     help="cells (backbone/loss, e.g. small_cnn/smooth_ap) or backbones to run")
+    rep.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    rep.add_argument("--results", default=None, help="results root (default: <repo>/results)")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "tcmlib.experiments", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        path = study.reproduce(args.study, scale=args.scale, only=args.only, results_root=args.results,
+                               max_runs=args.max_runs, command=command)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"python -m tcmlib.experiments: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(study.load_runs(path))} runs in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -9,6 +9,9 @@ The paper's backbones follow the Recall@k-surrogate code (see ``background/base-
   installed);
 * ``small_cnn`` four conv blocks 32-64-128-128 (conv3x3, BN, ReLU, max-pool) and global average
   pooling, 128-d: trains on a CPU in minutes (the offline glyph chapters);
+* ``vit_tiny``  a small vision transformer for 32x32 images, from scratch: 4x4 patches (64 tokens +
+  CLS), 4 blocks of width 128 with 4 heads and MLP 256 (torchvision's ``VisionTransformer``), the
+  CLS token's 128-d features: the second backbone family of the offline chapters;
 * ``resnet18``  torchvision ResNet-18 with global average pooling, 512-d; ``small_input=True``
   swaps the stem for a 3x3 stride-1 conv without max-pool so 32x32 images keep their resolution.
 
@@ -25,7 +28,7 @@ import torchvision
 
 __all__ = ["BACKBONES", "GeM", "SmallCNN", "Embedder", "build_embedder", "freeze_batchnorm"]
 
-BACKBONES = ("resnet50", "vit_b_16", "small_cnn", "resnet18")
+BACKBONES = ("resnet50", "vit_b_16", "small_cnn", "resnet18", "vit_tiny")
 
 
 class GeM(nn.Module):
@@ -108,6 +111,10 @@ def _make_backbone(
             raise ValueError("small_cnn has no pretrained weights; use pretrained=False")
         net = SmallCNN(in_channels)
         return net, net.out_dim
+    if name == "vit_tiny":
+        if pretrained:
+            raise ValueError("vit_tiny has no pretrained weights; use pretrained=False")
+        return _vit_tiny(in_channels, image_size), 128
     if name in ("resnet50", "resnet18"):
         fn, weights = {
             "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
@@ -141,6 +148,17 @@ def _make_backbone(
         net = torchvision.models.vit_b_16(weights=None, image_size=image_size)
     net.heads = nn.Identity()
     return net, 768
+
+
+def _vit_tiny(in_channels: int, image_size: int) -> nn.Module:
+    """torchvision's ``VisionTransformer`` sized for 32x32 glyphs; (B, C, H, W) -> (B, 128) CLS features."""
+    if image_size % 4:
+        raise ValueError(f"vit_tiny needs an image size divisible by its 4-pixel patches, got {image_size}")
+    net = torchvision.models.VisionTransformer(image_size=image_size, patch_size=4, num_layers=4, num_heads=4,
+                                               hidden_dim=128, mlp_dim=256)
+    net.conv_proj = nn.Conv2d(in_channels, 128, kernel_size=4, stride=4)  # grey or RGB patches -> tokens
+    net.heads = nn.Identity()
+    return net
 
 
 class Embedder(nn.Module):
@@ -197,7 +215,7 @@ def build_embedder(
         pretrained: load ImageNet weights (internet or the torch hub cache needed).
         in_channels: 1 (grey) or 3 (RGB) input channels.
         small_input: resnet18/50 only: a 3x3 stride-1 stem without max-pool for 32x32 images.
-        image_size: vit_b_16 only: input side (224 when pretrained; must divide by 16).
+        image_size: vit_b_16 / vit_tiny only: input side (224 when pretrained; must divide by the patch size).
         frozen_bn: freeze all BatchNorm layers; default True for resnet50 (the recipe, which
             fine-tunes ImageNet statistics), False otherwise (from-scratch nets need live BN).
     """

@@ -1,6 +1,6 @@
-"""Run-time switches shared by the library and the notebooks: smoke mode, seeding, device.
+"""Run-time switches shared by the library and the notebooks: smoke mode, scale, seeding, device.
 
-The one place that reads ``TCMLIB_SMOKE``.  Notebooks call :func:`is_smoke` and shrink their
+The one place that reads ``TCMLIB_SMOKE`` and ``TCMLIB_SCALE``.  Notebooks call :func:`is_smoke` and shrink their
 work when it is true (fewer epochs, fewer classes) without taking another code path.
 """
 
@@ -12,12 +12,27 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["is_smoke", "smoke_note", "smoke_tag", "seed_everything", "default_device"]
+__all__ = ["is_smoke", "smoke_note", "smoke_tag", "scale", "SCALES", "seed_everything", "default_device"]
+
+SCALES = ("cpu", "gpu")
 
 
 def is_smoke() -> bool:
     """True when the env var ``TCMLIB_SMOKE`` is set to a true value (``1``, ``true``, ``yes``)."""
     return os.environ.get("TCMLIB_SMOKE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def scale() -> str:
+    """The experiment scale of Part II: ``TCMLIB_SCALE`` (``cpu``, the default, or ``gpu``).
+
+    The one switch between the committed CPU study and its GPU version (more classes, seeds and
+    epochs, a third backbone); chapters 7-10 and 12 read it here.  Raises ``ValueError`` for
+    another value.
+    """
+    value = os.environ.get("TCMLIB_SCALE", "cpu").strip().lower() or "cpu"
+    if value not in SCALES:
+        raise ValueError(f"TCMLIB_SCALE={value!r}: use one of {', '.join(SCALES)}")
+    return value
 
 
 def smoke_note() -> str:

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from tcmlib.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tcmlib.data import DATASET_NAMES, MPerClassBatchSampler, get_dataset
+from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
 from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
@@ -55,7 +56,8 @@ from tcmlib.metrics import recall_and_map_at_r, utility_curves
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "load_config", "main"]
+__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "build_splits", "load_config",
+           "main"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
@@ -69,7 +71,8 @@ class TrainConfig:
     dataset: str = "glyphs"  # cub | cars | sop | inat | glyphs | digits | mnist
     data_root: str | None = None  # data directory (glyphs: cache dir, None = default)
     glyph_size: str = "tiny"  # glyph preset: tiny | small | default
-    data_seed: int = 0  # glyph class split / digits split
+    data_seed: int = 0  # glyph class split / digits split / validation classes
+    val_fraction: float = 0.0  # >0: hold out this share of the train classes as validation classes
     image_size: int | None = None  # None: 224 (photos), 32 (glyphs), 16 (digits)
     # model
     backbone: str = "small_cnn"  # resnet50 | vit_b_16 | small_cnn | resnet18 | timm:<name>
@@ -112,7 +115,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bars
 
     def __post_init__(self) -> None:
-        for name in ("lr", "head_lr_mult", "weight_decay", "gamma"):  # YAML reads 1e-4 as a string
+        for name in ("lr", "head_lr_mult", "weight_decay", "gamma", "val_fraction"):  # YAML reads 1e-4 as a string
             setattr(self, name, float(getattr(self, name)))
         if self.loss_lr_mult is not None:
             self.loss_lr_mult = float(self.loss_lr_mult)
@@ -141,6 +144,12 @@ class TrainConfig:
             raise ValueError(f"chunk_size must be >= 1 or None, got {self.chunk_size}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in [0, 1) (the share of train classes held out), "
+                             f"got {self.val_fraction}")
+        if self.val_fraction > 0 and self.dataset not in SMALL_DATASETS:
+            raise ValueError(f"val_fraction > 0 needs an in-memory data set ({', '.join(SMALL_DATASETS)}), "
+                             f"not {self.dataset!r}; use val_fraction: 0")
 
 
 @dataclass
@@ -173,10 +182,40 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     return TrainConfig(**values)
 
 
+def input_size(cfg: TrainConfig) -> int:
+    """The image side a run feeds its model: ``cfg.image_size``, else 32 (glyphs), 16 (digits, MNIST), 224."""
+    if cfg.image_size:
+        return cfg.image_size
+    return 32 if cfg.dataset == "glyphs" else 16 if cfg.dataset in SMALL_DATASETS else 224
+
+
 def build_data(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
-    """``(train split, test split, in_channels)`` of ``cfg.dataset`` with the standard transforms."""
+    """``(train split, test split, in_channels)`` of ``cfg.dataset`` with the standard transforms.
+
+    With ``cfg.val_fraction > 0`` the train split lacks the validation classes (see :func:`build_splits`).
+    """
+    train, _, test, in_channels = build_splits(cfg)
+    return train, test, in_channels
+
+
+def build_splits(cfg: TrainConfig) -> tuple[Dataset, Dataset | None, Dataset, int]:
+    """``(train, validation or None, test, in_channels)``: three disjoint sets of classes.
+
+    The validation classes are ``cfg.val_fraction`` of the train classes, drawn once with
+    ``cfg.data_seed`` (:func:`tcmlib.data.arrays.hold_out_classes`); they are embedded without
+    augmentation, like the test classes.  Models train on the rest.
+    """
+    train, test, in_channels = _load_splits(cfg)
+    if cfg.val_fraction <= 0:
+        return train, None, test, in_channels
+    kept, val = hold_out_classes(train, cfg.val_fraction, seed=cfg.data_seed)  # type: ignore[arg-type]
+    val.transform = test.transform  # type: ignore[attr-defined]
+    return kept, val, test, in_channels
+
+
+def _load_splits(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
     if cfg.dataset in SMALL_DATASETS:
-        size = cfg.image_size or (32 if cfg.dataset == "glyphs" else 16)
+        size = input_size(cfg)
         kw: dict[str, Any] = {"image_size": size} if cfg.dataset != "mnist" else {}
         if cfg.dataset == "glyphs":
             kw.update(size=cfg.glyph_size, seed=cfg.data_seed)
@@ -264,7 +303,8 @@ def _all_finite(module: nn.Module) -> bool:
 
 
 def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False,
-        train_data: Dataset | None = None, test_data: Dataset | None = None, **kwargs: Any) -> FitResult:
+        train_data: Dataset | None = None, test_data: Dataset | None = None, val_data: Dataset | None = None,
+        **kwargs: Any) -> FitResult:
     """Train and evaluate as ``config`` says (a :class:`TrainConfig`, a dict, or keyword arguments).
 
     Args:
@@ -273,6 +313,10 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             Without it, a ``run_dir`` that already holds checkpoints is an error.
         train_data, test_data: use these data sets (items ``(image tensor, label)``, a ``labels``
             attribute on the train set) instead of loading ``config.dataset``.
+        val_data: validation classes to score at every evaluation (keys ``val_R@1``, ``val_OPIS``,
+            ...); default: the ``val_fraction`` split of ``config.dataset``, if any.  With validation
+            classes, the test classes are scored once, after the last epoch (keys ``R@1``, ``OPIS``,
+            ...), so nothing chosen on validation numbers has seen them.
 
     Returns:
         :class:`FitResult`.  Raises ``ValueError`` for bad names / batch layouts and
@@ -301,7 +345,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
 
     # data: m-per-class batches from the train classes; the test classes are disjoint
     if train_data is None or test_data is None:
-        train_data, test_data, in_channels = build_data(cfg)
+        train_data, split_val, test_data, in_channels = build_splits(cfg)
+        val_data = split_val if val_data is None else val_data
     else:
         in_channels = int(train_data[0][0].shape[0])
     if not hasattr(train_data, "labels"):
@@ -321,7 +366,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
 
     # model, loss, optimiser, schedule, AMP
     model = build_embedder(cfg.backbone, cfg.dim, cfg.pretrained, in_channels, small_input=cfg.small_input,
-                           image_size=cfg.image_size or 224, frozen_bn=cfg.frozen_bn).to(device)
+                           image_size=input_size(cfg), frozen_bn=cfg.frozen_bn).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
@@ -429,14 +474,20 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                "loss": sums["loss"] / n, "loss_base": sums["base"] / n, "loss_tcm": sums["tcm"] / n,
                                "train_time_s": round(sums["time"], 3)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        last = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or last:
             t1 = time.perf_counter()
-            rec.update(evaluate(model, test_data, ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device,
-                                amp=cfg.amp, num_workers=cfg.num_workers, channels_last=cfg.channels_last))
+            eval_kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
+                           num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+            if val_data is not None:  # validation every time; the test classes only after the last epoch
+                rec.update({f"val_{k}": v for k, v in evaluate(model, val_data, **eval_kw).items()})
+            if val_data is None or last:
+                rec.update(evaluate(model, test_data, **eval_kw))
             rec["eval_time_s"] = round(time.perf_counter() - t1, 3)
-            if rec.get("R@1", -1.0) > best.get("R@1", -1.0):
-                best = {k: v for k, v in rec.items() if k[0].isupper() or k.startswith("eps")} | {"epoch": epoch + 1}
-            summary = ", ".join(f"{k} {rec[k]:.4g}" for k in rec if k[0].isupper() or k.startswith("eps"))
+            score = "val_R@1" if val_data is not None else "R@1"
+            if rec.get(score, -1.0) > best.get(score, -1.0):
+                best = {k: v for k, v in rec.items() if k[0].isupper() or k.startswith(("eps", "val_"))} | {"epoch": epoch + 1}
+            summary = ", ".join(f"{k} {rec[k]:.4g}" for k in rec if k[0].isupper() or k.startswith(("eps", "val_")))
             tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} (base {rec['loss_base']:.4f}, "
                        f"tcm {rec['loss_tcm']:.4f}); {summary}")
         history.append(rec)

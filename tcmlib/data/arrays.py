@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ImageArrayDataset"]
+__all__ = ["ImageArrayDataset", "hold_out_classes"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,3 +53,37 @@ class ImageArrayDataset(Dataset):
     def __repr__(self) -> str:
         h, w = self.images.shape[1:]
         return f"{type(self).__name__}({len(self)} images {h}x{w}, {self.num_classes} classes)"
+
+
+def hold_out_classes(dataset: ImageArrayDataset, fraction: float, seed: int = 0
+                     ) -> tuple[ImageArrayDataset, ImageArrayDataset]:
+    """Split the *classes* of ``dataset`` into ``(kept, held_out)``: disjoint, fixed by ``seed``.
+
+    ``round(fraction * C)`` classes (at least 2, and at least 2 left over) are drawn without
+    replacement by a ``torch.Generator`` seeded with ``seed`` and held out, e.g. as validation
+    classes for choosing margins and training length without touching the test classes.  Each part
+    keeps all images of its classes, relabelled ``0..C_part-1`` in the order of the original class
+    ids; ``class_names`` and the transform follow.  Returns new datasets that share no state.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction = {fraction}: the held-out share of the classes must lie in (0, 1)")
+    n_classes = int(dataset.labels.max()) + 1 if len(dataset) else 0
+    n_out = int(round(fraction * n_classes))
+    if n_out < 2 or n_classes - n_out < 2:
+        raise ValueError(f"holding out {fraction:g} of {n_classes} classes leaves {n_out} held out and "
+                         f"{n_classes - n_out} kept; each part needs >= 2 classes (change fraction)")
+    perm = torch.randperm(n_classes, generator=torch.Generator().manual_seed(int(seed)))
+    out_mask = torch.zeros(n_classes, dtype=torch.bool)
+    out_mask[perm[:n_out]] = True
+    return _subset_classes(dataset, ~out_mask), _subset_classes(dataset, out_mask)
+
+
+def _subset_classes(dataset: ImageArrayDataset, class_mask: torch.Tensor) -> ImageArrayDataset:
+    """The images whose class is in ``class_mask`` (C,) bool, relabelled ``0..C'-1``."""
+    classes = class_mask.nonzero().flatten()  # (C',) original ids, ascending
+    new_id = torch.full((class_mask.numel(),), -1, dtype=torch.long)
+    new_id[classes] = torch.arange(classes.numel())
+    rows = class_mask[dataset.labels]  # (N,) bool
+    names = [dataset.class_names[int(c)] for c in classes] if len(dataset.class_names) == class_mask.numel() \
+        else [str(int(c)) for c in classes]
+    return ImageArrayDataset(dataset.images[rows], new_id[dataset.labels[rows]], names, dataset.transform)

@@ -1,0 +1,359 @@
+"""Part II's protocol: does adding TCM to a base loss lower OPIS and keep accuracy?
+
+Written down before any test number is seen; chapter 7 states it, and
+``python -m tcmlib.experiments reproduce ch07`` carries it out.  Per *cell* (a backbone and a base
+loss), on the glyph benchmark:
+
+1. **Splits.**  ``val_fraction`` of the train classes are held out once (fixed by ``data_seed``) as
+   validation classes; models train on the rest.  Every choice below reads validation numbers
+   only; the test classes are scored once, after a run's last epoch, and only the *final* stage's
+   test scores are reported.
+2. **Training length** (stage ``curves``): the base loss and base + TCM (the paper's margins) train
+   for ``max_epochs`` with validation R@1 / OPIS after every epoch, ``curve_seeds`` seeds each.
+   The length is the first epoch at which the seed-mean validation R@1 of *both* variants is
+   within ``plateau_tol`` (absolute) of that variant's best epoch (:func:`plateau_epoch`).
+3. **Margins and weights** (stage ``tune``): the base loss and every setting of ``tcm_grid`` (two-
+   and one-sided TCM) train for that length with ``tune_seeds`` (seeds not used later).  The rule
+   (:func:`select_setting`): among settings whose mean validation R@1 is at least the base's minus
+   ``r1_tol``, the lowest mean validation OPIS; if none qualifies, the paper's default.
+4. **Final** (stage ``final``): base, base + TCM with the paper's margins, and base + TCM with the
+   selected setting, ``final_seeds`` seeds each; a base run and its TCM twins with one seed share
+   initial weights and batch order.  Per comparison :func:`tcmlib.stats.paired_comparison` and
+   Holm's correction across the comparisons of the study.
+
+Each finished run appends one JSON line to ``results/<study>/runs.jsonl`` (:func:`run_record`):
+stage, cell, variant, seed, the full config and its key, per-epoch history, the test metrics, the
+test OPIS's bootstrap interval over classes, and provenance (commit, command, torch, device,
+threads, wall time, date).  A run already in the file is never retrained; the command can stop and
+continue later, on another machine.  ``scale`` (``cpu`` or ``gpu``, :func:`tcmlib.runtime.scale`)
+sizes the study; smoke mode shrinks it to seconds without changing the code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from tcmlib.experiments import config_key, run_cached, run_name
+from tcmlib.runtime import is_smoke, scale as default_scale
+from tcmlib.train import TrainConfig, load_config
+
+__all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
+           "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name"]
+
+PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
+STUDIES = ("ch07",)
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every choice of the study, fixed before training (see the module docstring)."""
+
+    backbones: tuple[str, ...]
+    losses: tuple[str, ...]
+    glyph_size: str  # glyph preset: its number of test classes sets how stable OPIS is
+    val_fraction: float  # share of the train classes held out for validation
+    max_epochs: int  # learning curves run this long
+    curve_seeds: tuple[int, ...]
+    tune_seeds: tuple[int, ...]
+    final_seeds: tuple[int, ...]
+    plateau_tol: float  # validation R@1 within this (absolute) of the best epoch counts as plateaued
+    r1_tol: float  # a TCM setting may cost at most this much validation R@1 (absolute)
+    tcm_grid: tuple[tuple[float, float, float, float], ...]  # (m+, m-, l+, l-); l = 0: one-sided
+    train: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run
+    backbone_train: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per-backbone overrides
+
+
+_TRAIN = {"dataset": "glyphs", "dim": 64, "batch_size": 128, "m": 4, "optimizer": "adam", "lr": 1e-3,
+          "weight_decay": 0.0, "milestones": [], "eval_ks": [1, 2, 4, 8], "data_seed": 0, "progress": False,
+          "checkpoint_every_steps": 0, "num_workers": 0}
+_GRID = ((0.9, 0.5, 1.0, 1.0),  # the paper's default
+         (0.8, 0.5, 1.0, 1.0), (0.9, 0.3, 1.0, 1.0), (0.8, 0.3, 1.0, 1.0),
+         (0.9, 0.5, 1.0, 0.0),  # positive term only
+         (0.9, 0.5, 0.0, 1.0))  # negative term only
+
+
+def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None = None) -> Protocol:
+    """The protocol of ``study`` at ``scale`` (``cpu`` | ``gpu``; default :func:`tcmlib.runtime.scale`).
+
+    ``cpu``: the glyph ``small`` preset (300 train / 300 test classes), small CNN first, then a
+    small ViT, 5 final seeds.  ``gpu``: the ``default`` preset (1,000 / 1,000), small CNN, small ViT
+    and ResNet-18 with its 32x32 stem, 10 final seeds.  Smoke mode: the ``tiny`` preset, a handful
+    of steps, 2 seeds, two grid settings; the same code path.
+    """
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    scale = scale or default_scale()
+    smoke = is_smoke() if smoke is None else smoke
+    losses = ("smooth_ap", "recall_surrogate")
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=losses[:1], glyph_size="tiny", val_fraction=0.25,
+                        max_epochs=2, curve_seeds=(0,), tune_seeds=(100,), final_seeds=(0, 1), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=_GRID[:2],
+                        train={**_TRAIN, "dim": 32, "batch_size": 32, "steps_per_epoch": 4})
+    if scale == "cpu":
+        return Protocol(backbones=("small_cnn", "vit_tiny"), losses=losses, glyph_size="small", val_fraction=0.25,
+                        max_epochs=8, curve_seeds=(0, 1), tune_seeds=(100, 101), final_seeds=tuple(range(5)),
+                        plateau_tol=0.01, r1_tol=0.005, tcm_grid=_GRID, train=_TRAIN,
+                        backbone_train={"vit_tiny": {"lr": 3e-4}})
+    if scale == "gpu":
+        return Protocol(backbones=("small_cnn", "vit_tiny", "resnet18"), losses=losses, glyph_size="default",
+                        val_fraction=0.2, max_epochs=20, curve_seeds=(0, 1, 2), tune_seeds=(100, 101, 102),
+                        final_seeds=tuple(range(10)), plateau_tol=0.01, r1_tol=0.005, tcm_grid=_GRID,
+                        train={**_TRAIN, "amp": "bf16", "channels_last": True},
+                        backbone_train={"vit_tiny": {"lr": 3e-4}, "resnet18": {"small_input": True, "lr": 3e-4}})
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+def cells(p: Protocol) -> list[tuple[str, str]]:
+    """``(backbone, loss)`` pairs in the order the study runs them (all losses of a backbone first)."""
+    return [(b, loss) for b in p.backbones for loss in p.losses]
+
+
+def variant_name(tcm: Mapping[str, float] | None) -> str:
+    """``"base"``, or ``"tcm(m+=0.9, m-=0.5, l+=1, l-=1)"`` for a TCM setting."""
+    if not tcm:
+        return "base"
+    return "tcm(m+={margin_pos:g}, m-={margin_neg:g}, l+={lambda_pos:g}, l-={lambda_neg:g})".format(**tcm)
+
+
+def _tcm(setting: Sequence[float]) -> dict[str, float]:
+    return dict(zip(("margin_pos", "margin_neg", "lambda_pos", "lambda_neg"), map(float, setting)))
+
+
+def make_config(p: Protocol, backbone: str, loss: str, tcm: Mapping[str, float] | None, seed: int,
+                epochs: int) -> TrainConfig:
+    """The :class:`TrainConfig` of one run of the study."""
+    values = {**p.train, **p.backbone_train.get(backbone, {}), "glyph_size": p.glyph_size,
+              "val_fraction": p.val_fraction, "backbone": backbone, "loss": loss,
+              "tcm": dict(tcm) if tcm else False, "seed": seed, "epochs": epochs, "eval_every": 1}
+    return load_config(None, **values)
+
+
+def plateau_epoch(curves: Mapping[str, Sequence[Sequence[float]]], tol: float) -> int:
+    """The training length: the first epoch (1-based) where every variant has plateaued.
+
+    ``curves[variant]`` holds one validation-R@1 curve per seed (equal lengths).  A variant has
+    plateaued at epoch e when its seed-mean R@1 at e is within ``tol`` of its best seed-mean epoch;
+    the length is the largest of those first epochs over the variants.
+    """
+    first = []
+    for variant, runs in curves.items():
+        t = torch.tensor([list(r) for r in runs], dtype=torch.float64)  # (seeds, epochs)
+        if t.ndim != 2 or t.numel() == 0:
+            raise ValueError(f"curves[{variant!r}] must be one non-empty R@1 list per seed, of equal length")
+        mean = t.mean(dim=0)  # (epochs,)
+        first.append(int((mean >= mean.max() - tol).nonzero()[0]) + 1)
+    return max(first)
+
+
+def select_setting(base_r1: float, settings: Mapping[str, tuple[float, float]], r1_tol: float,
+                   default: str) -> str:
+    """The tuning rule: among settings with mean val R@1 >= ``base_r1 - r1_tol``, the lowest mean val OPIS.
+
+    ``settings[name] = (mean val R@1, mean val OPIS)``.  Ties go to the earlier setting; when no
+    setting qualifies, ``default`` (the paper's margins).
+    """
+    ok = [(opis, i, name) for i, (name, (r1, opis)) in enumerate(settings.items()) if r1 >= base_r1 - r1_tol]
+    return min(ok)[2] if ok else default
+
+
+# ---- results files ---------------------------------------------------------------------------------------------
+
+def results_path(study: str, scale: str, root: str | os.PathLike | None = None, smoke: bool | None = None) -> Path:
+    """``results/<study>/runs.jsonl`` (cpu), ``runs-gpu.jsonl`` (gpu), ``runs-smoke.jsonl`` (smoke)."""
+    smoke = is_smoke() if smoke is None else smoke
+    suffix = "-smoke" if smoke else "" if scale == "cpu" else f"-{scale}"
+    base = Path(root) if root is not None else _REPO / "results"
+    return base / study / f"runs{suffix}.jsonl"
+
+
+def load_runs(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every finished run in a ``runs.jsonl``; a torn last line (a killed writer) is skipped, others are errors."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    runs = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue  # interrupted while appending: that run is simply not finished
+            raise ValueError(f"{path}:{i + 1} is not valid JSON ({e}); fix or delete that line") from None
+    return runs
+
+
+def _append(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one line under an exclusive lock (several ``reproduce`` processes may share a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: one process at a time, please
+            pass
+        text = path.read_text() if path.exists() else ""
+        if text and not text.endswith("\n"):  # drop a torn line left by a kill
+            path.write_text(text[: text.rfind("\n") + 1])
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """Where and how a result was made: commit, command, versions, device, threads, date."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "tcmlib"], cwd=_REPO,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    return {"commit": commit, "tcmlib_dirty": dirty, "command": command or shlex.join([Path(sys.executable).name,
+                                                                                          *sys.argv]),
+            "torch": torch.__version__, "python": platform.python_version(), "device": device,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_record(study: str, stage: str, backbone: str, loss: str, variant: str, cfg: TrainConfig,
+               *, cache_dir: str | os.PathLike | None = None, command: str | None = None,
+               n_boot: int = 1000) -> dict[str, Any]:
+    """Train (or load from the run cache) one run and return its results line."""
+    from tcmlib.report import opis_bootstrap_ci
+
+    t0 = time.perf_counter()
+    res = run_cached(cfg, cache_dir=cache_dir)
+    wall = time.perf_counter() - t0
+    record: dict[str, Any] = {"study": study, "stage": stage, "backbone": backbone, "loss": loss,
+                              "variant": variant, "seed": cfg.seed, "key": config_key(cfg), "name": run_name(cfg),
+                              "config": dataclasses.asdict(cfg), "history": res.history, "final": res.final}
+    if stage == "final":
+        emb, labels = res.test_embeddings()
+        ci = opis_bootstrap_ci(emb, labels, n_boot=n_boot, seed=cfg.seed)
+        record["test_opis_ci"] = [ci.lo, ci.hi]
+    record["wall_s"] = round(time.perf_counter() - t0, 2)
+    record["train_wall_s"] = round(wall, 2)
+    record["trained_now"] = res.trained
+    record["provenance"] = provenance(command)
+    return record
+
+
+def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, stage: str
+                  ) -> list[tuple[str, TrainConfig]] | None:
+    """``(variant, config)`` of every run of ``stage`` for one cell, or None while an earlier stage is unfinished.
+
+    The training length of ``tune`` and ``final`` comes from the recorded ``curves`` runs
+    (:func:`plateau_epoch`); the selected setting of ``final`` from the recorded ``tune`` runs.
+    """
+    paper = variant_name(PAPER_TCM)
+    if stage == "curves":
+        return [(v, make_config(p, backbone, loss, t, s, p.max_epochs))
+                for s in p.curve_seeds for v, t in (("base", None), (paper, PAPER_TCM))]
+    epochs = training_length(p, runs, backbone, loss)
+    if epochs is None:
+        return None
+    grid = {variant_name(_tcm(g)): _tcm(g) for g in p.tcm_grid}
+    if stage == "tune":
+        return [(v, make_config(p, backbone, loss, t, s, epochs))
+                for s in p.tune_seeds for v, t in (("base", None), *grid.items())]
+    if stage == "final":
+        chosen = selected_setting(p, runs, backbone, loss)
+        if chosen is None:
+            return None
+        variants = [("base", None), (paper, PAPER_TCM)] + ([] if chosen == paper else [(chosen, grid[chosen])])
+        return [(v, make_config(p, backbone, loss, t, s, epochs)) for s in p.final_seeds for v, t in variants]
+    raise ValueError(f"unknown stage {stage!r}; choose curves, tune or final")
+
+
+def _complete(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, stage: str
+              ) -> list[Mapping[str, Any]] | None:
+    wanted = stage_configs(p, runs, backbone, loss, stage)
+    if wanted is None:
+        return None
+    have = {(r["stage"], r["key"]): r for r in runs}
+    found = [have.get((stage, config_key(cfg))) for _, cfg in wanted]
+    return None if any(f is None for f in found) else [f for f in found if f is not None]
+
+
+def training_length(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> int | None:
+    """The plateau epoch of a cell from its recorded learning curves (None until all are recorded)."""
+    curve_runs = _complete(p, runs, backbone, loss, "curves")
+    if curve_runs is None:
+        return None
+    curves: dict[str, list[list[float]]] = {}
+    for r in curve_runs:
+        curves.setdefault(r["variant"], []).append([h["val_R@1"] for h in r["history"]])
+    return plateau_epoch(curves, p.plateau_tol)
+
+
+def selected_setting(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> str | None:
+    """The TCM setting the rule picks from a cell's recorded tuning runs (None until all are recorded)."""
+    tune_runs = _complete(p, runs, backbone, loss, "tune")
+    if tune_runs is None:
+        return None
+    means: dict[str, list[tuple[float, float]]] = {}
+    for r in tune_runs:
+        means.setdefault(r["variant"], []).append((r["final"]["val_R@1"], r["final"]["val_OPIS"]))
+
+    def avg(xs: list[tuple[float, float]]) -> tuple[float, float]:
+        return sum(x[0] for x in xs) / len(xs), sum(x[1] for x in xs) / len(xs)
+
+    base_r1 = avg(means.pop("base"))[0]
+    return select_setting(base_r1, {k: avg(v) for k, v in means.items()}, p.r1_tol, variant_name(PAPER_TCM))
+
+
+def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[str] = (), results_root: str |
+              os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, max_runs: int | None = None,
+              command: str | None = None, smoke: bool | None = None, progress: bool = True) -> Path:
+    """Train every run of ``study`` that ``runs.jsonl`` lacks, stage by stage, appending as each finishes.
+
+    ``only``: restrict to cells named ``backbone/loss`` or backbones (e.g. ``["small_cnn"]``).
+    ``max_runs``: stop after this many new runs (to work in pieces).  Returns the results file.
+    """
+    from tqdm.auto import tqdm
+
+    scale = scale or default_scale()
+    p = protocol(study, scale, smoke=smoke)
+    path = results_path(study, scale, results_root, smoke=smoke)
+    chosen = [c for c in cells(p) if not only or f"{c[0]}/{c[1]}" in only or c[0] in only]
+    if only and not chosen:
+        raise ValueError(f"--only {list(only)} matches no cell; cells: {[f'{b}/{loss}' for b, loss in cells(p)]}")
+    new = 0
+    for backbone, loss in chosen:
+        for stage in ("curves", "tune", "final"):
+            runs = load_runs(path)
+            wanted = stage_configs(p, runs, backbone, loss, stage)
+            if wanted is None:
+                break
+            done = {r["key"] for r in runs if r["stage"] == stage}
+            todo = [(v, c) for v, c in wanted if config_key(c) not in done]
+            bar = tqdm(todo, desc=f"{backbone}/{loss} {stage}", disable=not progress or not todo, dynamic_ncols=True)
+            for variant, cfg in bar:
+                if max_runs is not None and new >= max_runs:
+                    return path
+                bar.set_postfix_str(f"{variant} seed {cfg.seed}")
+                _append(path, run_record(study, stage, backbone, loss, variant, cfg, cache_dir=cache_dir,
+                                         command=command))
+                new += 1
+    return path
