@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["is_smoke", "smoke_note", "smoke_tag", "scale", "SCALES", "seed_everything", "default_device"]
+__all__ = ["is_smoke", "smoke_note", "smoke_tag", "scale", "SCALES", "glue", "seed_everything", "default_device"]
 
 SCALES = ("cpu", "gpu")
 
@@ -67,3 +67,19 @@ def default_device() -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def glue(name: str, value: object) -> object:
+    """Store ``value`` for the book's prose (myst-nb ``glue``) and return it.
+
+    A ``str`` is glued as Markdown, so the page writes ``{glue:md}`name``` inline; numbers should be
+    formatted by the caller first.  Without myst-nb (Colab, plain Jupyter) nothing is stored and the
+    value is simply returned, so a chapter runs anywhere.
+    """
+    try:
+        from IPython.display import Markdown
+        from myst_nb import glue as _glue
+    except ImportError:
+        return value
+    _glue(name, Markdown(value) if isinstance(value, str) else value, display=False)
+    return value

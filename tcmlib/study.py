@@ -51,7 +51,8 @@ from tcmlib.runtime import is_smoke, scale as default_scale
 from tcmlib.train import TrainConfig, load_config
 
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
-           "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name"]
+           "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
+           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07",)
@@ -360,3 +361,62 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
                                          command=command))
                 new += 1
     return path
+
+
+# ---- what the chapters show -------------------------------------------------------------------------------------
+
+def status(p: Protocol, runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell: how many runs of each stage are recorded and wanted, and whether the cell is complete."""
+    rows = []
+    for backbone, loss in cells(p):
+        row: dict[str, Any] = {"backbone": backbone, "loss": loss}
+        for stage in ("curves", "tune", "final"):
+            wanted = stage_configs(p, runs, backbone, loss, stage)
+            have = {(r["stage"], r["key"]) for r in runs}
+            row[stage] = (f"{sum((stage, config_key(c)) in have for _, c in wanted)}/{len(wanted)}"
+                          if wanted is not None else "waits")
+        row["complete"] = _complete(p, runs, backbone, loss, "final") is not None
+        rows.append(row)
+    return rows
+
+
+def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
+                metrics: Sequence[str] = ("R@1", "MAP@R", "OPIS", "eps_OPIS")) -> list[dict[str, Any]]:
+    """Paired test-set comparisons of every TCM variant with its base, per complete cell and metric.
+
+    One row per (cell, variant, metric): :func:`tcmlib.stats.paired_comparison` over the final
+    seeds, plus ``p_holm``: the Wilcoxon p adjusted by Holm over all rows of the same metric (the
+    family of comparisons the study makes for that metric).
+    """
+    from tcmlib.stats import holm, paired_comparison
+
+    rows: list[dict[str, Any]] = []
+    for backbone, loss in cells(p):
+        final = _complete(p, runs, backbone, loss, "final")
+        if final is None:
+            continue
+        by = {(r["variant"], r["seed"]): r for r in final}
+        variants = list(dict.fromkeys(r["variant"] for r in final if r["variant"] != "base"))
+        selected = selected_setting(p, runs, backbone, loss)
+        for v in variants:
+            for m in metrics:
+                base = [by["base", s]["final"][m] for s in p.final_seeds]
+                treat = [by[v, s]["final"][m] for s in p.final_seeds]
+                rows.append({"backbone": backbone, "loss": loss, "variant": v,
+                             "role": ("paper" if v == variant_name(PAPER_TCM) else "") +
+                                     ("+selected" if v == selected else ""),
+                             "metric": m, **paired_comparison(base, treat)})
+    for m in metrics:
+        family = [r for r in rows if r["metric"] == m]
+        for r, adj in zip(family, holm([r["p_wilcoxon"] for r in family])):
+            r["p_holm"] = adj
+    return rows
+
+
+def total_cpu_hours(runs: Sequence[Mapping[str, Any]]) -> float:
+    """Sum of the runs' training wall times (hours), each run counted once (stages can share a run)."""
+    seen: dict[str, float] = {}
+    for r in runs:
+        if r.get("trained_now", True):
+            seen[r["key"]] = max(seen.get(r["key"], 0.0), float(r["train_wall_s"]))
+    return sum(seen.values()) / 3600
