@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
+
+from tcmlib.normalize import l2_normalize
 
 __all__ = ["BACKBONES", "GeM", "SmallCNN", "Embedder", "build_embedder", "freeze_batchnorm"]
 
@@ -194,7 +195,7 @@ class Embedder(nn.Module):
         z = self.head(self.norm(f))  # (B, dim)
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()  # normalise and hand to the loss in float32, even under autocast
-        return F.normalize(z, dim=-1)  # (B, dim), unit norm
+        return l2_normalize(z, dim=-1)  # (B, dim), unit norm
 
 
 def build_embedder(

@@ -35,11 +35,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcmlib._checks import check_embeddings_labels
+from tcmlib.normalize import l2_normalize
 
 __all__ = ["RecallAtKSurrogateLoss", "recall_surrogate_loss", "simix_samples"]
 
@@ -131,7 +131,7 @@ def recall_surrogate_loss(
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()                                                 # rank sums need > 8 bits
     k_vals = torch.tensor([min(int(k), x.shape[0]) for k in ks], dtype=x.dtype, device=x.device)  # (K,)
-    x = F.normalize(x, dim=1)                                         # (B, D)
+    x = l2_normalize(x, dim=1)                                        # (B, D)
     if simix:
         x, y = simix_samples(x, y, generator)                 # (B + V, D), (B + V,)
     sim = x @ x.T                                                     # (B', B')

@@ -33,11 +33,11 @@ but still counts in the mean (the original's behaviour; kept).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcmlib._checks import check_embeddings_labels
+from tcmlib.normalize import l2_normalize
 
 __all__ = ["SmoothAPLoss", "smooth_ap_loss"]
 
@@ -103,7 +103,7 @@ def smooth_ap_loss(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()                                                 # rank sums need > 8 bits
-    x = F.normalize(x, dim=1)                                         # (B, D)
+    x = l2_normalize(x, dim=1)                                        # (B, D)
     sim = x @ x.T                                                     # (B, B)
     pos_idx, valid = _positives_table(y)                              # (B, P), (B, P)
     b, p = pos_idx.shape

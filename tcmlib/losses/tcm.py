@@ -31,11 +31,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from tcmlib._checks import check_embeddings_labels, check_margin
+from tcmlib.normalize import l2_normalize
 
 __all__ = ["tcm_loss", "TCMLoss"]
 
@@ -108,8 +108,8 @@ def tcm_loss(
             raise ValueError(f"ref_embeddings is on {r.device} but embeddings on {x.device}; move one of them")
         ry = ry.to(x.device)
 
-    xn = F.normalize(x, dim=1)  # (B, D)
-    rn = xn if r is x else F.normalize(r, dim=1)  # (M, D)
+    xn = l2_normalize(x, dim=1)  # (B, D), cannot overflow or underflow
+    rn = xn if r is x else l2_normalize(r, dim=1)  # (M, D)
     sim = xn @ rn.T  # (B, M), the only O(B M D) step; autograd differentiates this GEMM
     return _TCMHinge.apply(sim, y, ry, exclude_self, m_pos, m_neg, l_pos, l_neg)
 

@@ -39,9 +39,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tcmlib._checks import as_tensor, check_embeddings_labels
+from tcmlib.normalize import l2_normalize
 
 __all__ = ["per_query_retrieval", "recall_at_k", "map_at_r", "recall_and_map_at_r"]
 
@@ -105,7 +105,7 @@ def per_query_retrieval(
     device = x.device
     with torch.no_grad():
         x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        x = F.normalize(x, dim=1)  # (N, D), unit rows: dot product = cosine similarity
+        x = l2_normalize(x, dim=1)  # (N, D), unit rows: dot product = cosine similarity
         _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
         r_all = counts[inverse] - 1  # (N,) R = other samples of the same label
         k_max = max(ks + [int(r_all.max())])  # deepest rank any metric needs, <= N - 1
