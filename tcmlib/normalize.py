@@ -10,8 +10,6 @@ rows that ``F.normalize`` gets wrong.  Every loss, metric and model head of ``tc
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,14 +20,13 @@ __all__ = ["l2_normalize"]
 def l2_normalize(x: Tensor, dim: int = 1) -> Tensor:
     """``x / ||x||`` along ``dim``, e.g. ``(N, D)`` rows -> ``(N, D)`` unit rows, at any scale.
 
-    Each slice is scaled by ``2^-e`` (``e`` from ``torch.frexp`` of its max ``|x|``, detached and
-    clamped to the normal range of ``x.dtype``), then passed to ``F.normalize``.  A zero slice
-    stays zero, as with ``F.normalize``.  Same dtype, shape and device as ``x``; differentiable.
+    Each slice is multiplied by ``f / m = 2^-e`` where ``m = f 2^e`` (``torch.frexp``, f in
+    [0.5, 1)) is its max ``|x|``, detached and clamped below at the smallest normal number of
+    ``x.dtype`` (so 2^-e stays finite).  The quotient of two floats that is a representable power
+    of two is computed exactly.  A zero slice stays zero, as with ``F.normalize``.  Same dtype,
+    shape and device as ``x``; differentiable.
     """
-    fi = torch.finfo(x.dtype)
-    lo, hi = math.ceil(math.log2(fi.tiny)), math.floor(math.log2(fi.max))  # normal powers of two
-    with torch.no_grad():
-        _, e = torch.frexp(x.abs().amax(dim=dim, keepdim=True))  # max |x| = f 2^e, f in [0.5, 1)
-        k = (-e.long()).clamp(lo, hi)
-        scale = ((k + 1023) << 52).view(torch.float64).to(x.dtype)  # exactly 2^k, from its bits
-    return F.normalize(x * scale, dim=dim)
+    m = x.detach().abs().amax(dim=dim, keepdim=True)  # max |x|
+    m = m.clamp(min=torch.finfo(x.dtype).tiny)
+    f, _ = torch.frexp(m)  # m = f 2^e
+    return F.normalize(x * (f / m), dim=dim)
