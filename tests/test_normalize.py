@@ -70,7 +70,8 @@ def test_zero_row_stays_zero_and_checks_still_reject_it():
 
 def _batch(dtype: torch.dtype):
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(24, 6, generator=g, dtype=torch.float64) + 0.8 * torch.randn(1, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(24, 6, generator=g, dtype=torch.float64)  # (24, 6), clustered around a common direction
+    x = x + 0.8 * torch.randn(1, 6, generator=g, dtype=torch.float64)
     y = torch.arange(24) % 5
     return x.to(dtype), y
 
