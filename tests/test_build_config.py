@@ -44,3 +44,22 @@ def test_smoke_book_config_times_out_cells_within_10_minutes(tmp_path: Path) -> 
 
     assert 0 < timeout(smoke) <= 600
     assert timeout(ROOT / "_config.yml") >= 3600  # the real build trains models
+
+
+def test_no_output_capturing_widgets_in_executed_chapters() -> None:
+    """``interact`` / ``interactive`` / ``Output`` widgets stall unattended execution.
+
+    Found with a debug-logged kernel and py-spy (``make test`` hung in chapter 3, ipykernel 6 and 7
+    alike): the kernel sent the cell's ``execute_reply`` and went idle, while nbclient, mirroring the
+    ``Output`` widget's new outputs, sent a ``comm_msg`` on the shell socket whose reply it was
+    awaiting; the awaiting poll missed the reply (an edge-triggered wake-up lost to the concurrent
+    send) and slept until the cell timeout. Chapters use widgets that need no ``Output`` capture
+    (e.g. a slider observed by an ``Image`` widget).
+    """
+    bad = []
+    for md in sorted((ROOT / "notebooks").glob("*.md")):
+        for i, line in enumerate(md.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"\b(interact|interactive|interact_manual|interactive_output)\s*\(|widgets\.Output\s*\(", code):
+                bad.append(f"{md.name}:{i}: {line.strip()}")
+    assert not bad, "Output-capturing widgets stall the executed build:\n" + "\n".join(bad)
