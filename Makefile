@@ -27,7 +27,7 @@ book: install
 # book built in smoke mode and opened in headless Chromium.
 test: install chromium
 	$(PY) -m pytest tests -q -m "not browser"
-	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(PY) -m pytest --nbmake --nbmake-timeout=300 --reruns 2 notebooks -q
+	OMP_WAIT_POLICY=PASSIVE TCMLIB_SMOKE=1 $(PY) -m pytest --nbmake --nbmake-timeout=300 --reruns 2 --durations=5 notebooks -q
 	$(MAKE) browser
 
 unit: install
