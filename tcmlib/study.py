@@ -235,9 +235,16 @@ def provenance(command: str | None = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu_model)
+    except OSError:
+        pass
     return {"commit": commit, "tcmlib_dirty": dirty, "command": command or shlex.join([Path(sys.executable).name,
                                                                                           *sys.argv]),
             "torch": torch.__version__, "python": platform.python_version(), "device": device,
+            "cpu_model": cpu_model, "isa": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "host": platform.node(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

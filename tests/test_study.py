@@ -119,10 +119,11 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     To keep ``make test`` short, the first epoch is retrained: with a constant learning rate (the
     study's recipe: no milestones) the first epoch of an E-epoch run is exactly a 1-epoch run of the
     same config and seed (same initial weights, batches, augmentation draws; evaluation draws no
-    random numbers), so its recorded epoch-1 validation metrics must come back.  On the machine
-    type and torch version that recorded it, bit for bit; elsewhere, CPU kernels round differently
-    and training amplifies that, so the rerun is only another draw from the seed distribution: it
-    must then land within 3 standard deviations of the recorded seed-to-seed spread of that cell.
+    random numbers), so its recorded epoch-1 validation metrics must come back.  On the CPU model,
+    instruction set, thread count and torch version that recorded it, bit for bit; elsewhere CPU
+    kernels round differently and training amplifies that, so the rerun is only another draw from
+    the seed distribution: it must then land within 3 standard deviations of the recorded
+    seed-to-seed spread of that cell.
     """
     runs = [r for p in COMMITTED if "-" not in p.stem for r in load_runs(p)]
     if not runs:
@@ -131,15 +132,20 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     cfg = dataclasses.replace(load_config(None, **cheapest["config"]), epochs=1, run_dir=str(tmp_path / "run"),
                               progress=False, device="cpu")
     assert cfg.milestones == [], "the prefix argument needs a constant learning rate"
+    threads = torch.get_num_threads()
     torch.set_num_threads(cheapest["provenance"]["threads"])
-    rec = fit(cfg).history[0]
+    try:
+        rec = fit(cfg).history[0]
+        here = _platform()
+    finally:
+        torch.set_num_threads(threads)
     want = cheapest["history"][0]
     keys = [k for k in want if k.startswith("val_")] + ["loss"]
-    same_platform = all(cheapest["provenance"][k] == v for k, v in
-                        (("torch", torch.__version__), ("device", _device()), ("threads", torch.get_num_threads())))
-    if same_platform:
-        assert {k: rec[k] for k in keys} == {k: want[k] for k in keys}, json.dumps(cheapest["provenance"])
-        return
+    if {k: rec[k] for k in keys} == {k: want[k] for k in keys}:
+        return  # bit for bit
+    recorded = {k: cheapest["provenance"].get(k) for k in here}
+    assert recorded != here, (f"same CPU, ISA, threads and torch as the recording, yet the rerun differs: "
+                              f"{ {k: (rec[k], want[k]) for k in keys} }; provenance {json.dumps(cheapest['provenance'])}")
     twins = [r for r in runs if (r["stage"], r["backbone"], r["loss"], r["variant"]) ==
              (cheapest["stage"], cheapest["backbone"], cheapest["loss"], cheapest["variant"])]
     for k in keys:
@@ -148,7 +154,8 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
         assert abs(rec[k] - want[k]) <= 3 * spread + 1e-12, (k, rec[k], want[k], spread)
 
 
-def _device() -> str:
-    import platform
+def _platform() -> dict:
+    from tcmlib.study import provenance
 
-    return platform.processor() or platform.machine()
+    p = provenance("test")
+    return {k: p[k] for k in ("torch", "cpu_model", "isa", "threads")}
