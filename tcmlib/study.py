@@ -423,9 +423,12 @@ def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
 
 
 def total_cpu_hours(runs: Sequence[Mapping[str, Any]]) -> float:
-    """Sum of the runs' training wall times (hours), each run counted once (stages can share a run)."""
+    """Training + evaluation time of the runs (hours), from their per-epoch records, each run once.
+
+    Per-epoch times survive a resume (they are checkpointed), so an interrupted run counts fully;
+    start-up (data loading, model building, under a few seconds a run) is not included.
+    """
     seen: dict[str, float] = {}
     for r in runs:
-        if r.get("trained_now", True):
-            seen[r["key"]] = max(seen.get(r["key"], 0.0), float(r["train_wall_s"]))
+        seen[r["key"]] = sum(float(h.get("train_time_s", 0.0)) + float(h.get("eval_time_s", 0.0)) for h in r["history"])
     return sum(seen.values()) / 3600
