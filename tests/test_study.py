@@ -122,8 +122,8 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     random numbers), so its recorded epoch-1 validation metrics must come back.  On the CPU model,
     instruction set, thread count and torch version that recorded it, bit for bit; elsewhere CPU
     kernels round differently and training amplifies that, so the rerun is only another draw from
-    the seed distribution: it must then land within 3 standard deviations of the recorded
-    seed-to-seed spread of that cell.
+    the seed distribution: it must then land within 5 standard deviations (of a difference of two
+    draws) of the recorded seed-to-seed spread of that cell and variant.
     """
     runs = [r for p in COMMITTED if "-" not in p.stem for r in load_runs(p)]
     if not runs:
@@ -146,12 +146,15 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     recorded = {k: cheapest["provenance"].get(k) for k in here}
     assert recorded != here, (f"same CPU, ISA, threads and torch as the recording, yet the rerun differs: "
                               f"{ {k: (rec[k], want[k]) for k in keys} }; provenance {json.dumps(cheapest['provenance'])}")
-    twins = [r for r in runs if (r["stage"], r["backbone"], r["loss"], r["variant"]) ==
-             (cheapest["stage"], cheapest["backbone"], cheapest["loss"], cheapest["variant"])]
+    # epoch 1 of every recorded seed of this cell and variant (any stage; one value per seed)
+    by_seed = {r["seed"]: r["history"][0] for r in runs
+               if (r["backbone"], r["loss"], r["variant"]) == (cheapest["backbone"], cheapest["loss"], cheapest["variant"])}
+    assert len(by_seed) >= 3, "too few recorded seeds to judge a rerun on another platform"
     for k in keys:
-        values = [r["history"][0][k] for r in twins]
-        spread = statistics.stdev(values) if len(values) > 1 else abs(want[k]) * 0.1
-        assert abs(rec[k] - want[k]) <= 3 * spread + 1e-12, (k, rec[k], want[k], spread)
+        sd = statistics.stdev(h[k] for h in by_seed.values())
+        # two independent draws differ by sqrt(2) sd on average scale; 5 such sds is a guard that a
+        # correct rerun passes with near certainty over all the metrics compared
+        assert abs(rec[k] - want[k]) <= 5 * 2**0.5 * sd + 1e-12, (k, rec[k], want[k], sd)
 
 
 def _platform() -> dict:
