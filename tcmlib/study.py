@@ -93,7 +93,8 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
     """The protocol of ``study`` at ``scale`` (``cpu`` | ``gpu``; default :func:`tcmlib.runtime.scale`).
 
     ``cpu``: the glyph ``small`` preset (300 train / 300 test classes), the small CNN, 4 TCM
-    settings tuned on 2 seeds, 5 final seeds.  (A small ViT from scratch does not reach a useful
+    settings tuned on 2 seeds, 10 final seeds (fixed before the final stage ran: with 5 pairs the
+    signed-rank test cannot reach p < 0.05).  (A small ViT from scratch does not reach a useful
     accuracy within a CPU budget: it is the GPU scale's second family.)  ``gpu``: the ``default`` preset (1,000 / 1,000), small CNN, small ViT
     and ResNet-18 with its 32x32 stem, 6 TCM settings (two- and both one-sided) on 3 seeds, 10
     final seeds.  Smoke mode: the ``tiny`` preset, a handful
@@ -113,7 +114,7 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
         # no small ViT at this scale: from scratch it stays far below the small CNN's validation R@1 after
         # several times the CNN's training time (a probe on this CPU); it is the GPU scale's second family
         return Protocol(backbones=("small_cnn",), losses=losses, glyph_size="small", val_fraction=0.25,
-                        max_epochs=8, curve_seeds=(0, 1), tune_seeds=(100, 101), final_seeds=tuple(range(5)),
+                        max_epochs=8, curve_seeds=(0, 1), tune_seeds=(100, 101), final_seeds=tuple(range(10)),
                         plateau_tol=0.01, r1_tol=0.005, tcm_grid=_GRID_CPU, train=_TRAIN)
     if scale == "gpu":
         return Protocol(backbones=("small_cnn", "vit_tiny", "resnet18"), losses=losses, glyph_size="default",
