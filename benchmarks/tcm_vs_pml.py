@@ -2,10 +2,12 @@
 
 For each batch size B: median time of loss + backward and peak extra memory of
 * ``ours``: ``tcmlib.losses.tcm_loss``;
+* ``naive``: the ~12-line masked matrix form differentiated by autograd (what a reader would write);
 * ``pml``:  ``pytorch_metric_learning.losses.ThresholdConsistentMarginLoss`` (O(B^2 D) memory, so
   skipped above ``--pml-max-b`` or when its estimated memory passes ``--pml-max-gb``);
-* ``gemm``: the floor, ``(xn @ xn.T).sum()`` + backward on L2-normalised xn (the three B x B x D
-  GEMMs every similarity-based loss pays).
+* ``gemm``: the floor of autograd, ``(xn @ xn.T).sum()`` + backward with ``xn = F.normalize(x)``
+  (the three B x B x D GEMMs of a similarity matrix differentiated by autograd; ``ours`` gets
+  below it because its gradient needs one GEMM, not two).
 
 Memory: every (method, B) runs once in a fresh subprocess, so the CPU peak (ru_maxrss, see
 ``_common.py``) is that call's own.  Time: in this process, the methods of one B timed in turn
@@ -55,6 +57,21 @@ def make_step(method: str, b: int, d: int, device: torch.device):
             x.grad = None
             tcm_loss(x, y).backward()
 
+    elif method == "naive":
+
+        def naive_tcm(x, y, m_pos=0.9, m_neg=0.5):
+            xn = F.normalize(x, dim=1)
+            sim = xn @ xn.T  # (B, B)
+            same = y[:, None] == y[None, :]
+            hp = same & ~torch.eye(len(y), dtype=torch.bool, device=x.device) & (sim <= m_pos)
+            hn = ~same & (sim >= m_neg)
+            pos = torch.where(hp, m_pos - sim, 0).sum() / hp.sum().clamp(min=1)
+            return pos + torch.where(hn, sim - m_neg, 0).sum() / hn.sum().clamp(min=1)
+
+        def step() -> None:
+            x.grad = None
+            naive_tcm(x, y).backward()
+
     elif method == "pml":
         from pytorch_metric_learning.losses import ThresholdConsistentMarginLoss
 
@@ -65,10 +82,10 @@ def make_step(method: str, b: int, d: int, device: torch.device):
             loss(x, y).backward()
 
     elif method == "gemm":
-        xn = F.normalize(x.detach(), dim=1).requires_grad_()  # (B, D)
 
         def step() -> None:
-            xn.grad = None
+            x.grad = None
+            xn = F.normalize(x, dim=1)  # (B, D)
             (xn @ xn.T).sum().backward()  # (B, B) similarity, then its backward GEMMs
 
     else:
@@ -117,8 +134,8 @@ def main() -> None:
     print(f"TCM forward+backward, D = {args.dim}, device = {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {repeats}")
     print("peak = extra memory at the peak of the first call (CPU: resident, '<=' = upper bound)")
-    header = (f"{'B':>5} | {'gemm ms':>9} {'peak':>9} | {'ours ms':>9} {'peak':>9} | {'pml ms':>9} "
-              f"{'peak':>9} | {'ours/gemm':>9} {'pml/ours':>9}")
+    header = (f"{'B':>5} | {'gemm ms':>9} {'peak':>9} | {'ours ms':>9} {'peak':>9} | {'naive ms':>9} {'peak':>9} | "
+              f"{'pml ms':>9} {'peak':>9} | {'ours/gemm':>9} {'ours/naive':>10} {'pml/ours':>9}")
     print(header)
     print("-" * len(header))
 
@@ -131,7 +148,7 @@ def main() -> None:
     for b in sizes:
         need = pml_estimate_bytes(b, args.dim)
         run_pml = b <= args.pml_max_b and need <= args.pml_max_gb * 1e9
-        methods = ["gemm", "ours"] + (["pml"] if run_pml else [])
+        methods = ["gemm", "ours", "naive"] + (["pml"] if run_pml else [])
         common = ["--dim", str(args.dim), "--device", args.device]
         res = {m: run_worker([me, "--worker", m, str(b), *common], timeout=600) for m in methods}
         secs = interleaved_medians({m: make_step(m, b, args.dim, device) for m in methods}, repeats, device)
@@ -140,13 +157,16 @@ def main() -> None:
         g, o = res["gemm"], res["ours"]
         gt, gm = cell(g)
         ot, om = cell(o)
+        nt, nm = cell(res["naive"])
         ratio_g = f"{o['seconds'] / g['seconds']:.2f}"
+        ratio_n = f"{o['seconds'] / res['naive']['seconds']:.2f}"
         if run_pml:
             pt, pm = cell(res["pml"])
             pml_cols, ratio_p = f"{pt:>9} {pm:>9}", f"{res['pml']['seconds'] / o['seconds']:.0f}x"
         else:
             pml_cols, ratio_p = f"{'skipped (needs ~' + format(need / 1e9, '.1f') + ' GB)':>19}", "-"
-        print(f"{b:>5} | {gt:>9} {gm:>9} | {ot:>9} {om:>9} | {pml_cols} | {ratio_g:>9} {ratio_p:>9}", flush=True)
+        print(f"{b:>5} | {gt:>9} {gm:>9} | {ot:>9} {om:>9} | {nt:>9} {nm:>9} | {pml_cols} | {ratio_g:>9} "
+              f"{ratio_n:>10} {ratio_p:>9}", flush=True)
         for m, r in res.items():
             if "error" in r:
                 print(f"      {m} memory: {r['error']}")
