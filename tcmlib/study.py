@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -226,15 +227,26 @@ def _append(path: Path, record: Mapping[str, Any]) -> None:
             os.fsync(fh.fileno())
 
 
-def provenance(command: str | None = None) -> dict[str, Any]:
-    """Where and how a result was made: commit, command, versions, device, threads, date."""
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple[str | None, bool | None]:
+    """``(commit, tcmlib has uncommitted changes)`` of the checkout, read once per process.
+
+    Read when the process first asks (``reproduce`` asks before training), so a record names the
+    code the process loaded, even if the checkout moves on while a long study runs.
+    """
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "tcmlib"], cwd=_REPO,
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+        return None, None
+    return commit, dirty
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """Where and how a result was made: commit (of the code this process loaded), command, versions, device."""
+    commit, dirty = _code_version()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
     cpu_model = platform.processor() or platform.machine()
     try:
@@ -350,6 +362,7 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
     scale = scale or default_scale()
     p = protocol(study, scale, smoke=smoke)
     path = results_path(study, scale, results_root, smoke=smoke)
+    _code_version()  # pin the commit of the code this process runs
     chosen = [c for c in cells(p) if not only or f"{c[0]}/{c[1]}" in only or c[0] in only]
     if only and not chosen:
         raise ValueError(f"--only {list(only)} matches no cell; cells: {[f'{b}/{loss}' for b, loss in cells(p)]}")
