@@ -140,7 +140,10 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     want = cheapest["history"][0]
-    keys = [k for k in want if k.startswith("val_")] + ["loss"]
+    keys = [k for k in want if k.startswith("val_")]
+    # the logged training loss is a float32 sum whose order the loss code may change without changing
+    # a single weight (the TCM rewrite did): compared to float32 rounding, the weights' metrics exactly
+    assert abs(rec["loss"] - want["loss"]) <= 1e-6 * abs(want["loss"]), (rec["loss"], want["loss"])
     if {k: rec[k] for k in keys} == {k: want[k] for k in keys}:
         return  # bit for bit
     recorded = {k: cheapest["provenance"].get(k) for k in here}

@@ -275,7 +275,7 @@ def test_invariant_to_order_renaming_and_scale(seed, b, n_classes):
     assert tcm_loss(x * scale, y, margin_neg=0.2).item() == pytest.approx(base, rel=1e-9, abs=1e-12)
 
 
-# ---------------------------------------------------------------- row blocks (CPU processes ~2^16 entries at a time)
+# ---------------------------------------------------------------- gradient: hand-made W vs autograd
 def test_several_row_blocks_match_pml():
     x, y = _batch(21, 300, 8, 40)  # 300 x 300 entries: 2 row blocks of <= 218 rows
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -284,21 +284,55 @@ def test_several_row_blocks_match_pml():
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 7])
-def test_block_size_does_not_change_value_or_gradient(rows, monkeypatch):
-    import tcmlib.losses.tcm as tcm_module
+def _naive_autograd_tcm(x, y, r=None, ry=None, m_pos=0.9, m_neg=0.2):
+    """The masked matrix form, differentiated by autograd (the oracle for our hand-made W)."""
+    xn = torch.nn.functional.normalize(x, dim=1)
+    rn = xn if r is None else torch.nn.functional.normalize(r, dim=1)
+    ry = y if ry is None else ry
+    sim = xn @ rn.T
+    same = y[:, None] == ry[None, :]
+    if r is None:
+        same = same & ~torch.eye(len(y), dtype=torch.bool)
+    hp, hn = same & (sim <= m_pos), ~(y[:, None] == ry[None, :]) & (sim >= m_neg)
+    pos = torch.where(hp, m_pos - sim, 0).sum() / hp.sum().clamp(min=1)
+    return pos + torch.where(hn, sim - m_neg, 0).sum() / hn.sum().clamp(min=1)
 
+
+def test_value_and_gradients_match_autograd_of_the_naive_form():
     x, y = _batch(22, 20, 5, 4)
     r, ry = _batch(23, 11, 5, 4)
-    results = []
-    for patch in (False, True):
-        if patch:
-            monkeypatch.setattr(tcm_module, "_block_rows", lambda sim: rows)
-        for kw in ({}, {"ref_embeddings": r, "ref_labels": ry}):
-            xg = x.clone().requires_grad_()
-            loss = tcm_loss(xg, y, margin_neg=0.2, **kw)
-            loss.backward()
-            results.append((loss.detach(), xg.grad))
-    for (a, ga), (b, gb) in zip(results[:2], results[2:]):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
-        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=0)
+    for with_ref in (False, True):
+        xa, xb, ra, rb = (t.clone().requires_grad_() for t in (x, x, r, r))
+        kw = {"ref_embeddings": ra, "ref_labels": ry} if with_ref else {}
+        ours = tcm_loss(xa, y, margin_neg=0.2, **kw)
+        naive = _naive_autograd_tcm(xb, y, rb if with_ref else None, ry if with_ref else None)
+        ours.backward()
+        naive.backward()
+        torch.testing.assert_close(ours, naive, rtol=1e-12, atol=0)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-15)
+        if with_ref:
+            torch.testing.assert_close(ra.grad, rb.grad, rtol=1e-12, atol=1e-15)
+    with torch.no_grad():  # no gradient wanted: the same value
+        assert tcm_loss(xa, y, margin_neg=0.2).item() == tcm_loss(xa.detach(), y, margin_neg=0.2).item()
+
+
+def test_second_derivative_equals_autograd_of_the_naive_form() -> None:
+    """Hessian-vector products (create_graph=True) equal those of the plain autograd matrix form."""
+    torch.manual_seed(0)
+    x = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    v = torch.randn(10, 4, dtype=torch.float64)
+
+    def naive(e: torch.Tensor) -> torch.Tensor:
+        en = e / e.norm(dim=1, keepdim=True)
+        s = en @ en.T
+        same = (y[:, None] == y[None, :]) & ~torch.eye(10, dtype=torch.bool)
+        hp, hn = same & (s <= 0.9), (y[:, None] != y[None, :]) & (s >= -1.0)
+        return (0.9 - s)[hp].sum() / hp.sum().clamp(min=1) + (s + 1.0)[hn].sum() / hn.sum().clamp(min=1)
+
+    hvps = []
+    for f in (lambda e: tcm_loss(e, y, margin_neg=-1.0), naive):
+        (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+        (hv,) = torch.autograd.grad((g * v).sum(), x)
+        hvps.append(hv)
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-10, atol=1e-12)

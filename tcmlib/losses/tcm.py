@@ -18,12 +18,24 @@ unordered pairs give the same value: every unordered pair appears twice in the s
 the count.  Differences from pml:
 
 * one (B, M) similarity GEMM instead of gathering both members of every pair: extra memory is
-  O(B M) (similarities, two boolean masks, their gradient), not O(B^2 D);
+  one float (B, M) buffer (the similarities, then overwritten by W = dL/ds) and three boolean
+  masks, not O(B^2 D);
 * with a reference set pml pairs ``embeddings[i]`` with ``embeddings[j]`` (not ``ref_emb[j]``):
   wrong; we pair query i with reference j;
 * pml drops self pairs when ``ref_labels is labels``; we drop them when
   ``ref_embeddings is embeddings`` (or no reference set is given): the pair (i, i) is a sample
   with itself, whatever the label tensors are.
+
+How it is computed.  The hinge is piecewise linear in s, so dL/ds is the constant W (B, M) of
+tcm_loss's docstring: no need to differentiate the masked expression with autograd (which keeps
+~6 (B, M) temporaries and makes ~20 passes over them).  Under ``no_grad`` we compute the masks, the
+value from the hard pairs' cosines (gathered, so no float pass over the whole matrix) and W; the
+gradients W rn, W^T xn (2 W xn without a reference set, W being symmetric) are one or two GEMMs,
+handed to autograd by a small function (value 0, gradient g; g keeps its graph, so second
+derivatives are right too).  On 2 CPU
+cores (``benchmarks/tcm_vs_pml.py``) this is faster than the naive autograd form and, with one
+gradient GEMM instead of two, about as fast as a bare similarity GEMM's forward + backward.
+Gathering the hard pairs synchronises with a GPU (as the input checks already do).
 """
 
 from __future__ import annotations
@@ -32,7 +44,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from tcmlib._checks import check_embeddings_labels, check_margin
 from tcmlib.normalize import l2_normalize
@@ -78,6 +89,12 @@ def tcm_loss(
     A batch with a single class has no negative pairs, so the negative term is 0 (not an error);
     a batch of one sample without a reference set has no pairs at all and gives 0.
 
+    Gradient (exact; the hinge is linear between its kinks):
+
+        dL/ds_ij = -l+ / n+  if (i, j) is a hard positive,
+                   +l- / n-  if (i, j) is a hard negative,
+                   0         otherwise                       (n+, n- = numbers of hard pairs)
+
     Returns:
         A 0-dim tensor: float32 for float16 / bfloat16 / float32 input, float64 for float64.
         The similarity GEMM runs in the input dtype (or the autocast dtype); the hinge, the
@@ -108,75 +125,50 @@ def tcm_loss(
             raise ValueError(f"ref_embeddings is on {r.device} but embeddings on {x.device}; move one of them")
         ry = ry.to(x.device)
 
-    xn = l2_normalize(x, dim=1)  # (B, D), cannot overflow or underflow
+    xn = l2_normalize(x, dim=1)  # (B, D)
     rn = xn if r is x else l2_normalize(r, dim=1)  # (M, D)
-    sim = xn @ rn.T  # (B, M), the only O(B M D) step; autograd differentiates this GEMM
-    return _TCMHinge.apply(sim, y, ry, exclude_self, m_pos, m_neg, l_pos, l_neg)
+    acc = torch.promote_types(xn.dtype, torch.float32)  # masks, hinge and sums: at least float32
+    with torch.no_grad():
+        s = (xn @ rn.T).to(acc)  # (B, M) cosines; the GEMM runs in the input (or autocast) dtype
+        same = y[:, None] == ry[None, :]  # (B, M)
+        hard_pos = (s <= m_pos) & same  # (B, M), "<=" as pml
+        if exclude_self:
+            hard_pos.fill_diagonal_(False)  # the pairs (i, i)
+        hard_neg = (s >= m_neg) & ~same  # (B, M), ">=" as pml
+        s_pos, s_neg = s[hard_pos], s[hard_neg]  # (n+,), (n-,) the hard pairs' cosines
+        a, b = l_pos / max(len(s_pos), 1), l_neg / max(len(s_neg), 1)  # an empty term: 0, not NaN
+        loss = a * (m_pos - s_pos).sum() + b * (s_neg - m_neg).sum()
+        # W = dL/ds (B, M): -l+/n+ on hard positives, +l-/n- on hard negatives, 0 elsewhere
+        w = s.zero_().masked_fill_(hard_neg, b).masked_fill_(hard_pos, -a)  # reuses s's memory
+    # s = xn rn^T, so dL/dxn = W rn and dL/drn = W^T xn: hand them to autograd (_Gradient adds 0 to
+    # the value).  The GEMMs run in float32 even under autocast: the entries l/n of W underflow float16.
+    with torch.autocast(xn.device.type, enabled=False):
+        if rn is xn and xn.requires_grad:  # W is symmetric (s_ij = s_ji): W xn + W^T xn = 2 W xn
+            loss = loss + _Gradient.apply(xn, 2 * (w @ xn.to(acc)))
+        if rn is not xn and xn.requires_grad:
+            loss = loss + _Gradient.apply(xn, w @ rn.to(acc))
+        if rn is not xn and rn.requires_grad:
+            loss = loss + _Gradient.apply(rn, w.T @ xn.to(acc))
+    return loss
 
 
-def _block_rows(sim: Tensor) -> int:
-    """Rows per block: ~2^16 entries (256 KB of float32, cache-resident) on CPU; 2^24 on a GPU."""
-    return max(1, (2**16 if sim.device.type == "cpu" else 2**24) // sim.shape[1])
+class _Gradient(torch.autograd.Function):
+    """``0`` in the forward pass, ``grad * g`` as the gradient of ``t``: a known gradient handed to autograd.
 
-
-class _TCMHinge(torch.autograd.Function):
-    """L_TCM as a function of the similarity matrix ``sim`` (B, M), with its gradient written out.
-
-    dL/ds_ij = -l+ / n+  if (i, j) is a hard positive,
-               +l- / n-  if (i, j) is a hard negative,
-               0         otherwise                       (n+, n- = numbers of hard pairs)
-
-    Why by hand: autograd of the masked expression keeps ~6 (B, M) temporaries and makes ~20
-    passes over memory, more time than the GEMMs at B = 4096.  Here rows are processed in blocks
-    of ~2^16 entries that stay in cache, and only two boolean (B, M) masks are kept for backward.
-    Masks, hinge and sums use at least float32 (``acc``) whatever the dtype of ``sim``.
-    Not twice differentiable (the hinge's second derivative is 0 almost everywhere anyway).
+    ``g`` keeps its own graph (``g = W xn``, W piecewise constant), so a second derivative
+    (``create_graph=True``) differentiates ``g`` and comes out right; a first-order backward never
+    enters that graph.
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, sim: Tensor, y: Tensor, ry: Tensor, exclude_self: bool,
-        m_pos: float, m_neg: float, l_pos: float, l_neg: float,
-    ) -> Tensor:
-        B, M = sim.shape
-        acc = torch.promote_types(sim.dtype, torch.float32)
-        hard_pos = torch.empty(B, M, dtype=torch.bool, device=sim.device)  # (B, M)
-        hard_neg = torch.empty(B, M, dtype=torch.bool, device=sim.device)  # (B, M)
-        pos_sum = sim.new_zeros((), dtype=acc)
-        neg_sum = sim.new_zeros((), dtype=acc)
-        n_pos = torch.zeros((), dtype=torch.long, device=sim.device)
-        n_neg = torch.zeros((), dtype=torch.long, device=sim.device)
-        rows = _block_rows(sim)
-        for r0 in range(0, B, rows):
-            s = sim[r0 : r0 + rows].to(acc)  # (b, M), b <= rows
-            same = y[r0 : r0 + rows, None] == ry[None, :]  # (b, M)
-            hp = torch.le(s, m_pos, out=hard_pos[r0 : r0 + rows]).logical_and_(same)  # s <= m+, as pml
-            if exclude_self:
-                hp.diagonal(offset=r0).fill_(False)  # the pairs (i, i)
-            hn = torch.ge(s, m_neg, out=hard_neg[r0 : r0 + rows]).logical_and_(same.logical_not_())  # s >= m-
-            # torch.where, not a product with the mask: exact zeros off the hard pairs
-            pos_sum += torch.where(hp, m_pos - s, 0.0).sum()
-            neg_sum += torch.where(hn, s - m_neg, 0.0).sum()
-            n_pos += hp.sum()
-            n_neg += hn.sum()
-        # an empty term has sum exactly 0: dividing by max(n, 1) gives 0, not NaN
-        w_pos = l_pos / n_pos.clamp(min=1).to(acc)
-        w_neg = l_neg / n_neg.clamp(min=1).to(acc)
-        ctx.save_for_backward(hard_pos, hard_neg, w_pos, w_neg)
-        ctx.sim_dtype = sim.dtype
-        return pos_sum * w_pos + neg_sum * w_neg
+    def forward(ctx: Any, t: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g)
+        return g.new_zeros(())
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        hard_pos, hard_neg, w_pos, w_neg = ctx.saved_tensors
-        a, b = -w_pos * grad, w_neg * grad  # 0-dim
-        grad_sim = torch.empty(hard_pos.shape, dtype=ctx.sim_dtype, device=hard_pos.device)  # (B, M)
-        rows = _block_rows(hard_pos)
-        for r0 in range(0, hard_pos.shape[0], rows):
-            g = hard_pos[r0 : r0 + rows] * a + hard_neg[r0 : r0 + rows] * b  # (b, M)
-            grad_sim[r0 : r0 + rows] = g
-        return grad_sim, None, None, None, None, None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (g,) = ctx.saved_tensors
+        return grad * g, None
 
 
 class TCMLoss(nn.Module):
