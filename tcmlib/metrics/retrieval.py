@@ -58,7 +58,7 @@ def _check_ks(ks: Sequence[int], n: int) -> list[int]:
         ks = ks.tolist() if ks.ndim else [ks.item()]
     if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
         raise ValueError(f"ks must be a positive int or a sequence of them, got {ks!r}")
-    out = []
+    out: list[int] = []
     for k in ks:
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"every k must be a positive int, got {k!r} in ks = {ks!r}")
