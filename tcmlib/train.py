@@ -172,7 +172,8 @@ def _check_ranges(cfg: "TrainConfig") -> None:
         try:
             TCMLoss(**cfg.tcm)
         except ValueError as e:
-            raise ValueError(f"config key 'tcm': {e}") from None
+            raise ValueError(f"config key 'tcm': {e}; allowed: margin_pos, margin_neg in [-1, 1], "
+                             "lambda_pos, lambda_neg finite >= 0") from None
 
 
 @dataclass
@@ -258,7 +259,8 @@ class TrainConfig:
         if self.amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.m < 2:
-            raise ValueError(f"m = {self.m}: every class in a batch needs >= 2 samples (positives)")
+            raise ValueError(f"config key 'm' = {self.m}: every class in a batch needs >= 2 samples (positives); "
+                             "allowed: an integer >= 2")
         if self.batch_size % self.m:
             raise ValueError(f"batch_size = {self.batch_size} is not divisible by m = {self.m}; use a multiple of m")
         if self.batch_size // self.m < 2:
