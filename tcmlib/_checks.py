@@ -19,7 +19,11 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, (np.ndarray, list, tuple)):
-        return torch.as_tensor(np.asarray(x))
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "biufc":  # strings, objects, dates: no tensor of numbers
+            raise ValueError(f"{name} must hold numbers, got a numpy array of dtype {arr.dtype} "
+                             f"(e.g. {arr.ravel()[:1].tolist()}); map class names to integer ids first")
+        return torch.as_tensor(arr)
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
@@ -33,6 +37,9 @@ def check_embeddings(embeddings: Any, name: str = "embeddings", *, allow_zero_ro
         )
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one sample of dimension >= 1")
+    if torch.is_complex(x):
+        raise ValueError(f"{name} is complex (dtype {x.dtype}); embeddings must be real: pass x.real, x.abs() "
+                         "or torch.view_as_real(x).flatten(1), whichever your model means")
     if not torch.is_floating_point(x):
         x = x.float()
     if not bool(torch.isfinite(x).all()):

@@ -23,16 +23,24 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["rng_states", "set_rng_states", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["rng_states", "set_rng_states", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+           "read_checkpoint", "apply_checkpoint", "newest_loadable_checkpoint", "remove_stale_temporaries", "CorruptCheckpointError"]
 
 VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+_TEMP = re.compile(r"^\.step-.*\.tmp$")  # what an interrupted save_checkpoint leaves behind
+_REQUIRED = ("model", "rng", "epoch", "step")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, empty, not a checkpoint)."""
 
 
 def rng_states() -> dict[str, Any]:
@@ -127,6 +135,81 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files interrupted :func:`save_checkpoint` calls left in ``run_dir/checkpoints``.
+
+    Call it only while no other process writes checkpoints into ``run_dir`` (``fit`` does, at start).
+    Returns the paths removed.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    stale = [p for p in ckpt_dir.iterdir() if _TEMP.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint file into its dict; :class:`CorruptCheckpointError` if it is not a whole one."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)  # our own file: trusted
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, empty file, garbage bytes, unpickling errors
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                                     "it is truncated or corrupt") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED):
+        raise CorruptCheckpointError(f"checkpoint {path} is not a tcmlib checkpoint (keys {_REQUIRED} missing)")
+    return ckpt
+
+
+def newest_loadable_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+                               ) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, dict)`` of the newest checkpoint of ``run_dir`` that reads whole, or None when there is none.
+
+    Unreadable newer files are skipped with a warning and renamed ``step-<n>.pt.corrupt`` (kept for
+    inspection, ignored from then on).  Raises :class:`CorruptCheckpointError` when checkpoints exist
+    but none of them reads.
+    """
+    found = _checkpoints(Path(run_dir) / "checkpoints")
+    errors = []
+    for path in reversed(found):
+        try:
+            ckpt = read_checkpoint(path, map_location)
+        except CorruptCheckpointError as e:
+            errors.append(str(e))
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)  # out of the way of latest_checkpoint and the rotation; kept for inspection
+            warnings.warn(f"{e}; moved it to {aside.name} and falling back to an older checkpoint", stacklevel=2)
+            continue
+        return path, ckpt
+    if errors:
+        raise CorruptCheckpointError(f"no checkpoint of {run_dir} can be read: " + "; ".join(errors)
+                                     + ". Delete the checkpoints directory to start the run afresh")
+    return None
+
+
+def apply_checkpoint(
+    ckpt: dict[str, Any],
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    loss: torch.nn.Module | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load the states of a checkpoint dict (from :func:`read_checkpoint`) into the objects given; restore RNGs."""
+    for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler"),
+                     (loss, "loss")):
+        if obj is not None and ckpt.get(key) is not None:
+            obj.load_state_dict(ckpt[key])
+    if restore_rng:
+        set_rng_states(ckpt["rng"])
+    return ckpt
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -141,12 +224,8 @@ def load_checkpoint(
     """Read a checkpoint, load the states into the objects given, restore RNGs; return the dict.
 
     The caller restores the sampler from ``ckpt["sampler"]`` and continues at ``ckpt["epoch"]``.
+    A truncated or foreign file raises :class:`CorruptCheckpointError` (a ``ValueError``).
     """
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)  # our own file: trusted
-    for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler"),
-                     (loss, "loss")):
-        if obj is not None and ckpt.get(key) is not None:
-            obj.load_state_dict(ckpt[key])
-    if restore_rng:
-        set_rng_states(ckpt["rng"])
-    return ckpt
+    ckpt = read_checkpoint(path, map_location)
+    return apply_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=loss,
+                            restore_rng=restore_rng)

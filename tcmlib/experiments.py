@@ -16,7 +16,11 @@ needs another chapter's models simply asks for the same configs::
 
 Layout: ``<cache_dir>/<name>-<key>/`` with ``config.yaml``, ``metrics.jsonl`` / ``metrics.csv``
 (written by :func:`tcmlib.train.fit`), ``model.pt`` (final weights), ``summary.json`` (written
-last: its presence marks the run complete) and, once asked for, ``test_embeddings.pt``.
+last: its presence marks the run complete; it records the size and sha256 of ``model.pt``) and,
+once asked for, ``test_embeddings.pt``.  Every file is written atomically (temporary file,
+fsync, rename).  A finished entry is verified before it is used: an unreadable ``summary.json``,
+a key that is not this config's, or a ``model.pt`` that is missing or differs from what the
+summary recorded makes the entry corrupt; it is then deleted and retrained, with a message.
 ``key`` is a hash of every config field except ``run_dir``, ``progress`` and ``device`` (where
 and how verbosely a run goes does not change what it computes).  A directory without
 ``summary.json`` is a run that was interrupted: the next call resumes it from its newest
@@ -37,6 +41,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -107,8 +113,13 @@ class RunResult:
         return self.run_dir / "model.pt"
 
     def load_model(self, device: str | torch.device = "cpu") -> Embedder:
-        """Rebuild the Embedder of this run and load its final weights; returned in eval mode."""
+        """Rebuild the Embedder of this run and load its final weights (checksum-verified); returned in eval mode.
+
+        Raises ``ValueError`` (:class:`CorruptCacheEntry`) when ``model.pt`` is missing or not the file
+        the run wrote; ``run_cached`` on the same config then retrains it.
+        """
         cfg = self.config
+        _read_summary(cfg, self.run_dir, self.key)  # verifies model.pt against the recorded size and sha256
         in_channels = 1 if cfg.dataset in SMALL_DATASETS else 3
         model = build_embedder(cfg.backbone, cfg.dim, False, in_channels, small_input=cfg.small_input,
                                image_size=input_size(cfg), frozen_bn=cfg.frozen_bn)
@@ -119,13 +130,14 @@ class RunResult:
         """``(embeddings (N, D) float32, labels (N,))`` of the test split; computed once, then read from disk."""
         path = self.run_dir / "test_embeddings.pt"
         if path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return saved["embeddings"], saved["labels"]
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                return saved["embeddings"], saved["labels"]
+            except Exception as e:  # truncated or foreign: computed again below
+                warnings.warn(f"{path} cannot be read ({type(e).__name__}); computing the embeddings again")
         _, test, _ = build_data(self.config)
         emb, labels = embed(self.load_model(device), test, batch_size=self.config.eval_batch_size, device=device)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"embeddings": emb, "labels": labels}, tmp)
-        os.replace(tmp, path)  # atomic
+        _atomic_write(path, lambda fh: torch.save({"embeddings": emb, "labels": labels}, fh))
         return emb, labels
 
 
@@ -146,10 +158,96 @@ def _locked(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class CorruptCacheEntry(ValueError):
+    """A finished cache entry whose files do not match what its summary recorded."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """``write(fh)`` into a temporary file beside ``path``, fsync, then rename onto ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _verify_file(run_dir: Path, name: str, record: Mapping[str, Any]) -> None:
+    path = run_dir / name
+    if not path.is_file():
+        raise CorruptCacheEntry(f"{path} is missing")
+    size = path.stat().st_size
+    if size != record.get("size"):
+        raise CorruptCacheEntry(f"{path} has {size} bytes, the summary recorded {record.get('size')} (truncated?)")
+    if _sha256(path) != record.get("sha256"):
+        raise CorruptCacheEntry(f"{path} differs from the file this run wrote (sha256 mismatch)")
+
+
+def _verify_legacy_model(cfg: TrainConfig, path: Path) -> None:
+    """An entry written before checksums: ``model.pt`` must load and fit this config's Embedder."""
+    if not path.is_file():
+        raise CorruptCacheEntry(f"{path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CorruptCacheEntry(f"{path} cannot be read ({type(e).__name__})") from None
+    in_channels = 1 if cfg.dataset in SMALL_DATASETS else 3
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: leave the caller's RNG alone
+        model = build_embedder(cfg.backbone, cfg.dim, False, in_channels, small_input=cfg.small_input,
+                               image_size=input_size(cfg), frozen_bn=cfg.frozen_bn)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not isinstance(state, dict) or {k: tuple(getattr(v, "shape", ())) for k, v in state.items()} != want:
+        raise CorruptCacheEntry(f"{path} does not hold this run's model (another architecture or run)")
+
+
+def _read_summary(cfg: TrainConfig, run_dir: Path, key: str) -> dict[str, Any]:
+    """The verified summary of a finished entry; :class:`CorruptCacheEntry` when anything does not match."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCacheEntry(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(summary, dict) or not {"key", "history", "final"} <= set(summary):
+        raise CorruptCacheEntry(f"{path} lacks the keys key, history, final")
+    if summary["key"] != key:
+        raise CorruptCacheEntry(f"{path} belongs to run {summary['key']}, not {key}")
+    files = summary.get("files")
+    if files is None:  # written before checksums were recorded: check what can be checked, then record them
+        _verify_legacy_model(cfg, run_dir / "model.pt")
+        summary["files"] = {"model.pt": _file_record(run_dir / "model.pt")}
+        _atomic_write(path, lambda fh: fh.write(json.dumps(summary, indent=1, default=str).encode()))
+    else:
+        for name, record in files.items():
+            _verify_file(run_dir, name, record)
+    return summary
+
+
 def _load(cfg: TrainConfig, run_dir: Path, key: str, trained: bool) -> RunResult:
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _read_summary(cfg, run_dir, key)
     return RunResult(config=cfg, history=summary["history"], final=summary["final"], run_dir=run_dir, key=key,
                      trained=trained)
+
+
+def _clear(run_dir: Path) -> None:
+    for child in run_dir.iterdir():
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
 def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.PathLike | None = None,
@@ -174,20 +272,29 @@ def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.P
     run_dir = run_dir / f"{run_name(cfg)}-{key}"
     with _locked(run_dir):
         if force:
-            for child in run_dir.iterdir():
-                if child.name != ".lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            _clear(run_dir)
+        for stale in run_dir.glob(".*.tmp"):  # interrupted atomic writes (we hold the lock: none is in progress)
+            stale.unlink(missing_ok=True)
+        for old in ("summary.json.tmp", "test_embeddings.tmp"):  # the names older versions used
+            (run_dir / old).unlink(missing_ok=True)
         if (run_dir / "summary.json").exists():
-            return _load(cfg, run_dir, key, trained=False)
+            try:
+                return _load(cfg, run_dir, key, trained=False)
+            except CorruptCacheEntry as e:
+                msg = f"cached run {run_dir.name} is corrupt ({e}); deleting it and training it again"
+                warnings.warn(msg, stacklevel=2)
+                print(msg, file=sys.stderr)
+                _clear(run_dir)
         # new or interrupted: fit() resumes from the newest checkpoint if there is one
         quiet = not cfg.progress if quiet is None else quiet
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             result = fit(cfg, resume=True, run_dir=str(run_dir))
-        torch.save(result.model.state_dict(), run_dir / "model.pt")
-        summary = {"key": key, "config": dataclasses.asdict(cfg), "final": result.final, "history": result.history}
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1, default=str))
-        os.replace(tmp, run_dir / "summary.json")  # written last: marks the run complete
+        state = result.model.state_dict()
+        _atomic_write(run_dir / "model.pt", lambda fh: torch.save(state, fh))
+        summary = {"key": key, "config": dataclasses.asdict(cfg), "final": result.final, "history": result.history,
+                   "files": {"model.pt": _file_record(run_dir / "model.pt")}}
+        text = json.dumps(summary, indent=1, default=str).encode()
+        _atomic_write(run_dir / "summary.json", lambda fh: fh.write(text))  # written last: marks the run complete
         if not keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         return _load(cfg, run_dir, key, trained=True)

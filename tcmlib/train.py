@@ -31,6 +31,8 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 import time
 import warnings
@@ -45,13 +47,15 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tcmlib.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tcmlib.data import DATASET_NAMES, MPerClassBatchSampler, get_dataset
+from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loadable_checkpoint,
+                               remove_stale_temporaries, save_checkpoint)
+from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get_dataset
 from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
 from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
-from tcmlib.losses.registry import available_losses, loss_param_groups, make_loss
+from tcmlib.losses.registry import available_losses, loss_kwarg_names, loss_param_groups, make_loss
+from tcmlib.losses.tcm import TCMLoss
 from tcmlib.metrics import recall_and_map_at_r, utility_curves
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
@@ -60,7 +64,116 @@ __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data",
            "main"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Fields a resumed run may change: where and how verbosely it runs, how often it saves, how big its
+# evaluation batches are, and how many more epochs it trains.  None changes a training step's
+# inputs or arithmetic (num_workers: the batches stay exact, see the module docstring).  Any other
+# difference between a checkpoint's config and the resuming one is refused.
+RESUME_SAFE_FIELDS = ("epochs", "progress", "run_dir", "device", "num_workers", "checkpoint_every_steps",
+                      "eval_batch_size", "data_root")
+# Divergence guard: training stops when the loss or the parameter norm exceeds DIVERGENCE_FACTOR times
+# its reference (the loss of the run's first step, the norm of the initial weights; each at least 1).
+# Healthy runs stay within a small factor of both (losses fall, weight decay bounds the weights);
+# 1e6 is reached only by runaway growth, long before float overflow turns it into inf / NaN.
+DIVERGENCE_FACTOR = 1e6
 SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
+
+
+def _to_float(name: str, value: Any) -> float:
+    if isinstance(value, (list, dict, tuple)) or value is None:
+        raise ValueError(f"config key {name!r} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {name!r} must be a number, got {value!r}") from None
+
+
+def _to_ints(name: str, value: Any) -> list[int]:
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"config key {name!r} must be a list of integers, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, str)) and not (isinstance(v, float) and v.is_integer()):
+            raise ValueError(f"config key {name!r} must be a list of integers, got {v!r} in {value!r}")
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ValueError(f"config key {name!r} must be a list of integers, got {v!r} in {value!r}") from None
+    return out
+
+
+# field -> (allowed types, None allowed); bools are not ints here, ints are accepted where floats are
+_INT, _FLOAT, _BOOL, _STR = (int,), (float,), (bool,), (str,)
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
+    "dataset": (_STR, False), "data_root": ((str, os.PathLike), True), "glyph_size": (_STR, False), "data_seed": (_INT, False),
+    "val_fraction": (_FLOAT, False), "image_size": (_INT, True), "backbone": (_STR, False),
+    "pretrained": (_BOOL, False), "dim": (_INT, False), "small_input": (_BOOL, False), "frozen_bn": (_BOOL, True),
+    "loss": (_STR, False), "loss_kwargs": ((dict,), False), "tcm": ((bool, dict), False),
+    "batch_size": (_INT, False), "m": (_INT, False), "steps_per_epoch": (_INT, True), "epochs": (_INT, False),
+    "optimizer": (_STR, False), "lr": (_FLOAT, False), "head_lr_mult": (_FLOAT, False),
+    "loss_lr_mult": (_FLOAT, True), "weight_decay": (_FLOAT, False), "milestones": ((list,), False),
+    "gamma": (_FLOAT, False), "amp": (_STR, True), "channels_last": (_BOOL, False), "chunk_size": (_INT, True),
+    "device": (_STR, False), "num_workers": (_INT, False), "deterministic": (_BOOL, False),
+    "eval_ks": ((list,), False), "eval_every": (_INT, False), "eval_batch_size": (_INT, False),
+    "checkpoint_every_steps": (_INT, False), "seed": (_INT, False), "run_dir": ((str, os.PathLike), False),
+    "progress": (_BOOL, False),
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+               list: "a list", os.PathLike: "a path"}
+TCM_KEYS = ("margin_pos", "margin_neg", "lambda_pos", "lambda_neg")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_types(cfg: "TrainConfig") -> None:
+    for f in dataclasses.fields(cfg):
+        types, optional = _FIELD_TYPES[f.name]
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            want = " or ".join(_TYPE_NAMES[t] for t in types) + (" or null" if optional else "")
+            raise ValueError(f"config key {f.name!r} must be {want}, got {value!r} ({type(value).__name__})")
+
+
+def _check_ranges(cfg: "TrainConfig") -> None:
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"config key {key!r} = {getattr(cfg, key)!r} is out of range; allowed: {allowed}")
+
+    for key in ("dim", "batch_size", "epochs", "eval_every", "eval_batch_size"):
+        need(getattr(cfg, key) >= 1, key, "an integer >= 1")
+    for key in ("data_seed", "seed", "num_workers", "checkpoint_every_steps"):
+        need(getattr(cfg, key) >= 0, key, "an integer >= 0")
+    for key in ("image_size", "steps_per_epoch", "chunk_size"):
+        need(getattr(cfg, key) is None or getattr(cfg, key) >= 1, key, "an integer >= 1, or null")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "a finite number > 0")
+    need(math.isfinite(cfg.head_lr_mult) and cfg.head_lr_mult >= 0, "head_lr_mult", "a finite number >= 0")
+    need(cfg.loss_lr_mult is None or math.isfinite(cfg.loss_lr_mult) and cfg.loss_lr_mult >= 0, "loss_lr_mult",
+         "a finite number >= 0, or null")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "a finite number >= 0")
+    need(0.0 < cfg.gamma <= 1.0, "gamma", "a number in (0, 1] (the lr is multiplied by it at each milestone)")
+    need(all(v >= 1 for v in cfg.milestones), "milestones", "a list of epoch numbers >= 1")
+    need(len(cfg.eval_ks) > 0 and all(k >= 1 for k in cfg.eval_ks), "eval_ks", "a non-empty list of integers >= 1")
+    need(bool(_DEVICE.match(cfg.device)), "device", "auto, cpu, mps, cuda or cuda:<index>")
+    need(str(cfg.run_dir).strip() != "", "run_dir", "a non-empty path")
+    if cfg.glyph_size not in GLYPH_PRESETS:
+        need(False, "glyph_size", ", ".join(GLYPH_PRESETS))
+    if not all(isinstance(k, str) for k in cfg.loss_kwargs):
+        need(False, "loss_kwargs", "a mapping of option names (strings) to values")
+    if isinstance(cfg.tcm, dict):
+        bad = sorted(str(k) for k in cfg.tcm if k not in TCM_KEYS)
+        if bad:
+            raise ValueError(f"config key 'tcm' has unknown keys {bad}; allowed: {', '.join(TCM_KEYS)}")
+        for k, v in cfg.tcm.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"config key 'tcm.{k}' must be a finite number, got {v!r}")
+        try:
+            TCMLoss(**cfg.tcm)
+        except ValueError as e:
+            raise ValueError(f"config key 'tcm': {e}; allowed: margin_pos, margin_neg in [-1, 1], "
+                             "lambda_pos, lambda_neg finite >= 0") from None
 
 
 @dataclass
@@ -116,26 +229,38 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "head_lr_mult", "weight_decay", "gamma", "val_fraction"):  # YAML reads 1e-4 as a string
-            setattr(self, name, float(getattr(self, name)))
+            setattr(self, name, _to_float(name, getattr(self, name)))
         if self.loss_lr_mult is not None:
-            self.loss_lr_mult = float(self.loss_lr_mult)
-        self.milestones = [int(v) for v in self.milestones]
-        self.eval_ks = [int(v) for v in self.eval_ks]
+            self.loss_lr_mult = _to_float("loss_lr_mult", self.loss_lr_mult)
+        self.milestones = _to_ints("milestones", self.milestones)
+        self.eval_ks = _to_ints("eval_ks", self.eval_ks)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for a bad name or an impossible batch layout, before any work."""
+        """Raise ``ValueError`` for any bad field, before any work: the key, the value and what is allowed.
+
+        Types first (an int field takes an int, not a bool or a float; ``None`` only where the
+        default is optional), then ranges and names, then the batch layout.  Whether a requested
+        device exists is checked by :func:`fit` (a config for a GPU is valid on a laptop).
+        """
+        _check_types(self)
+        _check_ranges(self)
         if self.dataset not in DATASET_NAMES:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}")
         if self.backbone not in BACKBONES and not self.backbone.startswith("timm:"):
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)} or timm:<name>")
         if self.loss.strip().lower() not in available_losses():
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(available_losses())}")
+        unknown = sorted(set(self.loss_kwargs) - loss_kwarg_names(self.loss))
+        if unknown:
+            raise ValueError(f"config key 'loss_kwargs' has options {unknown} that loss {self.loss!r} does not take; "
+                             f"allowed: {', '.join(sorted(loss_kwarg_names(self.loss)))}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or adamw")
         if self.amp not in (None, *AMP_DTYPES):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if self.m < 2:
-            raise ValueError(f"m = {self.m}: every class in a batch needs >= 2 samples (positives)")
+            raise ValueError(f"config key 'm' = {self.m}: every class in a batch needs >= 2 samples (positives); "
+                             "allowed: an integer >= 2")
         if self.batch_size % self.m:
             raise ValueError(f"batch_size = {self.batch_size} is not divisible by m = {self.m}; use a multiple of m")
         if self.batch_size // self.m < 2:
@@ -164,21 +289,41 @@ class FitResult:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **kwargs: Any) -> TrainConfig:
-    """A :class:`TrainConfig` from a YAML file, then ``key=value`` overrides (values parsed as YAML), then kwargs."""
+    """A :class:`TrainConfig` from a YAML file, then ``key=value`` overrides (values parsed as YAML), then kwargs.
+
+    A config read from a file must name its ``dataset`` (in the file or an override): the
+    dataclass default (glyphs) is for Python callers, a file that forgot the key is an error.
+    Bad YAML, a file that is not a mapping, unknown keys and bad values raise ``ValueError``.
+    """
     values: dict[str, Any] = {}
     if path is not None:
         with open(path) as fh:
-            values.update(yaml.safe_load(fh) or {})
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path} must be a mapping of TrainConfig keys (key: value lines), "
+                             f"got a {type(loaded).__name__}")
+        values.update(loaded or {})
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not key=value")
-        values[key.strip()] = yaml.safe_load(raw)
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {' '.join(str(e).split())}") from None
     values.update(kwargs)
+    if not all(isinstance(k, str) for k in values):
+        raise ValueError(f"config keys must be strings, got {sorted(map(repr, values))}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    if path is not None and "dataset" not in values:
+        raise ValueError(f"{path} does not say which data set to train on: add 'dataset: <name>' "
+                         f"({', '.join(DATASET_NAMES)}) or --override dataset=<name>")
     return TrainConfig(**values)
 
 
@@ -265,7 +410,10 @@ def evaluate(
     """
     emb, labels = embed(model, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
                         channels_last=channels_last)
-    ks = [k for k in ks if k < emb.shape[0]]
+    too_big = [k for k in ks if k >= emb.shape[0]]
+    if too_big:
+        raise ValueError(f"eval_ks {too_big} >= N = {emb.shape[0]} samples: a query has only N - 1 others; "
+                         f"use ks < {emb.shape[0]}")
     recall, map_r = recall_and_map_at_r(emb, labels, ks)
     curves = utility_curves(emb, labels)
     out = {f"R@{k}": v for k, v in recall.items()}
@@ -302,6 +450,49 @@ def _all_finite(module: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in module.state_dict().values() if torch.is_floating_point(t))
 
 
+@torch.no_grad()
+def _param_norm(*modules: nn.Module) -> float:
+    """The L2 norm of all parameters of ``modules`` together (read only; float64 accumulation)."""
+    sq = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64).pow(2).to("cpu") for m in modules
+          for p in m.parameters()]
+    return math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
+
+
+def _resolve_device(name: str) -> torch.device:
+    """``auto`` -> the best available; otherwise the device named, if this machine has it (else ValueError)."""
+    if name == "auto":
+        return torch.device(default_device())
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"config key 'device' = {name!r}, but torch sees no CUDA GPU here; use device: auto "
+                             "or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"config key 'device' = {name!r}, but there are only {torch.cuda.device_count()} "
+                             "CUDA devices")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"config key 'device' = {name!r}, but MPS is not available here; use device: auto or cpu")
+    return device
+
+
+def _check_resume_config(saved: dict[str, Any] | None, cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint under a config that differs in a field not in RESUME_SAFE_FIELDS."""
+    if saved is None:
+        warnings.warn(f"{path} stores no config; cannot check that the resumed run matches it")
+        return
+    now = dataclasses.asdict(cfg)
+    try:  # the checkpoint's values through the same normalisation (YAML strings -> floats, ...)
+        saved = dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in now}))
+    except (TypeError, ValueError):
+        pass
+    differ = sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k) != now[k])
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
+        raise ValueError(f"cannot resume {path}: the config differs in {differ} ({detail}). Only "
+                         f"{', '.join(RESUME_SAFE_FIELDS)} may change on resume; use the run's own config "
+                         f"({Path(cfg.run_dir) / 'config.yaml'} before this call) or a new run_dir")
+
+
 def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False,
         train_data: Dataset | None = None, test_data: Dataset | None = None, val_data: Dataset | None = None,
         **kwargs: Any) -> FitResult:
@@ -328,15 +519,28 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     else:
         cfg = load_config(None, **{**(config or {}), **kwargs})
     cfg.validate()
+    device = _resolve_device(cfg.device)
     run_dir = Path(cfg.run_dir)
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints ({ckpt_path.name}); pass resume=True "
                               "(--resume) to continue that run, or choose a new run_dir")
+    for stale in remove_stale_temporaries(run_dir):
+        tqdm.write(f"removed {stale}, the temporary file of an interrupted checkpoint write")
+    ckpt: dict[str, Any] | None = None
+    if ckpt_path is not None:  # resume: the newest checkpoint that reads whole, under a compatible config
+        found = newest_loadable_checkpoint(run_dir, map_location=device)
+        assert found is not None
+        ckpt_path, ckpt = found
+        _check_resume_config(ckpt.get("config"), cfg, ckpt_path)
+        in_progress = (ckpt.get("sampler") or {}).get("start_batch", 0) > 0
+        if ckpt["epoch"] > cfg.epochs or (in_progress and ckpt["epoch"] >= cfg.epochs):
+            raise ValueError(f"cannot resume {ckpt_path} with epochs = {cfg.epochs}: the run has already trained "
+                             f"{ckpt['epoch']} epochs{' and part of the next' if in_progress else ''}; "
+                             f"pass epochs >= {ckpt['epoch'] + int(in_progress)}")
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "config.yaml", "w") as fh:
         yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
-    device = torch.device(default_device() if cfg.device == "auto" else cfg.device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:  # bit-exact reruns and resumes (restored to the previous setting on return)
         torch.use_deterministic_algorithms(True)
@@ -353,6 +557,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         raise ValueError("train_data must expose a .labels array (one class id per sample) for m-per-class "
                          "batch sampling; tcmlib's datasets do, wrap yours or add the attribute")
     train_labels = torch.as_tensor(getattr(train_data, "labels"))  # (N_train,)
+    for name, data in (("test", test_data), ("validation", val_data)):
+        n_eval = len(data) if data is not None and hasattr(data, "__len__") else None
+        if n_eval is not None and max(cfg.eval_ks) >= n_eval:
+            raise ValueError(f"config key 'eval_ks' = {cfg.eval_ks}: the {name} split has only {n_eval} samples, "
+                             f"so R@k needs k < {n_eval}; drop the larger ks")
     n_classes = int(train_labels.unique().numel())
     if n_classes < cfg.batch_size // cfg.m:
         raise ValueError(f"batch_size / m = {cfg.batch_size // cfg.m} classes per batch, but the train split "
@@ -381,27 +590,45 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         warnings.warn("gradient cache with BatchNorm in train mode: BN statistics are per chunk, so the gradient "
                       "is not exactly the full-batch one (freeze BN for exactness, see tcmlib.gradcache)")
 
+    norm_ref = max(_param_norm(model, criterion), 1.0)  # divergence guard: the initial weights' norm
+    loss_ref: float | None = None  # and the first step's loss
+
     # resume
     epoch0, step, history, best, sums = 0, 0, [], {}, {}
     sampler_state: dict[str, Any] | None = None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               loss=criterion, map_location=device)
+    if ckpt_path is not None and ckpt is not None:
+        apply_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=criterion)
         epoch0, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
         history, sums, sampler_state = ckpt["extra"]["history"], ckpt["extra"]["sums"], ckpt["sampler"]
+        loss_ref = ckpt["extra"].get("loss_ref")
+        assert sampler_state is not None
         _write_metrics(run_dir, history)  # drop lines written after that checkpoint
-        tqdm.write(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, step {step})")
+        if epoch0 >= cfg.epochs:
+            tqdm.write(f"{run_dir} holds a finished run ({epoch0} of {cfg.epochs} epochs, step {step}, {ckpt_path}); "
+                       "nothing to train. Raise epochs to train on")
+        else:
+            tqdm.write(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, "
+                       f"step {step})")
         sys.stdout.flush()
     cfg_dict = dataclasses.asdict(cfg)
 
-    def checkpoint(epoch: int, batches_done: int) -> Path:
+    def guard_weights() -> None:
         if not _all_finite(model) or not _all_finite(criterion):
-            raise FloatingPointError(f"weights are NaN/inf at step {step}; not saving them. The last good "
-                                     f"checkpoint, {latest_checkpoint(run_dir)}, is kept")
+            raise FloatingPointError(f"training diverged: weights are NaN/inf at step {step}; not saving them. The "
+                                     f"last good checkpoint, {latest_checkpoint(run_dir)}, is kept")
+        norm = _param_norm(model, criterion)
+        if norm > DIVERGENCE_FACTOR * norm_ref:
+            raise FloatingPointError(
+                f"training diverged: the weight norm is {norm:.4g} at step {step}, more than {DIVERGENCE_FACTOR:g} "
+                f"times the initial {norm_ref:.4g}; not saving them. The last good checkpoint, "
+                f"{latest_checkpoint(run_dir)}, is kept. Lower lr or raise weight_decay")
+
+    def checkpoint(epoch: int, batches_done: int) -> Path:
+        guard_weights()
         path = save_checkpoint(
             run_dir, model=model, step=step, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
             loss=criterion, sampler_state={"epoch": epoch, "start_batch": batches_done, "seed": cfg.seed},
-            best=best, config=cfg_dict, extra={"history": history, "sums": sums})
+            best=best, config=cfg_dict, extra={"history": history, "sums": sums, "loss_ref": loss_ref})
         tqdm.write(f"checkpoint step {step} -> {path}")
         sys.stdout.flush()
         return path
@@ -441,6 +668,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                 loss_value = float(loss)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"the loss is {loss_value}")
+                if loss_ref is None:
+                    loss_ref = max(abs(loss_value), 1.0)
+                elif abs(loss_value) > DIVERGENCE_FACTOR * loss_ref:
+                    raise FloatingPointError(f"the loss is {loss_value:.4g}, more than {DIVERGENCE_FACTOR:g} times "
+                                             f"the first step's {loss_ref:.4g}")
             except FloatingPointError as e:
                 raise FloatingPointError(
                     f"training diverged at step {step + 1} (epoch {epoch + 1}, batch {b + 1}): {e}. Stopped before "
@@ -476,6 +708,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                                "train_time_s": round(sums["time"], 3)}
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or last:
+            guard_weights()
             t1 = time.perf_counter()
             eval_kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
                            num_workers=cfg.num_workers, channels_last=cfg.channels_last)
@@ -509,8 +742,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.override)
         result = fit(cfg, resume=args.resume)
-    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError) as e:
-        print(f"tcmlib-train: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:  # user errors: one line, no traceback
+        # (ValueError covers bad configs, YAML and corrupt checkpoints; OSError missing / unreadable files)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"tcmlib-train: error: {msg}", file=sys.stderr)
         return 2
     print(json.dumps(result.final))
     return 0

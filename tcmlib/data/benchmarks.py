@@ -140,6 +140,8 @@ def cub_index(root: str | os.PathLike, split: str) -> Index:
                 continue
             if len(parts) != 2 or not parts[0].isdigit():
                 raise _bad_line("cub", path, i, line, "'<image id> <value>'")
+            if fname == "image_class_labels.txt" and not (parts[1].isdigit() and 1 <= int(parts[1]) <= 200):
+                raise _bad_line("cub", path, i, line, "'<image id> <class id 1-200>'")
             table[int(parts[0])] = parts[1]
         tables.append(table)
     images, classes = tables

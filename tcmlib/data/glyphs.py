@@ -46,10 +46,11 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -348,17 +349,31 @@ def load_glyphs(
     if isinstance(size, str) and size not in GLYPH_PRESETS:
         raise ValueError(f"unknown glyph size {size!r}; use one of {sorted(GLYPH_PRESETS)} or a GlyphPreset")
     path = cache_file(size, seed, image_size, cache_dir)
-    if not path.exists():
-        arrays = generate_glyphs(size, seed=seed, image_size=image_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
+    if path.exists():
         try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            return _read_cache(path, split, transform)
+        except Exception as e:  # truncated / garbage / missing arrays: regenerate
+            warnings.warn(f"glyph cache {path} is corrupt ({type(e).__name__}: {e}); regenerating it")
+            path.unlink(missing_ok=True)
+    _write_cache(path, generate_glyphs(size, seed=seed, image_size=image_size))
+    return _read_cache(path, split, transform)
+
+
+def _write_cache(path: Path, arrays: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old state or the whole file
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_cache(path: Path, split: str, transform: Optional[Transform]) -> GlyphDataset:
     with np.load(path) as z:
         fonts = [str(f) for f in z["fonts"]]
         font_ids = z[f"{split}_font_ids"]

@@ -26,15 +26,19 @@ with :func:`loss_param_groups`.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+import torch
 from torch import nn
+
+from tcmlib._checks import check_embeddings, check_labels
 
 from tcmlib.losses.combine import WithTCM, add_tcm
 from tcmlib.losses.recall_surrogate import RecallAtKSurrogateLoss
 from tcmlib.losses.smooth_ap import SmoothAPLoss
 
-__all__ = ["available_losses", "loss_param_groups", "make_loss"]
+__all__ = ["available_losses", "loss_kwarg_names", "loss_param_groups", "make_loss"]
 
 _ALIASES = {"rs@k": "recall_surrogate"}
 _NAMES = ["arcface", "contrastive", "multi_similarity", "ntxent", "proxy_anchor", "recall_surrogate", "smooth_ap"]
@@ -48,6 +52,84 @@ LR_MULTIPLIERS = {"ProxyAnchorLoss": 100.0}
 def available_losses() -> list[str]:
     """Every name :func:`make_loss` accepts, aliases included, sorted."""
     return sorted(_NAMES + list(_ALIASES))
+
+
+def _canonical(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"loss name must be a string, got {type(name).__name__} {name!r}; "
+                        f"valid names: {', '.join(available_losses())}")
+    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in _NAMES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(available_losses())}")
+    return key
+
+
+def _loss_class(key: str) -> type:
+    if key == "smooth_ap":
+        return SmoothAPLoss
+    if key == "recall_surrogate":
+        return RecallAtKSurrogateLoss
+    from pytorch_metric_learning import losses  # optional dependency
+
+    return {"contrastive": losses.ContrastiveLoss, "multi_similarity": losses.MultiSimilarityLoss,
+            "ntxent": losses.NTXentLoss, "proxy_anchor": losses.ProxyAnchorLoss, "arcface": losses.ArcFaceLoss}[key]
+
+
+def loss_kwarg_names(name: str) -> set[str]:
+    """The keyword arguments the base loss ``name`` accepts in ``make_loss(name, **kwargs)``.
+
+    Read from the ``__init__`` signatures along the loss class's MRO (pml passes ``**kwargs`` up to its
+    base classes); ``num_classes`` / ``embedding_size`` are excluded (``make_loss`` passes them itself).
+    """
+    cls = _loss_class(_canonical(name))
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self")
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names - {"num_classes", "embedding_size", "mat_based_loss"}
+
+
+def _check_pml_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook on a pml loss: the checks tcmlib's own losses make, before pml sees the input.
+
+    Calling convention kept: ``(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``.
+    Validates only; the inputs go on unchanged.
+    """
+    names = ("embeddings", "labels", "indices_tuple", "ref_emb", "ref_labels")
+    bound = dict(zip(names, args)) | kwargs
+    name = type(module).__name__
+    if "embeddings" not in bound:
+        raise ValueError(f"{name}: call it as loss(embeddings (B, D), labels (B,), ...)")
+    emb = bound["embeddings"]
+    if not isinstance(emb, torch.Tensor):
+        raise TypeError(f"{name}: embeddings must be a torch.Tensor, got {type(emb).__name__}")
+    check_embeddings(emb, f"{name} embeddings", allow_zero_rows=True)
+    labels = bound.get("labels")
+    n_classes = getattr(module, "num_classes", None)
+    for lab, e, lname, ename in ((labels, emb, "labels", "embeddings"),
+                                 (bound.get("ref_labels"), bound.get("ref_emb"), "ref_labels", "ref_emb")):
+        if e is not None and ename == "ref_emb":
+            if not isinstance(e, torch.Tensor):
+                raise TypeError(f"{name}: ref_emb must be a torch.Tensor, got {type(e).__name__}")
+            check_embeddings(e, f"{name} ref_emb", allow_zero_rows=True)
+            if e.shape[1] != emb.shape[1]:
+                raise ValueError(f"{name}: ref_emb has dimension {e.shape[1]} but embeddings {emb.shape[1]}")
+        if lab is None:
+            if lname == "labels" and n_classes is not None:
+                raise ValueError(f"{name} needs labels (one class id per embedding row)")
+            continue
+        if e is None:
+            raise ValueError(f"{name}: {lname} given without {ename}")
+        y = check_labels(lab, e.shape[0], f"{name} {lname}", ename)
+        if n_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+            raise ValueError(
+                f"{name} {lname} must lie in [0, {n_classes - 1}] (num_classes = {n_classes}: one learnt "
+                f"vector per class), got values in [{int(y.min())}, {int(y.max())}]; remap the labels to "
+                "0..num_classes-1 or build the loss with the right num_classes")
 
 
 def make_loss(
@@ -70,14 +152,19 @@ def make_loss(
     Returns:
         ``nn.Module`` called as ``loss(embeddings (B, D), labels (B,)) -> 0-dim tensor``.
     """
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in _NAMES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(available_losses())}")
+    key = _canonical(name)
+    unknown = sorted(set(kwargs) - loss_kwarg_names(key))
+    if unknown:
+        raise ValueError(f"loss {key!r} has no option(s) {unknown}; valid: {', '.join(sorted(loss_kwarg_names(key)))}")
     if key in _NEEDS_CLASSES and (num_classes is None or embedding_size is None):
         raise ValueError(
             f"loss {key!r} learns one vector per class: pass num_classes= (training classes) and "
             f"embedding_size= (D), got num_classes={num_classes}, embedding_size={embedding_size}"
         )
+    if key in _NEEDS_CLASSES:
+        for arg, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"loss {key!r}: {arg} must be a positive int, got {value!r}")
     base: nn.Module
     if key == "smooth_ap":
         base = SmoothAPLoss(**kwargs)
@@ -99,6 +186,7 @@ def make_loss(
         else:  # arcface
             opts = dict(margin=28.6, scale=64.0)
             base = losses.ArcFaceLoss(num_classes, embedding_size, **{**opts, **kwargs})
+        base.register_forward_pre_hook(_check_pml_input, with_kwargs=True)
     if tcm is False or tcm is None:
         return base
     if tcm is True:

@@ -155,6 +155,9 @@ def utility_curves(
         t_lo, t_hi = (float(v) for v in distance_range)
         if not (math.isfinite(t_lo) and math.isfinite(t_hi) and t_lo < t_hi):
             raise ValueError(f"distance_range = {distance_range} must be finite with lo < hi")
+        if not 0.0 <= t_lo < t_hi <= 2.0:
+            raise ValueError(f"distance_range = {distance_range} lies outside [0, 2]: cosine distances "
+                             "(1 - cos) of unit vectors range over [0, 2]; pass thresholds inside it")
     else:
         q_lo, q_hi = (float(v) for v in far_range)
         if not 0.0 <= q_lo < q_hi <= 1.0:

@@ -35,9 +35,11 @@ dropped.  Memory beyond the inputs: the normalised copy (N, D) and one block; ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from tcmlib._checks import as_tensor, check_embeddings_labels
@@ -50,15 +52,19 @@ BLOCK_ELEMENTS = 2**25  # default similarity block: 2^25 float32 values = 128 Mi
 
 def _check_ks(ks: Sequence[int], n: int) -> list[int]:
     """ks must be positive ints with k < N (a query has N - 1 others)."""
-    if isinstance(ks, int) and not isinstance(ks, bool):
-        ks = [ks]
-    out = []
+    if isinstance(ks, numbers.Integral) and not isinstance(ks, (bool, np.bool_)):
+        ks = [int(ks)]
+    if isinstance(ks, (np.ndarray, torch.Tensor)):
+        ks = ks.tolist() if ks.ndim else [ks.item()]
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Iterable):
+        raise ValueError(f"ks must be a positive int or a sequence of them, got {ks!r}")
+    out: list[int] = []
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"every k must be a positive int, got {k!r} in ks = {ks!r}")
         if k >= n:
             raise ValueError(f"k = {k} but there are only {n - 1} other samples per query (N = {n}); use k < N")
-        out.append(k)
+        out.append(int(k))
     return out
 
 
