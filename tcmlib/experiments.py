@@ -8,7 +8,7 @@ needs another chapter's models simply asks for the same configs::
     from tcmlib.experiments import run_cached, run_grid, summarize
     from tcmlib.train import load_config
 
-    cfg = load_config("configs/glyphs_tiny.yaml", epochs=1)
+    cfg = load_config("glyphs_tiny", epochs=1)  # a config that ships with tcmlib, by name
     res = run_cached(cfg)                 # trains (or resumes, or loads)
     res.final["OPIS"], res.trained        # last evaluation; did this call train?
     emb, labels = res.test_embeddings()   # cached beside the run

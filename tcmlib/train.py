@@ -9,7 +9,10 @@ From a notebook::
 
 From a shell (``tcmlib-train`` is the same)::
 
-    python -m tcmlib.train --config configs/glyphs_tiny.yaml [--resume] [--override epochs=3 tcm=true]
+    python -m tcmlib.train --config glyphs_tiny [--resume] [--override epochs=3 tcm=true]
+
+``--config`` takes the name of a config that ships with tcmlib (``tcmlib/configs/<name>.yaml``,
+listed by :func:`available_configs`; no checkout needed, e.g. on Colab) or the path of a YAML file.
 
 One epoch = m-per-class batches over the train classes (tqdm shows loss, base and TCM parts),
 then the test classes (disjoint) are embedded and scored; one line per epoch goes to
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.resources
 import json
 import math
 import os
@@ -61,7 +65,7 @@ from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "build_splits", "load_config",
-           "main"]
+           "available_configs", "main"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields a resumed run may change: where and how verbosely it runs, how often it saves, how big its
@@ -178,7 +182,7 @@ def _check_ranges(cfg: "TrainConfig") -> None:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; a YAML file in ``configs/`` holds a subset of these keys."""
+    """Everything a run needs; a YAML file in ``tcmlib/configs/`` holds a subset of these keys."""
 
     # data
     dataset: str = "glyphs"  # cub | cars | sop | inat | glyphs | digits | mnist
@@ -288,8 +292,51 @@ class FitResult:
     checkpoint: Path | None  # the final checkpoint
 
 
+def _packaged_configs() -> Any:
+    """The folder of the configs that ship with tcmlib (package data; an importlib.resources Traversable)."""
+    return importlib.resources.files("tcmlib").joinpath("configs")
+
+
+def available_configs() -> list[str]:
+    """The names of the training configs that ship with tcmlib (``tcmlib/configs/<name>.yaml``), sorted.
+
+    Each loads with ``load_config(name)``: they are package data, so they are there after a plain
+    ``pip install`` (Colab) as well as in a checkout.
+    """
+    folder = _packaged_configs()
+    if not folder.is_dir():
+        return []
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def _read_config(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping of ``path``: an existing file, else the packaged config of that name."""
+    text = str(path)
+    if Path(path).is_file() or "/" in text or "\\" in text:
+        with open(path) as fh:  # a path (a missing one raises FileNotFoundError, as always)
+            source = fh.read()
+    else:
+        name = text[: -len(".yaml")] if text.endswith(".yaml") else text
+        names = available_configs()
+        if name not in names:
+            raise ValueError(f"no config file or packaged config named {text!r}; packaged configs: {', '.join(names)}")
+        source = _packaged_configs().joinpath(f"{name}.yaml").read_text()
+    try:
+        loaded = yaml.safe_load(source)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"{path} must be a mapping of TrainConfig keys (key: value lines), got a {type(loaded).__name__}")
+    return loaded or {}
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **kwargs: Any) -> TrainConfig:
     """A :class:`TrainConfig` from a YAML file, then ``key=value`` overrides (values parsed as YAML), then kwargs.
+
+    ``path`` is the path of a YAML file or the name of a config that ships with tcmlib
+    (``load_config("glyphs_small_cnn_smooth_ap")``; ``.yaml`` may be added; see
+    :func:`available_configs`).  An existing file wins over a packaged name; a name that is neither
+    raises ``ValueError`` listing the packaged names; ``None`` starts from the defaults.
 
     A config read from a file must name its ``dataset`` (in the file or an override): the
     dataclass default (glyphs) is for Python callers, a file that forgot the key is an error.
@@ -297,15 +344,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     """
     values: dict[str, Any] = {}
     if path is not None:
-        with open(path) as fh:
-            try:
-                loaded = yaml.safe_load(fh)
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path} must be a mapping of TrainConfig keys (key: value lines), "
-                             f"got a {type(loaded).__name__}")
-        values.update(loaded or {})
+        values.update(_read_config(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -732,9 +771,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tcmlib.train --config configs/x.yaml [--resume] [--override key=value ...]``."""
+    """``python -m tcmlib.train --config NAME_OR_PATH [--resume] [--override key=value ...]``."""
     parser = argparse.ArgumentParser(prog="tcmlib-train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="a YAML file of TrainConfig keys (configs/*.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="a packaged config name (glyphs_tiny, glyphs_small_cnn_smooth_ap, ...; "
+                             "tcmlib.train.available_configs()) or the path of a YAML file of TrainConfig keys")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys; values are parsed as YAML (epochs=3, tcm=true, amp=null)")

@@ -19,7 +19,7 @@ FAST = dict(batch_size=16, m=4, dim=16, steps_per_epoch=2, epochs=1, progress=Fa
 
 
 def tiny(**kw):
-    return load_config(ROOT / "configs" / "glyphs_tiny.yaml", **{**FAST, **kw})
+    return load_config("glyphs_tiny", **{**FAST, **kw})
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ from torch.utils.data import Dataset
 
 from tcmlib.checkpoint import latest_checkpoint, load_checkpoint
 from tcmlib.data import MPerClassBatchSampler, load_glyphs
-from tcmlib.train import TrainConfig, fit, load_config, main
+from tcmlib.train import TrainConfig, available_configs, fit, load_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "glyphs_tiny.yaml"
+TINY = "glyphs_tiny"  # a config that ships with tcmlib (tcmlib/configs/glyphs_tiny.yaml), loaded by name
+TINY_FILE = ROOT / "tcmlib" / "configs" / "glyphs_tiny.yaml"
 # a few steps of the baby config: 16 images = 4 classes x 4
 FAST = dict(batch_size=16, m=4, dim=16, steps_per_epoch=3, progress=False, eval_batch_size=512)
 
@@ -48,7 +49,7 @@ def test_cli_with_config(tmp_path: Path) -> None:
     run = tmp_path / "cli"
     overrides = [f"run_dir={run}", "epochs=1", "steps_per_epoch=2", "batch_size=16", "dim=8", "progress=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tcmlib.train", "--config", str(TINY), "--override", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "tcmlib.train", "--config", TINY, "--override", *overrides],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -57,7 +58,7 @@ def test_cli_with_config(tmp_path: Path) -> None:
 
 
 def test_cli_reports_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--config", str(TINY), "--override", "loss=smooth_ab", f"run_dir={tmp_path}"]) == 2
+    assert main(["--config", str(TINY_FILE), "--override", "loss=smooth_ab", f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "unknown loss 'smooth_ab'" in err and "recall_surrogate" in err
 
@@ -78,6 +79,31 @@ def test_bad_input_raises(tmp_path: Path, change: dict, message: str) -> None:
     cfg = load_config(TINY, run_dir=str(tmp_path), **{**FAST, **change})
     with pytest.raises(ValueError, match=message):
         fit(cfg)
+
+
+def test_config_by_name_or_path() -> None:
+    names = available_configs()
+    assert {"glyphs_tiny", "glyphs_small_cnn_smooth_ap", "cub_resnet50_smooth_ap_tcm", "digits_arcface"} <= set(names)
+    assert names == sorted(p.stem for p in TINY_FILE.parent.glob("*.yaml"))  # every shipped file, nothing else
+    by_name = load_config("glyphs_tiny")
+    assert by_name == load_config(TINY_FILE) == load_config(str(TINY_FILE)) == load_config("glyphs_tiny.yaml")
+    assert by_name.glyph_size == "tiny" and load_config("glyphs_tiny", epochs=7).epochs == 7
+    assert load_config("glyphs_small_cnn_smooth_ap").loss == "smooth_ap"
+
+
+def test_unknown_config_name_lists_the_packaged_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"glyphs_tynu.*packaged configs: .*glyphs_tiny"):
+        load_config("glyphs_tynu")
+    with pytest.raises(FileNotFoundError):  # a path stays a path
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError):
+        load_config("configs/glyphs_tiny.yaml")  # the old checkout folder is gone: the name is the way
+
+
+def test_cli_reports_unknown_config_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", "glyphs_tynu"]) == 2
+    err = capsys.readouterr().err
+    assert "glyphs_tynu" in err and "glyphs_small_cnn_smooth_ap" in err
 
 
 def test_unknown_config_key() -> None:

@@ -20,16 +20,15 @@ from tcmlib.experiments import run_cached  # noqa: E402
 from tcmlib.metrics import utility_curves  # noqa: E402
 from tcmlib.train import load_config  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).with_name("utility_curves.png")
 TCM = dict(margin_pos=0.9, margin_neg=0.5, lambda_pos=1.0, lambda_neg=1.0)
 
 
 def config(tcm: bool):
-    name = f"glyphs_small_cnn_smooth_ap{'_tcm' if tcm else ''}.yaml"
-    return load_config(ROOT / "configs" / name, glyph_size="small", data_seed=0, dim=64, batch_size=64, epochs=1,
-                       steps_per_epoch=None, lr=1e-3, tcm=dict(TCM) if tcm else False, checkpoint_every_steps=0,
-                       progress=False, small_input=False, seed=0)
+    name = f"glyphs_small_cnn_smooth_ap{'_tcm' if tcm else ''}"  # a config that ships with tcmlib
+    return load_config(name, glyph_size="small", data_seed=0, dim=64, batch_size=64, epochs=1, steps_per_epoch=None,
+                       lr=1e-3, tcm=dict(TCM) if tcm else False, checkpoint_every_steps=0, progress=False,
+                       small_input=False, seed=0)
 
 
 def main() -> None:
