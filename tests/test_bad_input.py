@@ -26,7 +26,7 @@ from tcmlib.metrics import recall_at_k, utility_curves
 from tcmlib.train import TrainConfig, fit, load_config, main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "glyphs_tiny.yaml"
+TINY = ROOT / "tcmlib" / "configs" / "glyphs_tiny.yaml"
 FAST = dict(batch_size=16, m=4, dim=16, steps_per_epoch=2, progress=False, eval_batch_size=512,
             checkpoint_every_steps=0)
 
@@ -65,7 +65,7 @@ def test_every_bad_field_names_key_and_value(key: str, value: Any) -> None:
 
 def test_default_and_shipped_configs_stay_valid() -> None:
     TrainConfig().validate()
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+    for path in sorted((ROOT / "tcmlib" / "configs").glob("*.yaml")):
         load_config(path).validate()
 
 

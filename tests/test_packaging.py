@@ -57,7 +57,9 @@ print(json.dumps({
     "in_target": inside(tcmlib.__file__, target),
     "foreign_tcmlib": sorted(n for n, m in sys.modules.items() if n.split(".")[0] == "tcmlib"
                              and getattr(m, "__file__", None) and not inside(m.__file__, target)),
-    "checkout_on_path": [p for p in sys.path if p and inside(p, checkout)],
+    # an entry of the checkout from which its tcmlib could be imported (a venv inside the checkout, as
+    # in CI, holds no tcmlib folder: only the .pth hook of the editable install, which -S skips)
+    "checkout_on_path": [p for p in sys.path if p and inside(p, checkout) and (Path(p) / "tcmlib").exists()],
     "py_typed": importlib.resources.files("tcmlib").joinpath("py.typed").is_file(),
     "version": importlib.metadata.version("tcmlib"),
     "names": names,
@@ -124,7 +126,7 @@ def test_installed_wheel_loads_every_config_by_name_without_the_checkout(wheel: 
     # torch, yaml, ... come from the venv's site-packages, added by the child without running .pth files
     # (the development venv's editable install of tcmlib is a .pth hook); the checkout is never added.
     site_dirs = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    extra = [d for d in sorted(site_dirs) if Path(d).is_dir() and not Path(d).resolve().is_relative_to(ROOT)]
+    extra = [d for d in sorted(site_dirs) if Path(d).is_dir() and not (Path(d) / "tcmlib").exists()]
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
            "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "elsewhere"  # the working directory: outside the repository
