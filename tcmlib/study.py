@@ -31,6 +31,7 @@ sizes the study; smoke mode shrinks it to seconds without changing the code path
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -43,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -373,17 +374,53 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
             wanted = stage_configs(p, runs, backbone, loss, stage)
             if wanted is None:
                 break
-            done = {r["key"] for r in runs if r["stage"] == stage}
-            todo = [(v, c) for v, c in wanted if config_key(c) not in done]
-            bar = tqdm(todo, desc=f"{backbone}/{loss} {stage}", disable=not progress or not todo, dynamic_ncols=True)
-            for variant, cfg in bar:
-                if max_runs is not None and new >= max_runs:
-                    return path
-                bar.set_postfix_str(f"{variant} seed {cfg.seed}")
-                _append(path, run_record(study, stage, backbone, loss, variant, cfg, cache_dir=cache_dir,
-                                         command=command))
-                new += 1
+            bar = tqdm(total=len(wanted), desc=f"{backbone}/{loss} {stage}", disable=not progress, dynamic_ncols=True)
+            while True:  # several processes may share a stage: each takes the runs no other has claimed
+                done = {r["key"] for r in load_runs(path) if r["stage"] == stage}
+                todo = [(v, c) for v, c in wanted if config_key(c) not in done]
+                bar.n = len(wanted) - len(todo)
+                bar.refresh()
+                if not todo:
+                    break
+                ran = False
+                for variant, cfg in todo:
+                    if max_runs is not None and new >= max_runs:
+                        return path
+                    with _claim(path, stage, config_key(cfg)) as mine:
+                        if not mine or config_key(cfg) in {r["key"] for r in load_runs(path) if r["stage"] == stage}:
+                            continue
+                        bar.set_postfix_str(f"{variant} seed {cfg.seed}")
+                        _append(path, run_record(study, stage, backbone, loss, variant, cfg, cache_dir=cache_dir,
+                                                 command=command))
+                    new += 1
+                    ran = True
+                    bar.update(1)
+                if not ran:  # what is left is being trained by another process: wait for its records
+                    time.sleep(5)
+            bar.close()
     return path
+
+
+@contextlib.contextmanager
+def _claim(path: Path, stage: str, key: str) -> Iterator[bool]:
+    """A non-blocking exclusive claim on one run of a results file; yields whether this process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a single process, always its own claim
+        yield True
+        return
+    folder = path.parent / ".claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{stage}-{key}.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ---- what the chapters show -------------------------------------------------------------------------------------
