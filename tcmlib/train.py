@@ -386,7 +386,7 @@ def build_splits(cfg: TrainConfig) -> tuple[Dataset, Dataset | None, Dataset, in
     """``(train, validation or None, test, in_channels)``: three disjoint sets of classes.
 
     The validation classes are ``cfg.val_fraction`` of the train classes, drawn once with
-    ``cfg.data_seed`` (:func:`tcmlib.data.arrays.hold_out_classes`); they are embedded without
+    ``cfg.data_seed`` (``tcmlib.data.arrays.hold_out_classes``); they are embedded without
     augmentation, like the test classes.  Models train on the rest.
     """
     train, test, in_channels = _load_splits(cfg)
