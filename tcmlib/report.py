@@ -25,6 +25,8 @@ Definitions (those of :mod:`tcmlib.metrics.opis`; pairs are unordered, ``a != b`
   curves are computed once, then the eligible classes are resampled with replacement.
 - :func:`threshold_report` -> :class:`ThresholdReport`: all of the above plus eps-OPIS and R@1,
   with ``.to_text()`` and ``.plot()``; :func:`compare_reports` puts several side by side.
+- :func:`paired_bootstrap_difference`: two models on the same test set, the difference in OPIS,
+  eps-OPIS or per-class FAR spread with a paired bootstrap over the shared classes.
 
 Inputs may be torch tensors or NumPy arrays; bad input raises ``ValueError`` with what to do.
 """
@@ -33,25 +35,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from tcmlib._checks import check_embeddings_labels, check_labels
+from tcmlib._checks import check_embeddings, check_embeddings_labels, check_labels
 from tcmlib.metrics.opis import UtilityCurves, _pair_totals, utility_curves  # closed-form pair counts shared
 from tcmlib.metrics.retrieval import recall_at_k
 
 __all__ = [
     "BootstrapCI",
+    "PairedDifference",
     "ReportComparison",
     "ThresholdRates",
     "ThresholdReport",
     "compare_reports",
     "load_embeddings_npy",
     "opis_bootstrap_ci",
+    "paired_bootstrap_difference",
     "rates_at_threshold",
     "threshold_for_far",
     "threshold_report",
@@ -398,6 +402,114 @@ def opis_bootstrap_ci(
     boots = _bootstrap_opis_values(curves.utility, nb, int(seed))
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return BootstrapCI(curves.opis, float(lo), float(hi))
+
+
+# ----------------------------------------------------------------------------- two models, paired
+PAIRED_METRICS = ("opis", "eps_opis", "far_spread")
+
+
+class PairedDifference(NamedTuple):
+    """``difference = value_a - value_b`` with its paired percentile interval ``(lo, hi)`` and
+    ``share_other_sign``, the share of replicates whose difference does not have the observed sign."""
+
+    metric: str
+    value_a: float
+    value_b: float
+    difference: float
+    lo: float
+    hi: float
+    share_other_sign: float
+    replicates: np.ndarray  # (n_boot,) the bootstrap differences
+
+
+def _class_metric(x: torch.Tensor, y: torch.Tensor, metric: str, far_range: tuple[float, float], eps: float,
+                  far_target: float, chunk: int) -> tuple[torch.Tensor, Any]:
+    """``(class_ids (T,), f)``: the eligible classes and ``f(idx)``, the metric over the classes ``idx`` (T,)
+    (indices into class_ids, repeats allowed), from per-class quantities computed once."""
+    if metric == "far_spread":
+        r = rates_at_threshold(x, y, threshold_for_far(x, y, far_target, chunk_size=chunk), chunk_size=chunk)
+        return r.unit_ids, lambda idx: float(r.far[idx].std(unbiased=False))
+    c = utility_curves(x, y, far_range=far_range, chunk_size=chunk)
+
+    def on(idx: torch.Tensor) -> UtilityCurves:  # the same curves, restricted to (and repeating) classes idx
+        return replace(c, tar=c.tar[:, idx], trr=c.trr[:, idx], utility=c.utility[:, idx], class_ids=c.class_ids[idx],
+                       num_pos=c.num_pos[idx], num_neg=c.num_neg[idx], num_eligible=int(idx.numel()))
+
+    if metric == "opis":
+        return c.class_ids, lambda idx: on(idx).opis
+    return c.class_ids, lambda idx: on(idx).eps_opis(eps)
+
+
+def paired_bootstrap_difference(
+    emb_a: Any,
+    emb_b: Any,
+    labels: Any,
+    metric: str = "opis",
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    labels_b: Any = None,
+    alpha: float = 0.05,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    eps: float = 0.1,
+    far_target: float = 1e-2,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PairedDifference:
+    """Is model A more consistent than model B on the same test set? ``M(A) - M(B)`` with a paired bootstrap.
+
+    ``emb_a`` (N, D_a) and ``emb_b`` (N, D_b) embed the same N test samples with ``labels`` (N,)
+    (``labels_b`` (N,) when B's rows come in another order; it must hold the same classes). ``metric``:
+
+    - ``"opis"``: OPIS over ``far_range`` (:func:`~tcmlib.metrics.opis.utility_curves`);
+    - ``"eps_opis"``: eps-OPIS with ``eps`` (:meth:`~tcmlib.metrics.UtilityCurves.eps_opis`);
+    - ``"far_spread"``: population std over classes of the per-class FAR at the threshold meeting
+      ``far_target`` globally (:func:`threshold_for_far` and :func:`rates_at_threshold`, on the test set).
+
+    The per-class quantities (utility curves on each model's own threshold grid, per-class FAR at each
+    model's own threshold) are computed once on all data. Replicate b draws T classes with replacement
+    from the T shared eligible classes, ``idx_b = rng.integers(0, T, size=T)`` (``rng =
+    numpy.random.default_rng(seed)``), ONCE, and evaluates ``D*_b = M_A(idx_b) - M_B(idx_b)`` on those
+    same classes for both models: class-to-class variation common to both cancels, which an unpaired
+    comparison of two intervals ignores. ``lo`` / ``hi`` = the ``alpha / 2`` and ``1 - alpha / 2``
+    quantiles of ``D*``; ``share_other_sign`` = ``mean(D* <= 0)`` if ``D > 0``, ``mean(D* >= 0)`` if
+    ``D < 0`` and 1 if ``D == 0`` (a p-value-like number: small means the sign is stable under
+    resampling classes). Identical inputs give ``D = 0`` exactly.
+    """
+    if metric not in PAIRED_METRICS:
+        raise ValueError(f"metric = {metric!r} must be one of {PAIRED_METRICS}")
+    xa = check_embeddings(emb_a, "emb_a")
+    xb = check_embeddings(emb_b, "emb_b")
+    if xa.shape[0] != xb.shape[0]:
+        raise ValueError(f"emb_a has {xa.shape[0]} rows, emb_b {xb.shape[0]}: a paired comparison needs both "
+                         "models' embeddings of the same test samples")
+    xa, ya = check_embeddings_labels(xa, labels, emb_name="emb_a")
+    xb, yb = check_embeddings_labels(xb, labels if labels_b is None else labels_b, emb_name="emb_b",
+                                     label_name="labels" if labels_b is None else "labels_b")
+    if not torch.equal(torch.unique(ya).cpu(), torch.unique(yb).cpu()):
+        raise ValueError("labels and labels_b hold different classes: the models must be compared on the same "
+                         "test classes (and samples)")
+    nb = int(n_boot)
+    if nb != n_boot or nb < 2:
+        raise ValueError(f"n_boot = {n_boot} must be an integer >= 2 (1000 is a usual choice)")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha = {alpha} must lie strictly between 0 and 1 (0.05 gives a 95 % interval)")
+    far, chunk = _check_far(far_target), _check_chunk(chunk_size)
+    ids_a, fa = _class_metric(xa, ya, metric, far_range, eps, far, chunk)
+    ids_b, fb = _class_metric(xb, yb, metric, far_range, eps, far, chunk)
+    if not torch.equal(ids_a, ids_b):  # pragma: no cover - same labels give the same eligible classes
+        raise ValueError("the two models have different eligible classes")
+    t_cls = ids_a.numel()
+    every = torch.arange(t_cls)
+    va, vb = fa(every), fb(every)
+    rng = np.random.default_rng(int(seed))
+    reps = np.empty(nb)
+    for b in range(nb):
+        idx = torch.from_numpy(rng.integers(0, t_cls, size=t_cls))
+        reps[b] = fa(idx) - fb(idx)
+    d = va - vb
+    lo, hi = np.quantile(reps, [float(alpha) / 2, 1 - float(alpha) / 2])
+    other = float(np.mean(reps <= 0)) if d > 0 else float(np.mean(reps >= 0)) if d < 0 else 1.0
+    return PairedDifference(metric, va, vb, d, float(lo), float(hi), other, reps)
 
 
 # ----------------------------------------------------------------------------- the one-call report
