@@ -1,6 +1,6 @@
 """Embedding networks: a backbone, LayerNorm, a linear head to ``dim`` and L2 normalisation.
 
-The paper's backbones follow the Recall@k-surrogate code (see ``background/base-losses.md``):
+The paper's backbones follow the Recall@k-surrogate code (Patel et al., CVPR 2022; Brown et al., ECCV 2020):
 
 * ``resnet50``  ImageNet ResNet-50, BatchNorm frozen (eval mode, no grad, even under ``.train()``),
   GeM pooling with a learnable exponent p = 3, 2048-d features;

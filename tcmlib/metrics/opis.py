@@ -1,6 +1,6 @@
 """OPIS and eps-OPIS: exact per-class utility curves, streamed over row blocks of the similarity matrix.
 
-Definitions (our reading of Zhang et al., ICLR 2024; see ``background/paper-notes.md``).
+Definitions (our reading of Zhang et al., ICLR 2024; the book, chapter 4 "OPIS and eps-OPIS").
 Embeddings ``X`` (N, D), labels ``y`` (N,). Distance ``d(a, b) = 1 - cos(x_a, x_b)``; pairs are
 unordered, ``a != b``. A class is *eligible* when it has >= 2 samples; the others are excluded from
 every per-class quantity and counted in ``num_excluded`` (their samples still form negative pairs)::
