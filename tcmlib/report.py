@@ -461,7 +461,7 @@ def paired_bootstrap_difference(
     (``labels_b`` (N,) when B's rows come in another order; it must hold the same classes). ``metric``:
 
     - ``"opis"``: OPIS over ``far_range`` (:func:`~tcmlib.metrics.opis.utility_curves`);
-    - ``"eps_opis"``: eps-OPIS with ``eps`` (:meth:`~tcmlib.metrics.UtilityCurves.eps_opis`);
+    - ``"eps_opis"``: eps-OPIS with ``eps`` (:meth:`~tcmlib.metrics.opis.UtilityCurves.eps_opis`);
     - ``"far_spread"``: population std over classes of the per-class FAR at the threshold meeting
       ``far_target`` globally (:func:`threshold_for_far` and :func:`rates_at_threshold`, on the test set).
 
