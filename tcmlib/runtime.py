@@ -69,17 +69,17 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def glue(name: str, value: object) -> object:
-    """Store ``value`` for the book's prose (myst-nb ``glue``) and return it.
+def glue(name: str, value: object) -> None:
+    """Store ``value`` for the book's prose (myst-nb ``glue``); returns nothing, so a cell that ends
+    with it displays nothing.
 
     A ``str`` is glued as Markdown, so the page writes ``{glue:md}`name``` inline; numbers should be
-    formatted by the caller first.  Without myst-nb (Colab, plain Jupyter) nothing is stored and the
-    value is simply returned, so a chapter runs anywhere.
+    formatted by the caller first.  Without myst-nb (Colab, plain Jupyter) nothing is stored, so a
+    chapter runs anywhere.
     """
     try:
         from IPython.display import Markdown
         from myst_nb import glue as _glue
     except ImportError:
-        return value
+        return
     _glue(name, Markdown(value) if isinstance(value, str) else value, display=False)
-    return value
