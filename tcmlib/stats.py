@@ -33,8 +33,8 @@ def paired_comparison(base: Sequence[float], treat: Sequence[float], *, confiden
 
     Returns a dict: ``n``, ``base_mean``, ``treat_mean``, ``delta`` (mean paired change), ``ci_low`` /
     ``ci_high`` (t interval, n - 1 degrees of freedom), ``rel`` (delta / base_mean), ``p_t`` (paired
-    t-test), ``p_wilcoxon`` (signed-rank, two-sided), ``wins`` (pairs with treat < base) and
-    ``losses`` (treat > base).  p-values are NaN when they are undefined (n < 2, all differences 0).
+    t-test), ``p_wilcoxon`` (signed-rank, two-sided), ``n_lower`` (pairs with treat < base) and
+    ``n_higher`` (treat > base).  p-values are NaN when they are undefined (n < 2, all differences 0).
     """
     b = np.asarray(base, dtype=np.float64)
     t = np.asarray(treat, dtype=np.float64)
@@ -57,7 +57,7 @@ def paired_comparison(base: Sequence[float], treat: Sequence[float], *, confiden
     base_mean = float(b.mean())
     return {"n": n, "base_mean": base_mean, "treat_mean": float(t.mean()), "delta": mean,
             "ci_low": mean - half, "ci_high": mean + half, "rel": mean / base_mean if base_mean else nan,
-            "p_t": p_t, "p_wilcoxon": p_w, "wins": int((d < 0).sum()), "losses": int((d > 0).sum())}
+            "p_t": p_t, "p_wilcoxon": p_w, "n_lower": int((d < 0).sum()), "n_higher": int((d > 0).sum())}
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

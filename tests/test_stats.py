@@ -16,7 +16,7 @@ def test_paired_comparison_hand_computed() -> None:
     assert c["n"] == 3 and c["delta"] == pytest.approx(-2.0)
     assert c["ci_low"] == pytest.approx(-2.0 - half) and c["ci_high"] == pytest.approx(-2.0 + half)
     assert c["rel"] == pytest.approx(-2.0 / 20.0)
-    assert c["wins"] == 3 and c["losses"] == 0
+    assert c["n_lower"] == 3 and c["n_higher"] == 0
     # paired t: t = -2 / (1 / sqrt 3) = -3.4641, 2 dof -> two-sided p = 0.07418
     assert c["p_t"] == pytest.approx(0.0741799, abs=1e-6)
     # exact signed-rank, all 3 differences negative: p = 2 / 2^3
