@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from tcmlib._checks import as_tensor, check_embeddings, check_embeddings_labels, check_labels
-from tcmlib.report import DEFAULT_CHUNK_SIZE, _check_chunk, _check_far, _prepare, rates_at_threshold, threshold_for_far
+from tcmlib.report import (DEFAULT_CHUNK_SIZE, _check_calibration, _check_chunk, _check_far, _prepare,
+                           rates_at_threshold, threshold_for_far)
 
 __all__ = [
     "ClassThresholds",
@@ -376,13 +377,7 @@ def compare_thresholding(
     far = _check_far(far_target)
     b = _check_beta(beta)
     if calibration is not None:
-        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
-            raise ValueError("calibration must be a pair (embeddings, labels) of held-out data")
-        cx, cy = check_embeddings_labels(*calibration, emb_name="calibration embeddings",
-                                         label_name="calibration labels")
-        if cx.shape[1] != x.shape[1]:
-            raise ValueError(f"calibration embeddings have dimension {cx.shape[1]}, the evaluation ones "
-                             f"{x.shape[1]}: both must come from the same model")
+        cx, cy = _check_calibration(calibration, x.shape[1])
         source = "calibration set"
     else:
         cx, cy, source = x, y, "evaluation set itself"

@@ -632,6 +632,18 @@ class ThresholdReport:
         return fig
 
 
+def _check_calibration(calibration: Any, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out ``(embeddings (M, dim), labels (M,))``, checked; the evaluation data has dimension ``dim``."""
+    if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
+        raise ValueError("calibration must be a pair (embeddings, labels) of held-out data")
+    cx, cy = check_embeddings_labels(*calibration, emb_name="calibration embeddings",
+                                     label_name="calibration labels")
+    if cx.shape[1] != dim:
+        raise ValueError(f"calibration embeddings have dimension {cx.shape[1]}, the evaluation ones "
+                         f"{dim}: both must come from the same model")
+    return cx, cy
+
+
 def threshold_report(
     embeddings: Any,
     labels: Any,
@@ -657,13 +669,7 @@ def threshold_report(
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
     if calibration is not None:
-        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
-            raise ValueError("calibration must be a pair (embeddings, labels) of held-out data")
-        cx, cy = check_embeddings_labels(*calibration, emb_name="calibration embeddings",
-                                         label_name="calibration labels")
-        if cx.shape[1] != x.shape[1]:
-            raise ValueError(f"calibration embeddings have dimension {cx.shape[1]}, the evaluation ones "
-                             f"{x.shape[1]}: both must come from the same model")
+        cx, cy = _check_calibration(calibration, x.shape[1])
         t = threshold_for_far(cx, cy, far, chunk_size=chunk_size)
         cal_far = rates_at_threshold(cx, cy, t, chunk_size=chunk_size).global_far
         source = "calibration set"
