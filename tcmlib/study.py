@@ -54,7 +54,7 @@ from tcmlib.train import TrainConfig, load_config
 
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
            "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
-           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config"]
+           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07",)
@@ -471,6 +471,34 @@ def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
         for r, adj in zip(family, holm([r["p_wilcoxon"] for r in family])):
             r["p_holm"] = adj
     return rows
+
+
+def frontier_gap(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str
+                 ) -> tuple[float, dict[str, tuple[Any, Any]]]:
+    """Does TCM move the accuracy-consistency frontier?  ``(gap, paths)`` from a cell's learning curves.
+
+    ``paths[variant] = (val R@1, val OPIS)`` per epoch (seed means, sorted by R@1) for the base loss
+    and base + TCM (paper).  ``gap`` is the mean over 50 evenly spaced R@1 values in the range both
+    paths cover of ``OPIS_tcm(R@1) - OPIS_base(R@1)`` (linear interpolation): negative when TCM is
+    more consistent at equal accuracy, NaN when the paths share no R@1 range.
+    """
+    import numpy as np
+
+    paths = {}
+    for variant in ("base", variant_name(PAPER_TCM)):
+        rs = [r for r in runs if (r["stage"], r["backbone"], r["loss"], r["variant"]) == ("curves", backbone, loss, variant)]
+        if not rs:
+            raise ValueError(f"no recorded learning curves of {backbone} x {loss} ({variant})")
+        r1 = np.mean([[h["val_R@1"] for h in r["history"]] for r in rs], axis=0)
+        op = np.mean([[h["val_OPIS"] for h in r["history"]] for r in rs], axis=0)
+        order = np.argsort(r1, kind="stable")
+        paths[variant] = (r1[order], op[order])
+    (rb, ob), (rt, ot) = paths.values()
+    lo, hi = max(rb[0], rt[0]), min(rb[-1], rt[-1])
+    if hi <= lo:
+        return float("nan"), paths
+    grid = np.linspace(lo, hi, 50)
+    return float(np.mean(np.interp(grid, rt, ot) - np.interp(grid, rb, ob))), paths
 
 
 def total_cpu_hours(runs: Sequence[Mapping[str, Any]]) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import torch
 
 from tcmlib.data.arrays import ImageArrayDataset, hold_out_classes
 from tcmlib.experiments import config_key
-from tcmlib.study import (PAPER_TCM, load_runs, plateau_epoch, protocol, reproduce, results_path, select_setting,
-                          variant_name)
+from tcmlib.study import (PAPER_TCM, frontier_gap, load_runs, plateau_epoch, protocol, reproduce, results_path,
+                          select_setting, variant_name)
 from tcmlib.train import fit, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,3 +166,18 @@ def _platform() -> dict:
 
     p = provenance("test")
     return {k: p[k] for k in ("torch", "cpu_model", "isa", "threads")}
+
+
+def test_frontier_gap_hand_case() -> None:
+    def curve(variant, r1, op):
+        return {"stage": "curves", "backbone": "b", "loss": "l", "variant": variant,
+                "history": [{"val_R@1": a, "val_OPIS": o} for a, o in zip(r1, op)]}
+    paper = variant_name(PAPER_TCM)
+    # base: OPIS 0.4 -> 0.2 as R@1 0.5 -> 0.9; TCM: the same line shifted down by 0.1 over R@1 0.6 -> 0.9
+    runs = [curve("base", [0.5, 0.9], [0.4, 0.2]), curve(paper, [0.6, 0.9], [0.25, 0.1])]
+    gap, paths = frontier_gap(runs, "b", "l")
+    assert gap == pytest.approx(-0.1)
+    assert list(paths) == ["base", paper]
+    assert math.isnan(frontier_gap([curve("base", [0.1, 0.2], [1, 1]), curve(paper, [0.5, 0.6], [1, 1])], "b", "l")[0])
+    with pytest.raises(ValueError, match="no recorded learning curves"):
+        frontier_gap(runs[:1], "b", "l")
