@@ -21,7 +21,8 @@ loss), on the glyph benchmark:
    initial weights and batch order.  Per comparison :func:`tcmlib.stats.paired_comparison` and
    Holm's correction across the comparisons of the study.
 
-Each finished run appends one JSON line to ``results/<study>/runs.jsonl`` (:func:`run_record`):
+Each finished run appends one JSON line to ``tcmlib/results/<study>/runs.jsonl`` (package data, so
+a plain ``pip install`` has the committed study too; :func:`run_record`):
 stage, cell, variant, seed, the full config and its key, per-epoch history, the test metrics, the
 test OPIS's bootstrap interval over classes, and provenance (commit, command, torch, device,
 threads, wall time, date).  A run already in the file is never retrained; the command can stop and
@@ -183,10 +184,13 @@ def select_setting(base_r1: float, settings: Mapping[str, tuple[float, float]], 
 # ---- results files ---------------------------------------------------------------------------------------------
 
 def results_path(study: str, scale: str, root: str | os.PathLike | None = None, smoke: bool | None = None) -> Path:
-    """``results/<study>/runs.jsonl`` (cpu), ``runs-gpu.jsonl`` (gpu), ``runs-smoke.jsonl`` (smoke)."""
+    """``<root>/<study>/runs.jsonl`` (cpu), ``runs-gpu.jsonl`` (gpu), ``runs-smoke.jsonl`` (smoke).
+
+    ``root`` defaults to ``tcmlib/results``, the committed results that ship with the package.
+    """
     smoke = is_smoke() if smoke is None else smoke
     suffix = "-smoke" if smoke else "" if scale == "cpu" else f"-{scale}"
-    base = Path(root) if root is not None else _REPO / "results"
+    base = Path(root) if root is not None else Path(__file__).resolve().parent / "results"
     return base / study / f"runs{suffix}.jsonl"
 
 

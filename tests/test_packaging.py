@@ -61,6 +61,8 @@ print(json.dumps({
     # in CI, holds no tcmlib folder: only the .pth hook of the editable install, which -S skips)
     "checkout_on_path": [p for p in sys.path if p and inside(p, checkout) and (Path(p) / "tcmlib").exists()],
     "py_typed": importlib.resources.files("tcmlib").joinpath("py.typed").is_file(),
+    "study_runs": len(__import__("tcmlib.study").study.load_runs(
+        __import__("tcmlib.study").study.results_path("ch07", "cpu", smoke=False))),
     "version": importlib.metadata.version("tcmlib"),
     "names": names,
     "configs": configs,
@@ -108,6 +110,8 @@ def test_wheel_ships_configs_py_typed_and_tested_torch_bounds(wheel: Path) -> No
     missing = sorted(expected - files)
     assert len(expected) >= 50 and not missing, f"{len(missing)} configs not in the wheel, e.g. {missing[:3]}"
     assert "tcmlib/py.typed" in files
+    results = {f"tcmlib/results/{p.parent.name}/{p.name}" for p in (ROOT / "tcmlib" / "results").glob("*/*.jsonl")}
+    assert results and results <= files, f"committed results missing from the wheel: {sorted(results - files)}"
     assert not any(f.startswith(("tests/", "notebooks/", "configs/")) for f in files)
     meta = next(f for f in files if f.endswith(".dist-info/METADATA"))
     requires = [line for line in zipfile.ZipFile(wheel).read(meta).decode().splitlines()
@@ -141,6 +145,7 @@ def test_installed_wheel_loads_every_config_by_name_without_the_checkout(wheel: 
     assert not got["foreign_tcmlib"], f"tcmlib modules from outside the install: {got['foreign_tcmlib']}"
     assert not got["checkout_on_path"], got["checkout_on_path"]
     assert got["py_typed"]
+    assert got["study_runs"] > 0, "the installed package cannot find the committed chapter-7 results"
     expected = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     assert got["names"] == expected
     for name in expected:  # the installed config is the checkout's, field for field

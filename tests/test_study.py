@@ -19,7 +19,7 @@ from tcmlib.study import (PAPER_TCM, frontier_gap, load_runs, plateau_epoch, pro
 from tcmlib.train import fit, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMITTED = sorted((ROOT / "results").glob("*/runs*.jsonl"))
+COMMITTED = sorted((ROOT / "tcmlib" / "results").glob("*/runs*.jsonl"))
 
 
 def _dataset(n_classes: int = 10, per_class: int = 3) -> ImageArrayDataset:
