@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import as_tensor, check_embeddings, check_embeddings_labels, check_labels
+from tcmlib.metrics.opis import utility
 from tcmlib.report import (DEFAULT_CHUNK_SIZE, _check_calibration, _check_chunk, _check_far, _prepare,
                            rates_at_threshold, threshold_for_far)
 
@@ -89,13 +90,6 @@ def _query_counts(xn: torch.Tensor, lab: torch.Tensor, t_q: torch.Tensor, chunk:
         fa[r0:r1] = (acc & (lab[r0:r1, None] != lab[None, :])).sum(dim=1).cpu()
         fr[r0:r1] = (~acc & same).sum(dim=1).cpu()
     return fa, fr
-
-
-def _utility(tar: torch.Tensor, trr: torch.Tensor, beta: float) -> torch.Tensor:
-    """The per-class utility U of :mod:`tcmlib.metrics.opis`: ``(1 + b^2) TAR TRR / (b^2 TRR + TAR)``, 0 if both 0."""
-    b2 = beta * beta
-    den = b2 * trr + tar
-    return torch.where(den > 0, (1 + b2) * tar * trr / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
 # ----------------------------------------------------------------------------- per-class (oracle)
@@ -263,7 +257,7 @@ class MethodRates:
 def _method_rates(name: str, class_ids: torch.Tensor, far: torch.Tensor, frr: torch.Tensor, global_far: float,
                   global_frr: float, beta: float) -> MethodRates:
     far, frr = far.double().cpu(), frr.double().cpu()
-    return MethodRates(name, class_ids.cpu(), far, frr, _utility(1.0 - frr, 1.0 - far, beta), float(global_far),
+    return MethodRates(name, class_ids.cpu(), far, frr, utility(1.0 - frr, 1.0 - far, beta), float(global_far),
                        float(global_frr), beta)
 
 

@@ -56,7 +56,7 @@ import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
 
-__all__ = ["UtilityCurves", "eps_opis", "opis", "utility_curves"]
+__all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
@@ -120,6 +120,16 @@ class UtilityCurves:
         worst[self.worst_classes(eps)] = True
         gap = self.utility[:, worst].mean(dim=1) - self.utility[:, ~worst].mean(dim=1)  # (K,)
         return float((gap**2).mean())
+
+
+def utility(tar: torch.Tensor, trr: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Per-class utility ``U = (1 + b^2) TAR TRR / (b^2 TRR + TAR)``, 0 where TAR = TRR = 0 (any equal shapes).
+
+    The F-beta score of true-accept and true-reject rate (module docstring); ``beta`` weighs TRR.
+    """
+    b2 = beta * beta
+    den = b2 * trr + tar
+    return torch.where(den > 0, (1 + b2) * tar * trr / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
 def utility_curves(
@@ -204,9 +214,7 @@ def utility_curves(
     neg_t = num_neg[eligible].double().cpu()  # (T,)
     tar = acc[0] / pos_t  # (K, T)
     trr = (neg_t - acc[1]) / neg_t  # (K, T)
-    b2 = beta * beta
-    den = b2 * trr + tar
-    util = torch.where(den > 0, (1 + b2) * tar * trr / den.clamp_min(1e-300), torch.zeros_like(den))
+    util = utility(tar, trr, beta)  # (K, T)
     return UtilityCurves(
         thresholds=thresholds,
         tar=tar,
