@@ -28,6 +28,12 @@ test OPIS's bootstrap interval over classes, and provenance (commit, command, to
 threads, wall time, date).  A run already in the file is never retrained; the command can stop and
 continue later, on another machine.  ``scale`` (``cpu`` or ``gpu``, :func:`tcmlib.runtime.scale`)
 sizes the study; smoke mode shrinks it to seconds without changing the code path.
+
+Two more studies use the same machinery with a fixed training length (chapter 7's) and fewer stages:
+``ch08`` (the frontier: the paper's five base losses, each without and with TCM, one batch size,
+several seeds, stage ``final``) and ``ch10`` (the ablation of TCM's margins and weights, on
+validation classes, stage ``tune``).  Each reuses chapter 7's recorded runs where the config is the
+same (``reused_from`` in the record) instead of training them again.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau
            "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
-STUDIES = ("ch07",)
+STUDIES = ("ch07", "ch08", "ch10")
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,6 +85,9 @@ class Protocol:
     tcm_grid: tuple[tuple[float, float, float, float], ...]  # (m+, m-, l+, l-); l = 0: one-sided
     train: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run
     backbone_train: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per-backbone overrides
+    stages: tuple[str, ...] = ("curves", "tune", "final")  # the stages this study runs, in order
+    epochs: int | None = None  # a fixed training length (no ``curves`` stage); None: the plateau rule
+    reuse: tuple[str, ...] = ()  # studies whose recorded runs of the same stage and config key are reused
 
 
 _TRAIN = {"dataset": "glyphs", "dim": 64, "batch_size": 128, "m": 4, "optimizer": "adam", "lr": 1e-3,
@@ -107,6 +116,10 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
         raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
     scale = scale or default_scale()
     smoke = is_smoke() if smoke is None else smoke
+    if study == "ch08":
+        return _frontier_protocol(scale, smoke)
+    if study == "ch10":
+        return _ablation_protocol(scale, smoke)
     losses = ("smooth_ap", "recall_surrogate")
     if smoke:
         return Protocol(backbones=("small_cnn",), losses=losses[:1], glyph_size="tiny", val_fraction=0.25,
@@ -125,6 +138,65 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
                         final_seeds=tuple(range(10)), plateau_tol=0.01, r1_tol=0.005, tcm_grid=_GRID,
                         train={**_TRAIN, "amp": "bf16", "channels_last": True},
                         backbone_train={"vit_tiny": {"lr": 3e-4}, "resnet18": {"small_input": True, "lr": 3e-4}})
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+_SMOKE_TRAIN = {**_TRAIN, "dim": 32, "batch_size": 32, "steps_per_epoch": 4}
+FRONTIER_LOSSES = ("smooth_ap", "recall_surrogate", "proxy_anchor", "multi_similarity", "contrastive")
+
+
+def _frontier_protocol(scale: str, smoke: bool) -> Protocol:
+    """Chapter 8: the paper's five base losses, each without and with TCM at the paper's margins.
+
+    One batch size and one training length for every loss (the length chapter 7's learning curves
+    chose for its two losses), so no loss gets more steps or more images than another; the test
+    classes are scored once, after the last epoch, and validation after every epoch (the frontier
+    along training).  Runs with the same config as chapter 7's (Smooth-AP and RS@k, same seeds) are
+    reused from its results file, not retrained.
+    """
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap", "proxy_anchor", "contrastive"),
+                        glyph_size="tiny", val_fraction=0.25, max_epochs=2, curve_seeds=(), tune_seeds=(),
+                        final_seeds=(0, 1), plateau_tol=0.01, r1_tol=0.005, tcm_grid=(_GRID[0],),
+                        train=_SMOKE_TRAIN, stages=("final",), epochs=2, reuse=("ch07",))
+    if scale == "cpu":
+        return Protocol(backbones=("small_cnn",), losses=FRONTIER_LOSSES, glyph_size="small", val_fraction=0.25,
+                        max_epochs=5, curve_seeds=(), tune_seeds=(), final_seeds=tuple(range(5)), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=(_GRID[0],), train=_TRAIN, stages=("final",), epochs=5,
+                        reuse=("ch07",))
+    if scale == "gpu":
+        gpu = protocol("ch07", "gpu", smoke=False)
+        return dataclasses.replace(gpu, losses=FRONTIER_LOSSES, curve_seeds=(), tune_seeds=(), tcm_grid=(_GRID[0],),
+                                   stages=("final",), epochs=15, reuse=("ch07",))
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+ABLATION_MARGINS = tuple((mp, mn, 1.0, 1.0) for mp in (0.7, 0.8, 0.9) for mn in (0.3, 0.5, 0.7))
+ABLATION_WEIGHTS = tuple((0.9, 0.5, w, w) for w in (0.25, 0.5, 2.0, 4.0)) + ((0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0))
+
+
+def _ablation_protocol(scale: str, smoke: bool) -> Protocol:
+    """Chapter 10: TCM's margins (3 x 3 grid, both weights 1) and weights (lambda+ = lambda-, and each
+    term alone) around the paper's default, on Smooth-AP with the small CNN.
+
+    An exploration, so on the *validation* classes only (stage ``tune``), with chapter 7's tuning
+    seeds and training length; the settings chapter 7 already tuned are reused from its file.
+    """
+    grid = ABLATION_MARGINS + ABLATION_WEIGHTS
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="tiny", val_fraction=0.25,
+                        max_epochs=2, curve_seeds=(), tune_seeds=(100,), final_seeds=(), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=((0.8, 0.3, 1.0, 1.0), (0.9, 0.5, 1.0, 1.0), (0.9, 0.5, 2.0, 2.0),
+                                                (0.9, 0.5, 1.0, 0.0)),
+                        train=_SMOKE_TRAIN, stages=("tune",), epochs=2, reuse=("ch07",))
+    if scale == "cpu":
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="small", val_fraction=0.25,
+                        max_epochs=5, curve_seeds=(), tune_seeds=(100, 101), final_seeds=(), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=grid, train=_TRAIN, stages=("tune",), epochs=5, reuse=("ch07",))
+    if scale == "gpu":
+        gpu = protocol("ch07", "gpu", smoke=False)
+        return dataclasses.replace(gpu, backbones=("small_cnn",), losses=("smooth_ap",), curve_seeds=(),
+                                   final_seeds=(), tcm_grid=grid, stages=("tune",), epochs=15, reuse=("ch07",))
     raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
 
 
@@ -298,10 +370,12 @@ def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str,
     (:func:`plateau_epoch`); the selected setting of ``final`` from the recorded ``tune`` runs.
     """
     paper = variant_name(PAPER_TCM)
+    if stage not in p.stages:
+        raise ValueError(f"this study has no stage {stage!r}; its stages: {', '.join(p.stages)}")
     if stage == "curves":
         return [(v, make_config(p, backbone, loss, t, s, p.max_epochs))
                 for s in p.curve_seeds for v, t in (("base", None), (paper, PAPER_TCM))]
-    epochs = training_length(p, runs, backbone, loss)
+    epochs = p.epochs if p.epochs is not None else training_length(p, runs, backbone, loss)
     if epochs is None:
         return None
     grid = {variant_name(_tcm(g)): _tcm(g) for g in p.tcm_grid}
@@ -309,7 +383,7 @@ def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str,
         return [(v, make_config(p, backbone, loss, t, s, epochs))
                 for s in p.tune_seeds for v, t in (("base", None), *grid.items())]
     if stage == "final":
-        chosen = selected_setting(p, runs, backbone, loss)
+        chosen = selected_setting(p, runs, backbone, loss) if "tune" in p.stages else paper
         if chosen is None:
             return None
         variants = [("base", None), (paper, PAPER_TCM)] + ([] if chosen == paper else [(chosen, grid[chosen])])
@@ -329,6 +403,8 @@ def _complete(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, los
 
 def training_length(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> int | None:
     """The plateau epoch of a cell from its recorded learning curves (None until all are recorded)."""
+    if "curves" not in p.stages:
+        return p.epochs
     curve_runs = _complete(p, runs, backbone, loss, "curves")
     if curve_runs is None:
         return None
@@ -340,6 +416,8 @@ def training_length(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: st
 
 def selected_setting(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> str | None:
     """The TCM setting the rule picks from a cell's recorded tuning runs (None until all are recorded)."""
+    if "tune" not in p.stages or "final" not in p.stages:
+        return None  # this study selects nothing
     tune_runs = _complete(p, runs, backbone, loss, "tune")
     if tune_runs is None:
         return None
@@ -372,8 +450,9 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
     if only and not chosen:
         raise ValueError(f"--only {list(only)} matches no cell; cells: {[f'{b}/{loss}' for b, loss in cells(p)]}")
     new = 0
+    donors = _donors(p, scale, results_root, smoke)
     for backbone, loss in chosen:
-        for stage in ("curves", "tune", "final"):
+        for stage in p.stages:
             runs = load_runs(path)
             wanted = stage_configs(p, runs, backbone, loss, stage)
             if wanted is None:
@@ -388,6 +467,12 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
                     break
                 ran = False
                 for variant, cfg in todo:
+                    donor = donors.get((stage, config_key(cfg)))
+                    if donor is not None:  # the same run, recorded by another study: reuse it
+                        _append(path, {**donor, "study": study, "reused_from": donor["study"]})
+                        ran = True
+                        bar.update(1)
+                        continue
                     if max_runs is not None and new >= max_runs:
                         return path
                     with _claim(path, stage, config_key(cfg)) as mine:
@@ -403,6 +488,17 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
                     time.sleep(5)
             bar.close()
     return path
+
+
+def _donors(p: Protocol, scale: str, results_root: str | os.PathLike | None, smoke: bool | None
+            ) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(stage, key) -> record`` of the runs this study may reuse from the studies it names."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for other in p.reuse:
+        for r in load_runs(results_path(other, scale, results_root, smoke=smoke)):
+            if "reused_from" not in r:
+                out.setdefault((r["stage"], r["key"]), r)
+    return out
 
 
 @contextlib.contextmanager
@@ -434,12 +530,12 @@ def status(p: Protocol, runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any
     rows = []
     for backbone, loss in cells(p):
         row: dict[str, Any] = {"backbone": backbone, "loss": loss}
-        for stage in ("curves", "tune", "final"):
+        for stage in p.stages:
             wanted = stage_configs(p, runs, backbone, loss, stage)
             have = {(r["stage"], r["key"]) for r in runs}
             row[stage] = (f"{sum((stage, config_key(c)) in have for _, c in wanted)}/{len(wanted)}"
                           if wanted is not None else "waits")
-        row["complete"] = _complete(p, runs, backbone, loss, "final") is not None
+        row["complete"] = _complete(p, runs, backbone, loss, p.stages[-1]) is not None
         rows.append(row)
     return rows
 
@@ -454,6 +550,8 @@ def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
     """
     from tcmlib.stats import holm, paired_comparison
 
+    if "final" not in p.stages:
+        raise ValueError("this study has no final stage: its runs are scored on validation classes only")
     rows: list[dict[str, Any]] = []
     for backbone, loss in cells(p):
         final = _complete(p, runs, backbone, loss, "final")
