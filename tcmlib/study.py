@@ -61,7 +61,8 @@ from tcmlib.train import TrainConfig, load_config
 
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
            "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
-           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap"]
+           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap",
+           "load_study", "where_from", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07", "ch08", "ch10")
@@ -88,6 +89,7 @@ class Protocol:
     stages: tuple[str, ...] = ("curves", "tune", "final")  # the stages this study runs, in order
     epochs: int | None = None  # a fixed training length (no ``curves`` stage); None: the plateau rule
     reuse: tuple[str, ...] = ()  # studies whose recorded runs of the same stage and config key are reused
+    test: str = "wilcoxon"  # the paired test Holm's correction adjusts: "wilcoxon" (signed-rank) or "t"
 
 
 _TRAIN = {"dataset": "glyphs", "dim": 64, "batch_size": 128, "m": 4, "optimizer": "adam", "lr": 1e-3,
@@ -148,6 +150,8 @@ FRONTIER_LOSSES = ("smooth_ap", "recall_surrogate", "proxy_anchor", "multi_simil
 def _frontier_protocol(scale: str, smoke: bool) -> Protocol:
     """Chapter 8: the paper's five base losses, each without and with TCM at the paper's margins.
 
+    Five seeds a cell (what the CPU budget affords for 50 runs): the exact signed-rank test cannot
+    go below p = 1/16 with five pairs, so this study's Holm correction adjusts the paired t-test's p.
     One batch size and one training length for every loss (the length chapter 7's learning curves
     chose for its two losses), so no loss gets more steps or more images than another; the test
     classes are scored once, after the last epoch, and validation after every epoch (the frontier
@@ -158,12 +162,12 @@ def _frontier_protocol(scale: str, smoke: bool) -> Protocol:
         return Protocol(backbones=("small_cnn",), losses=("smooth_ap", "proxy_anchor", "contrastive"),
                         glyph_size="tiny", val_fraction=0.25, max_epochs=2, curve_seeds=(), tune_seeds=(),
                         final_seeds=(0, 1), plateau_tol=0.01, r1_tol=0.005, tcm_grid=(_GRID[0],),
-                        train=_SMOKE_TRAIN, stages=("final",), epochs=2, reuse=("ch07",))
+                        train=_SMOKE_TRAIN, stages=("final",), epochs=2, reuse=("ch07",), test="t")
     if scale == "cpu":
         return Protocol(backbones=("small_cnn",), losses=FRONTIER_LOSSES, glyph_size="small", val_fraction=0.25,
                         max_epochs=5, curve_seeds=(), tune_seeds=(), final_seeds=tuple(range(5)), plateau_tol=0.01,
                         r1_tol=0.005, tcm_grid=(_GRID[0],), train=_TRAIN, stages=("final",), epochs=5,
-                        reuse=("ch07",))
+                        reuse=("ch07",), test="t")
     if scale == "gpu":
         gpu = protocol("ch07", "gpu", smoke=False)
         return dataclasses.replace(gpu, losses=FRONTIER_LOSSES, curve_seeds=(), tune_seeds=(), tcm_grid=(_GRID[0],),
@@ -525,6 +529,48 @@ def _claim(path: Path, stage: str, key: str) -> Iterator[bool]:
 
 # ---- what the chapters show -------------------------------------------------------------------------------------
 
+def load_study(study: str, scale: str | None = None, *, retrain: bool = False, smoke: bool | None = None
+               ) -> tuple[Protocol, Path, list[dict[str, Any]]]:
+    """``(protocol, results file, runs)`` of a study, as the chapters load it.
+
+    The committed file by default; with ``retrain=True`` (or when the file is missing) the runs it
+    lacks are trained first through :func:`reproduce`; smoke mode always trains a tiny version live
+    into a temporary folder (the run cache still serves runs an earlier chapter trained).
+    """
+    scale = scale or default_scale()
+    smoke = is_smoke() if smoke is None else smoke
+    p = protocol(study, scale, smoke=smoke)
+    path = results_path(study, scale, root=_smoke_root() if smoke else None, smoke=smoke)
+    if smoke or retrain or not path.exists():
+        if not (smoke or retrain):
+            print(f"{path} is not here: training the study now")
+        reproduce(study, scale=scale, results_root=path.parents[1], smoke=smoke)
+    return p, path, load_runs(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _smoke_root() -> str:
+    """One temporary results root per process, so smoke studies in one kernel can reuse each other."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="tcmlib-smoke-results-")
+
+
+def where_from(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> str:
+    """Which file, commits and machines a study's numbers come from, and its recorded training time."""
+    prov = [r["provenance"] for r in runs if "reused_from" not in r]
+    reused = sorted({r["reused_from"] for r in runs if "reused_from" in r})
+    commits = sorted({(q["commit"] or "?")[:10] for q in prov})
+    machines = sorted({f'{q.get("cpu_model", q["device"])} ({q["cpus"]} CPUs), {q["threads"]} thread(s) a run, '
+                       f'torch {q["torch"]}' for q in prov})
+    own = [r for r in runs if "reused_from" not in r]
+    lines = [f"file: {path}", f"runs: {len(runs)} ({len(own)} trained for this study"
+             + (f", {len(runs) - len(own)} reused from {', '.join(reused)})" if reused else ")"),
+             f"commits: {', '.join(commits) or '-'}", f"machines: {'; '.join(machines) or '-'}",
+             f"training time recorded (this study's own runs): {total_cpu_hours(own):.2f} h"]
+    return "\n".join(lines)
+
+
 def status(p: Protocol, runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per cell: how many runs of each stage are recorded and wanted, and whether the cell is complete."""
     rows = []
@@ -545,8 +591,9 @@ def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
     """Paired test-set comparisons of every TCM variant with its base, per complete cell and metric.
 
     One row per (cell, variant, metric): :func:`tcmlib.stats.paired_comparison` over the final
-    seeds, plus ``p_holm``: the Wilcoxon p adjusted by Holm over all rows of the same metric (the
-    family of comparisons the study makes for that metric).
+    seeds, plus ``p_holm``: the p of the protocol's test (``p.test``: Wilcoxon signed-rank, or the
+    paired t-test) adjusted by Holm over all rows of the same metric (the family of comparisons the
+    study makes for that metric).
     """
     from tcmlib.stats import holm, paired_comparison
 
@@ -570,7 +617,7 @@ def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
                              "metric": m, **paired_comparison(base, treat)})
     for m in metrics:
         family = [r for r in rows if r["metric"] == m]
-        for r, adj in zip(family, holm([r["p_wilcoxon"] for r in family])):
+        for r, adj in zip(family, holm([r["p_t" if p.test == "t" else "p_wilcoxon"] for r in family])):
             r["p_holm"] = adj
     return rows
 
