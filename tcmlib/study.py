@@ -622,22 +622,23 @@ def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
     return rows
 
 
-def frontier_gap(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str
+def frontier_gap(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, *, stage: str = "curves"
                  ) -> tuple[float, dict[str, tuple[Any, Any]]]:
     """Does TCM move the accuracy-consistency frontier?  ``(gap, paths)`` from a cell's learning curves.
 
     ``paths[variant] = (val R@1, val OPIS)`` per epoch (seed means, sorted by R@1) for the base loss
     and base + TCM (paper).  ``gap`` is the mean over 50 evenly spaced R@1 values in the range both
     paths cover of ``OPIS_tcm(R@1) - OPIS_base(R@1)`` (linear interpolation): negative when TCM is
-    more consistent at equal accuracy, NaN when the paths share no R@1 range.
+    more consistent at equal accuracy, NaN when the paths share no R@1 range.  ``stage``: whose
+    per-epoch validation records to use (the learning curves, or e.g. chapter 8's ``final`` runs).
     """
     import numpy as np
 
     paths = {}
     for variant in ("base", variant_name(PAPER_TCM)):
-        rs = [r for r in runs if (r["stage"], r["backbone"], r["loss"], r["variant"]) == ("curves", backbone, loss, variant)]
+        rs = [r for r in runs if (r["stage"], r["backbone"], r["loss"], r["variant"]) == (stage, backbone, loss, variant)]
         if not rs:
-            raise ValueError(f"no recorded learning curves of {backbone} x {loss} ({variant})")
+            raise ValueError(f"no recorded {stage!r} runs of {backbone} x {loss} ({variant})")
         r1 = np.mean([[h["val_R@1"] for h in r["history"]] for r in rs], axis=0)
         op = np.mean([[h["val_OPIS"] for h in r["history"]] for r in rs], axis=0)
         order = np.argsort(r1, kind="stable")

@@ -129,7 +129,12 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     runs = [r for p in COMMITTED if "-" not in p.stem for r in load_runs(p)]
     if not runs:
         pytest.skip("no committed cpu-scale runs yet")
-    cheapest = min(runs, key=lambda r: r["history"][0]["train_time_s"])
+    seeds: dict[tuple, set] = {}
+    for r in runs:
+        seeds.setdefault((r["backbone"], r["loss"], r["variant"]), set()).add(r["seed"])
+    # among runs whose cell and variant have >= 3 recorded seeds (the cross-platform check needs them)
+    judged = [r for r in runs if len(seeds[r["backbone"], r["loss"], r["variant"]]) >= 3]
+    cheapest = min(judged, key=lambda r: r["history"][0]["train_time_s"])
     cfg = dataclasses.replace(load_config(None, **cheapest["config"]), epochs=1, run_dir=str(tmp_path / "run"),
                               progress=False, device="cpu")
     assert cfg.milestones == [], "the prefix argument needs a constant learning rate"
