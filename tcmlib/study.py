@@ -190,8 +190,8 @@ def _ablation_protocol(scale: str, smoke: bool) -> Protocol:
     if smoke:
         return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="tiny", val_fraction=0.25,
                         max_epochs=2, curve_seeds=(), tune_seeds=(100,), final_seeds=(), plateau_tol=0.01,
-                        r1_tol=0.005, tcm_grid=((0.8, 0.3, 1.0, 1.0), (0.9, 0.5, 1.0, 1.0), (0.9, 0.5, 2.0, 2.0),
-                                                (0.9, 0.5, 1.0, 0.0)),
+                        r1_tol=0.005, tcm_grid=tuple((mp, mn, 1.0, 1.0) for mp in (0.8, 0.9) for mn in (0.3, 0.5))
+                        + ((0.9, 0.5, 2.0, 2.0), (0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0)),
                         train=_SMOKE_TRAIN, stages=("tune",), epochs=2, reuse=("ch07",))
     if scale == "cpu":
         return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="small", val_fraction=0.25,
