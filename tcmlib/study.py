@@ -62,7 +62,7 @@ from tcmlib.train import TrainConfig, load_config
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
            "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
            "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap",
-           "load_study", "where_from", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
+           "load_study", "where_from", "run_costs", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07", "ch08", "ch10")
@@ -649,6 +649,31 @@ def frontier_gap(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, *,
         return float("nan"), paths
     grid = np.linspace(lo, hi, 50)
     return float(np.mean(np.interp(grid, rt, ot) - np.interp(grid, rb, ob))), paths
+
+
+def run_costs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What a run costs, per stage and base loss: medians over the study's own (not reused) runs.
+
+    ``train_s`` (optimisation), ``eval_s`` (validation after every epoch, test at the end),
+    ``other_s`` (the rest of the run's wall time: start-up, data, the bootstrap interval),
+    ``images_per_s`` (training images per second of ``train_s``; images = steps x batch size).
+    """
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in runs:
+        if "reused_from" not in r:
+            groups.setdefault((r["stage"], r["loss"]), []).append(r)
+    rows = []
+    for (stage, loss), rs in groups.items():
+        train = np.array([sum(h["train_time_s"] for h in r["history"]) for r in rs])
+        ev = np.array([sum(h.get("eval_time_s", 0.0) for h in r["history"]) for r in rs])
+        wall = np.array([r["wall_s"] for r in rs])
+        images = np.array([r["history"][-1]["step"] * r["config"]["batch_size"] for r in rs])
+        rows.append({"stage": stage, "loss": loss, "runs": len(rs), "train_s": float(np.median(train)),
+                     "eval_s": float(np.median(ev)), "other_s": float(np.median(wall - train - ev)),
+                     "images_per_s": float(np.median(images / train))})
+    return rows
 
 
 def total_cpu_hours(runs: Sequence[Mapping[str, Any]]) -> float:

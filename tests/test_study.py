@@ -184,5 +184,21 @@ def test_frontier_gap_hand_case() -> None:
     assert gap == pytest.approx(-0.1)
     assert list(paths) == ["base", paper]
     assert math.isnan(frontier_gap([curve("base", [0.1, 0.2], [1, 1]), curve(paper, [0.5, 0.6], [1, 1])], "b", "l")[0])
-    with pytest.raises(ValueError, match="no recorded learning curves"):
+    with pytest.raises(ValueError, match="no recorded .curves. runs"):
         frontier_gap(runs[:1], "b", "l")
+
+
+def test_run_costs_hand_case() -> None:
+    from tcmlib.study import run_costs
+
+    def run(loss, train, ev, wall, steps, reused=False):
+        r = {"stage": "final", "loss": loss, "wall_s": wall, "config": {"batch_size": 10},
+             "history": [{"train_time_s": t, "eval_time_s": e, "step": s} for t, e, s in zip(train, ev, steps)]}
+        return {**r, "reused_from": "ch07"} if reused else r
+
+    runs = [run("a", [1.0, 3.0], [0.5, 0.5], 6.0, [10, 20]),     # 200 images in 4 s; other 1 s
+            run("a", [2.0, 2.0], [1.0, 1.0], 7.0, [10, 20]),     # 200 images in 4 s; other 1 s
+            run("a", [9.0], [9.0], 99.0, [5], reused=True)]      # another study's run: not counted
+    (row,) = run_costs(runs)
+    assert row == {"stage": "final", "loss": "a", "runs": 2, "train_s": 4.0, "eval_s": 1.5, "other_s": 1.0,
+                   "images_per_s": 50.0}
