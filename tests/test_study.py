@@ -14,8 +14,8 @@ import torch
 
 from tcmlib.data.arrays import ImageArrayDataset, hold_out_classes
 from tcmlib.experiments import config_key
-from tcmlib.study import (PAPER_TCM, frontier_gap, load_runs, plateau_epoch, protocol, reproduce, results_path,
-                          select_setting, variant_name)
+from tcmlib.study import (PAPER_TCM, comparisons, frontier_gap, load_runs, plateau_epoch, protocol, reproduce, results_path,
+                          select_setting, stage_configs, variant_name)
 from tcmlib.train import fit, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,29 @@ def test_reproduce_smoke_study(tmp_path: Path) -> None:
     bad.write_text("{oops\n" + before)
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_runs(bad)
+
+    # chapter 8's study reuses chapter 7's recorded runs of the same config and stage, trains the rest
+    p8 = protocol("ch08", smoke=True)
+    # a run chapter 7 never trains, planted in its file: chapter 8 must take it as it is, not retrain it
+    planted_cfg = stage_configs(p8, [], "small_cnn", "proxy_anchor", "final")[0][1]
+    planted = {**load_runs(path)[-1], "loss": "proxy_anchor", "variant": "base", "seed": planted_cfg.seed,
+               "key": config_key(planted_cfg), "config": dataclasses.asdict(planted_cfg),
+               "history": [{"planted": True}]}
+    path.write_text(before + json.dumps(planted) + "\n")  # (replacing the torn line written above)
+    path8 = reproduce("ch08", smoke=True, results_root=root, cache_dir=cache, progress=False)
+    runs8 = load_runs(path8)
+    assert len(runs8) == len(p8.losses) * 2 * len(p8.final_seeds) and {r["stage"] for r in runs8} == {"final"}
+    keys7 = {(r["stage"], r["key"]): r for r in load_runs(path)}
+    for r in runs8:
+        assert r["config"]["epochs"] == p8.epochs
+        if "reused_from" in r:
+            assert r["reused_from"] == "ch07" and r["history"] == keys7["final", r["key"]]["history"]
+        else:
+            assert ("final", r["key"]) not in keys7
+    assert sum("reused_from" in r for r in runs8) == sum(("final", r["key"]) in keys7 for r in runs8)
+    assert [r["history"] for r in runs8 if r["key"] == planted["key"]] == [[{"planted": True}]]
+    rows = comparisons(p8, runs8)
+    assert {r["loss"] for r in rows} == set(p8.losses) and all(0 <= r["p_holm"] <= 1 for r in rows)
 
 
 @pytest.mark.skipif(not COMMITTED, reason="no committed results yet")
