@@ -560,7 +560,7 @@ def where_from(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> st
     """Which file, commits and machines a study's numbers come from, and its recorded training time."""
     prov = [r["provenance"] for r in runs if "reused_from" not in r]
     reused = sorted({r["reused_from"] for r in runs if "reused_from" in r})
-    commits = sorted({(q["commit"] or "?")[:10] for q in prov})
+    commits = sorted({(r["provenance"]["commit"] or "?")[:10] for r in runs})
     machines = sorted({f'{q.get("cpu_model", q["device"])} ({q["cpus"]} CPUs), {q["threads"]} thread(s) a run, '
                        f'torch {q["torch"]}' for q in prov})
     own = [r for r in runs if "reused_from" not in r]
