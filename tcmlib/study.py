@@ -271,21 +271,28 @@ def results_path(study: str, scale: str, root: str | os.PathLike | None = None, 
 
 
 def load_runs(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every finished run in a ``runs.jsonl``; a torn last line (a killed writer) is skipped, others are errors."""
+    """Every finished run in a ``runs.jsonl``, once per (stage, config key).
+
+    A torn last line (a killed writer) is skipped; any other invalid line is an error.
+    """
     path = Path(path)
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
-    runs = []
+    runs, seen = [], set()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            runs.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 continue  # interrupted while appending: that run is simply not finished
             raise ValueError(f"{path}:{i + 1} is not valid JSON ({e}); fix or delete that line") from None
+        if (record.get("stage"), record.get("key")) in seen:
+            continue  # one run recorded twice (two processes raced): the same config, the first counts
+        seen.add((record.get("stage"), record.get("key")))
+        runs.append(record)
     return runs
 
 
@@ -472,20 +479,18 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
                 ran = False
                 for variant, cfg in todo:
                     donor = donors.get((stage, config_key(cfg)))
-                    if donor is not None:  # the same run, recorded by another study: reuse it
-                        _append(path, {**donor, "study": study, "reused_from": donor["study"]})
-                        ran = True
-                        bar.update(1)
-                        continue
-                    if max_runs is not None and new >= max_runs:
+                    if donor is None and max_runs is not None and new >= max_runs:
                         return path
                     with _claim(path, stage, config_key(cfg)) as mine:
                         if not mine or config_key(cfg) in {r["key"] for r in load_runs(path) if r["stage"] == stage}:
                             continue
-                        bar.set_postfix_str(f"{variant} seed {cfg.seed}")
-                        _append(path, run_record(study, stage, backbone, loss, variant, cfg, cache_dir=cache_dir,
-                                                 command=command))
-                    new += 1
+                        if donor is not None:  # the same run, recorded by another study: reuse it
+                            _append(path, {**donor, "study": study, "reused_from": donor["study"]})
+                        else:
+                            bar.set_postfix_str(f"{variant} seed {cfg.seed}")
+                            _append(path, run_record(study, stage, backbone, loss, variant, cfg,
+                                                     cache_dir=cache_dir, command=command))
+                            new += 1
                     ran = True
                     bar.update(1)
                 if not ran:  # what is left is being trained by another process: wait for its records

@@ -225,3 +225,13 @@ def test_run_costs_hand_case() -> None:
     (row,) = run_costs(runs)
     assert row == {"stage": "final", "loss": "a", "runs": 2, "train_s": 4.0, "eval_s": 1.5, "other_s": 1.0,
                    "images_per_s": 50.0}
+
+
+def test_load_runs_counts_a_run_recorded_twice_once(tmp_path: Path) -> None:
+    a = {"stage": "final", "key": "k1", "seed": 0, "final": {"OPIS": 1.0}}
+    b = {"stage": "final", "key": "k2", "seed": 1, "final": {"OPIS": 2.0}}
+    again = {**a, "final": {"OPIS": 1.0}, "wall_s": 3.0}  # two processes raced on one run
+    tune = {**a, "stage": "tune"}                          # the same config in another stage is another run
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (a, b, again, tune)))
+    assert load_runs(path) == [a, b, tune]
