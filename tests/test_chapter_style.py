@@ -1,0 +1,69 @@
+"""Part I chapters fit the book's column and give every exercise a hint or a solution.
+
+The built page shows a code cell in a column of about 88 characters; longer lines scroll
+sideways and their comments are cut off.  Chapters 0-6 keep every code-cell line (comments
+included) within ``MAX_LINE``.  Each of their exercises ends in a collapsed hint or solution
+(a ``dropdown`` admonition, sphinx-togglebutton), so a reader can check an answer.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jupytext
+import pytest
+
+MAX_LINE = 88
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+PART_ONE = sorted(p for p in NOTEBOOKS.glob("0[0-6]_*.md"))
+
+
+def long_code_lines(path: Path, limit: int = MAX_LINE) -> list[str]:
+    """'cell N, line M (L chars)' for each code-cell line of a MyST notebook over `limit`."""
+    nb = jupytext.read(path)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    return [f"cell {i}, line {j} ({len(line)} chars): {line[:40]}..."
+            for i, cell in enumerate(code, start=1)
+            for j, line in enumerate(cell.source.splitlines(), start=1) if len(line) > limit]
+
+
+def exercises_without_hint(path: Path) -> list[str]:
+    """Numbered exercises of the '## Exercises' section not followed by a dropdown block."""
+    text = path.read_text()
+    if "## Exercises" not in text:
+        return []
+    section = text.split("## Exercises", 1)[1].split("\n## ", 1)[0]
+    items = re.split(r"(?m)^(?=\d+\. )", section)[1:]      # one chunk per numbered exercise
+    return [item.splitlines()[0][:50] for item in items
+            if not re.search(r":class: dropdown", item)]
+
+
+def test_there_are_part_one_chapters() -> None:
+    assert len(PART_ONE) == 7, [p.name for p in PART_ONE]
+
+
+def test_long_line_check_catches_a_long_line(tmp_path: Path) -> None:
+    md = tmp_path / "x.md"
+    md.write_text("# t\n\n```{code-cell} ipython3\nx = 1\n" + "y = " + "1 + " * 30 + "1\n```\n")
+    assert len(long_code_lines(md)) == 1
+    assert long_code_lines(md, limit=200) == []
+
+
+def test_hint_check_catches_a_bare_exercise(tmp_path: Path) -> None:
+    md = tmp_path / "x.md"
+    hint = "```{admonition} Hint\n:class: dropdown\nLook.\n```\n"
+    md.write_text("# t\n\n## Exercises\n\n1. Do this.\n\n" + hint + "\n2. Do that.\n")
+    assert exercises_without_hint(md) == ["2. Do that."]
+
+
+@pytest.mark.parametrize("md", PART_ONE, ids=lambda p: p.name)
+def test_code_lines_fit_the_column(md: Path) -> None:
+    long = long_code_lines(md)
+    assert not long, f"{md.name}: code lines over {MAX_LINE} characters:\n" + "\n".join(long)
+
+
+@pytest.mark.parametrize("md", PART_ONE, ids=lambda p: p.name)
+def test_every_exercise_has_a_hint_or_solution(md: Path) -> None:
+    bare = exercises_without_hint(md)
+    assert not bare, f"{md.name}: exercises without a dropdown hint or solution: {bare}"
