@@ -12,6 +12,10 @@ The paper's backbones follow the Recall@k-surrogate code (Patel et al., CVPR 202
 * ``vit_tiny``  a small vision transformer for 32x32 images, from scratch: 4x4 patches (64 tokens +
   CLS), 4 blocks of width 128 with 4 heads and MLP 256 (torchvision's ``VisionTransformer``), the
   CLS token's 128-d features: the second backbone family of the offline chapters;
+* ``conv_vit_tiny``  the same transformer with a convolutional stem instead of the 4x4 patch
+  projection (three conv3x3-BN-ReLU layers, strides 1-2-2, to an 8x8 grid of 128-d tokens;
+  Xiao et al., "Early convolutions help transformers see better", NeurIPS 2021), mean-pooled
+  tokens: a transformer that learns the glyphs from scratch within a CPU budget;
 * ``resnet18``  torchvision ResNet-18 with global average pooling, 512-d; ``small_input=True``
   swaps the stem for a 3x3 stride-1 conv without max-pool so 32x32 images keep their resolution.
 
@@ -27,9 +31,9 @@ import torchvision
 
 from tcmlib.normalize import l2_normalize
 
-__all__ = ["BACKBONES", "GeM", "SmallCNN", "Embedder", "build_embedder", "freeze_batchnorm"]
+__all__ = ["BACKBONES", "GeM", "SmallCNN", "ConvViT", "Embedder", "build_embedder", "freeze_batchnorm"]
 
-BACKBONES = ("resnet50", "vit_b_16", "small_cnn", "resnet18", "vit_tiny")
+BACKBONES = ("resnet50", "vit_b_16", "small_cnn", "resnet18", "vit_tiny", "conv_vit_tiny")
 
 
 class GeM(nn.Module):
@@ -116,6 +120,12 @@ def _make_backbone(
         if pretrained:
             raise ValueError("vit_tiny has no pretrained weights; use pretrained=False")
         return _vit_tiny(in_channels, image_size), 128
+    if name == "conv_vit_tiny":
+        if pretrained:
+            raise ValueError("conv_vit_tiny has no pretrained weights; use pretrained=False")
+        if image_size % 4:
+            raise ValueError(f"conv_vit_tiny needs an image size divisible by 4, got {image_size}")
+        return ConvViT(in_channels, image_size), 128
     if name in ("resnet50", "resnet18"):
         fn, weights = {
             "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
@@ -160,6 +170,34 @@ def _vit_tiny(in_channels: int, image_size: int) -> nn.Module:
     net.conv_proj = nn.Conv2d(in_channels, 128, kernel_size=4, stride=4)  # grey or RGB patches -> tokens
     net.heads = nn.Identity()
     return net
+
+
+class ConvViT(nn.Module):
+    """A convolutional stem, then a pre-norm transformer encoder over the stem's grid; mean-pooled tokens.
+
+    (B, C, H, W) -> stem (B, 128, H/4, W/4) -> tokens (B, HW/16, 128) + position embedding ->
+    ``depth`` encoder blocks (4 heads, MLP 256, GELU, pre-norm) -> LayerNorm -> mean over tokens (B, 128).
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 32, width: int = 128, depth: int = 4) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                    nn.ReLU(inplace=True)]
+
+        self.stem = nn.Sequential(*block(in_channels, 32, 1), *block(32, 64, 2), *block(64, width, 2))
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // 4) ** 2, width))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=2 * width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.stem(x).flatten(2).transpose(1, 2)  # (B, HW/16, width)
+        t = self.encoder(t + self.pos)  # (B, HW/16, width)
+        return self.norm(t).mean(dim=1)  # (B, width)
 
 
 class Embedder(nn.Module):

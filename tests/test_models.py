@@ -21,6 +21,9 @@ from tcmlib.models import BACKBONES, GeM, build_embedder
         ("resnet18", 3, 64, {}),
         ("resnet50", 3, 64, {}),
         ("vit_b_16", 3, 32, {"image_size": 32}),
+        ("vit_tiny", 1, 32, {"image_size": 32}),
+        ("conv_vit_tiny", 1, 32, {"image_size": 32}),
+        ("conv_vit_tiny", 3, 48, {"image_size": 48}),
     ],
 )
 def test_shapes_and_unit_norm(backbone: str, in_ch: int, size: int, kw: dict) -> None:
@@ -84,3 +87,24 @@ def test_unknown_backbone_lists_names() -> None:
         build_embedder("resnet51")
     for name in BACKBONES:
         assert name in str(info.value)
+
+
+def test_conv_vit_tokens_gradients_and_bad_sizes() -> None:
+    from tcmlib.models import ConvViT
+
+    torch.manual_seed(0)
+    net = ConvViT(in_channels=1, image_size=32)
+    assert net.stem(torch.zeros(1, 1, 32, 32)).shape == (1, 128, 8, 8)  # an 8x8 grid of 128-d tokens
+    assert net.pos.shape == (1, 64, 128)
+    net(torch.randn(4, 1, 32, 32)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    # tokens carry their position: moving the glyph changes the features
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 4:12, 4:12] = 1.0
+    with torch.no_grad():
+        a, b = net.eval()(x), net(torch.roll(x, shifts=(16, 16), dims=(-2, -1)))
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_embedder("conv_vit_tiny", image_size=30)
+    with pytest.raises(ValueError, match="pretrained=False"):
+        build_embedder("conv_vit_tiny", pretrained=True)
