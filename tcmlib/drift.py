@@ -38,7 +38,8 @@ import torch
 from tcmlib._checks import check_embeddings_labels, check_labels
 from tcmlib.report import ThresholdRates, rates_at_threshold, threshold_for_far
 
-__all__ = ["FarAudit", "GroupDrift", "ThresholdDrift", "audit_size", "far_audit", "group_drift", "threshold_drift"]
+__all__ = ["FarAudit", "GroupDrift", "ThresholdDrift", "audit_size", "far_audit", "group_drift",
+           "threshold_drift"]
 
 
 def _far(far_target: float) -> float:
@@ -136,8 +137,8 @@ def threshold_drift(source: tuple[Any, Any], target: tuple[Any, Any], far_target
     sx, sy = check_embeddings_labels(*source, emb_name="source embeddings", label_name="source labels")
     x, y = check_embeddings_labels(*target, emb_name="target embeddings", label_name="target labels")
     if sx.shape[1] != x.shape[1]:
-        raise ValueError(f"source embeddings have dimension {sx.shape[1]}, target ones {x.shape[1]}: both must "
-                         "come from the same model")
+        raise ValueError(f"source embeddings have dimension {sx.shape[1]}, target ones {x.shape[1]}: "
+                         "both must come from the same model")
     t = threshold_for_far(sx, sy, far, chunk_size=chunk_size)
     src = rates_at_threshold(sx, sy, t, chunk_size=chunk_size).global_far
     rates = rates_at_threshold(x, y, t, chunk_size=chunk_size)
@@ -183,7 +184,8 @@ class GroupDrift:
         return {"ratio_min": float(r.min()), "ratio_median": float(r.median()), "ratio_max": float(r.max()),
                 "mean_abs_log2_ratio": float(torch.log2(r.clamp_min(1e-300)).abs().mean()),
                 "share_over_2x": float((r > 2).double().mean()),
-                "worst_source": int(self.group_ids[worst // g]), "worst_target": int(self.group_ids[worst % g])}
+                "worst_source": int(self.group_ids[worst // g]),
+                "worst_target": int(self.group_ids[worst % g])}
 
 
 def group_drift(embeddings: Any, labels: Any, groups: Any, far_target: float, *,

@@ -450,7 +450,8 @@ def paired_method_difference(a: MethodRates, b: MethodRates, stat: str = "far_sp
     Raises ``ValueError`` when ``a`` and ``b`` hold different classes.
     """
     if not torch.equal(a.class_ids, b.class_ids):
-        raise ValueError("a and b hold different classes: compare two rules measured on the same test classes")
+        raise ValueError("a and b hold different classes: compare two rules measured on the same test "
+                         "classes")
     fa, fb = _method_stat(a, stat), _method_stat(b, stat)
     nb = _check_boot(n_boot, alpha)
     t_cls = a.class_ids.numel()
