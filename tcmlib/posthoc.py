@@ -33,23 +33,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from tcmlib._checks import as_tensor, check_embeddings, check_embeddings_labels, check_labels
 from tcmlib.metrics.opis import utility
-from tcmlib.report import (DEFAULT_CHUNK_SIZE, _check_calibration, _check_chunk, _check_far, _prepare,
-                           rates_at_threshold, threshold_for_far)
+from tcmlib.report import (DEFAULT_CHUNK_SIZE, PairedDifference, _check_calibration, _check_chunk, _check_far,
+                           _prepare, rates_at_threshold, threshold_for_far)
 
 __all__ = [
     "ClassThresholds",
     "ClusterThresholds",
+    "Interval",
     "MethodRates",
     "ThresholdingComparison",
     "cluster_thresholds",
     "compare_thresholding",
+    "method_bootstrap_ci",
+    "paired_method_difference",
     "per_class_thresholds",
     "query_rates",
 ]
@@ -386,3 +389,80 @@ def compare_thresholding(
                                         chunk_size=chunk_size),
     }
     return ThresholdingComparison(far, source, t, clusters, oracle, methods)
+
+
+# ----------------------------------------------------------------------------- intervals over classes
+METHOD_STATS = ("far_spread", "inconsistency")
+
+
+class Interval(NamedTuple):
+    """``value`` on all classes with the percentile bootstrap interval ``(lo, hi)`` over classes."""
+
+    value: float
+    lo: float
+    hi: float
+
+
+def _method_stat(m: MethodRates, stat: str) -> Callable[[torch.Tensor], float]:
+    """``f(idx)``: ``stat`` over the classes ``idx`` (T',) of ``m`` (indices, repeats allowed)."""
+    if stat == "far_spread":  # population std of per-class FAR
+        return lambda idx: float(m.far[idx].std(unbiased=False))
+    if stat == "inconsistency":  # population variance of per-class utility (OPIS at the applied thresholds)
+        return lambda idx: float(m.utility[idx].var(unbiased=False))
+    raise ValueError(f"stat = {stat!r} must be one of {METHOD_STATS}")
+
+
+def _check_boot(n_boot: int, alpha: float) -> int:
+    nb = int(n_boot)
+    if nb != n_boot or nb < 2:
+        raise ValueError(f"n_boot = {n_boot} must be an integer >= 2 (1000 is a usual choice)")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha = {alpha} must lie strictly between 0 and 1 (0.05 gives a 95 % interval)")
+    return nb
+
+
+def method_bootstrap_ci(m: MethodRates, stat: str = "far_spread", *, n_boot: int = 1000, alpha: float = 0.05,
+                        seed: int = 0) -> Interval:
+    """``stat`` of one rule's per-class rates with a percentile bootstrap interval over classes.
+
+    ``stat``: ``"far_spread"`` (population std of per-class FAR) or ``"inconsistency"`` (population
+    variance of per-class utility, :attr:`MethodRates.inconsistency`). Replicate b draws T of the T
+    classes with replacement, ``idx_b = rng.integers(0, T, size=T)`` with ``rng =
+    numpy.random.default_rng(seed)``; ``lo``, ``hi`` are the ``alpha / 2``, ``1 - alpha / 2`` quantiles.
+    The thresholds stay fixed: the interval is about which classes the test set holds.
+    """
+    f = _method_stat(m, stat)
+    nb = _check_boot(n_boot, alpha)
+    t_cls = m.class_ids.numel()
+    rng = np.random.default_rng(int(seed))
+    reps = np.array([f(torch.from_numpy(rng.integers(0, t_cls, size=t_cls))) for _ in range(nb)])
+    lo, hi = np.quantile(reps, [float(alpha) / 2, 1 - float(alpha) / 2])
+    return Interval(f(torch.arange(t_cls)), float(lo), float(hi))
+
+
+def paired_method_difference(a: MethodRates, b: MethodRates, stat: str = "far_spread", *, n_boot: int = 1000,
+                             alpha: float = 0.05, seed: int = 0) -> PairedDifference:
+    """``stat(a) - stat(b)`` for two rules (or two models) on the same classes, paired bootstrap over classes.
+
+    As :func:`tcmlib.report.paired_bootstrap_difference`, for the per-class rates a rule produces:
+    replicate b draws ``idx_b = rng.integers(0, T, size=T)`` ONCE and evaluates both on it.
+    ``share_other_sign``: ``mean(D* <= 0)`` if ``D > 0``, ``mean(D* >= 0)`` if ``D < 0``, 1 if ``D == 0``.
+    Raises ``ValueError`` when ``a`` and ``b`` hold different classes.
+    """
+    if not torch.equal(a.class_ids, b.class_ids):
+        raise ValueError("a and b hold different classes: compare two rules measured on the same test "
+                         "classes")
+    fa, fb = _method_stat(a, stat), _method_stat(b, stat)
+    nb = _check_boot(n_boot, alpha)
+    t_cls = a.class_ids.numel()
+    rng = np.random.default_rng(int(seed))
+    reps = np.empty(nb)
+    for i in range(nb):
+        idx = torch.from_numpy(rng.integers(0, t_cls, size=t_cls))
+        reps[i] = fa(idx) - fb(idx)
+    every = torch.arange(t_cls)
+    va, vb = fa(every), fb(every)
+    d = va - vb
+    lo, hi = np.quantile(reps, [float(alpha) / 2, 1 - float(alpha) / 2])
+    other = float(np.mean(reps <= 0)) if d > 0 else float(np.mean(reps >= 0)) if d < 0 else 1.0
+    return PairedDifference(stat, va, vb, d, float(lo), float(hi), other, reps)

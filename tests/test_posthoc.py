@@ -11,6 +11,8 @@ from tcmlib.posthoc import (
     ClusterThresholds,
     cluster_thresholds,
     compare_thresholding,
+    method_bootstrap_ci,
+    paired_method_difference,
     per_class_thresholds,
     query_rates,
 )
@@ -238,3 +240,55 @@ def test_compare_thresholding_bad_input():
         compare_thresholding(x, y, 0.1, calibration=(torch.randn(20, 3), y[:20]))
     with pytest.raises(ValueError, match="beta"):
         compare_thresholding(x, y, 0.1, beta=-1)
+
+
+# ----------------------------------------------------------------------------- intervals over classes
+def _two_rules():
+    x, y = toy(n=150, seed=5)
+    return query_rates(x, y, 0.4), query_rates(x, y, torch.linspace(0.2, 0.7, 150, dtype=torch.float64))
+
+
+def test_method_bootstrap_ci_matches_a_hand_loop():
+    a, _ = _two_rules()
+    far, u = a.far.numpy(), a.utility.numpy()
+    for stat, vals, f in (("far_spread", far, np.std), ("inconsistency", u, np.var)):
+        ci = method_bootstrap_ci(a, stat, n_boot=300, alpha=0.1, seed=3)
+        rng = np.random.default_rng(3)
+        reps = [f(vals[rng.integers(0, len(vals), size=len(vals))]) for _ in range(300)]
+        assert ci.value == pytest.approx(f(vals), abs=1e-15)
+        assert (ci.lo, ci.hi) == pytest.approx(tuple(np.quantile(reps, [0.05, 0.95])), abs=1e-15)
+        assert ci.lo <= ci.value <= ci.hi
+    assert method_bootstrap_ci(a, "inconsistency").value == pytest.approx(a.inconsistency)
+
+
+def test_paired_method_difference_matches_a_hand_loop_and_is_antisymmetric():
+    a, b = _two_rules()
+    r = paired_method_difference(a, b, "far_spread", n_boot=200, seed=1)
+    rng = np.random.default_rng(1)
+    fa, fb = a.far.numpy(), b.far.numpy()
+    reps = []
+    for _ in range(200):
+        i = rng.integers(0, len(fa), size=len(fa))
+        reps.append(np.std(fa[i]) - np.std(fb[i]))
+    assert r.difference == pytest.approx(np.std(fa) - np.std(fb), abs=1e-15)
+    assert (r.lo, r.hi) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])), abs=1e-15)
+    sign = np.sign(r.difference)
+    assert r.share_other_sign == pytest.approx(np.mean(sign * np.array(reps) <= 0))
+    flipped = paired_method_difference(b, a, "far_spread", n_boot=200, seed=1)
+    assert flipped.difference == -r.difference and flipped.lo == pytest.approx(-r.hi)
+    same = paired_method_difference(a, a, "inconsistency", n_boot=50)
+    assert same.difference == 0.0 and same.share_other_sign == 1.0 and same.lo == same.hi == 0.0
+
+
+def test_interval_helpers_bad_input():
+    a, _ = _two_rules()
+    x, y = toy(n=60, seed=6)
+    other = query_rates(x[y < 5], y[y < 5], 0.4)  # classes 0-4 of 0-6
+    with pytest.raises(ValueError, match="different classes"):
+        paired_method_difference(a, other)
+    with pytest.raises(ValueError, match="stat"):
+        method_bootstrap_ci(a, "opis")
+    with pytest.raises(ValueError, match="n_boot"):
+        method_bootstrap_ci(a, n_boot=1)
+    with pytest.raises(ValueError, match="alpha"):
+        paired_method_difference(a, a, alpha=0.0)
