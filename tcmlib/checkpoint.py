@@ -4,6 +4,7 @@ A checkpoint is one ``torch.save`` dict::
 
     {"model", "optimizer", "scheduler", "scaler", "loss"}   # state_dicts (None where absent)
     {"rng": {"python", "numpy", "torch", "cuda"}}           # every random generator we use
+    {"rng_ranks": [rng of rank 0, rank 1, ...]}             # only for runs of several processes
     {"sampler"}                                             # where the batch sampler resumes
     {"epoch", "step", "best", "config", "extra", "version"} # bookkeeping
 
@@ -81,12 +82,14 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Atomically write ``run_dir/checkpoints/step-<step>.pt``; delete all but the newest ``keep``.
 
     ``epoch`` / ``sampler_state`` describe where training *resumes*: the epoch in progress and
     the sampler's ``state_dict`` with the batches already consumed; ``extra`` holds anything
-    else the loop needs to continue (running sums, history).  Returns the file's path.
+    else the loop needs to continue (running sums, history).  ``rank_rngs``: in a run of several
+    processes, every rank's :func:`rng_states` (rank 0 writes the file for all).  Returns the file's path.
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,8 @@ def save_checkpoint(
         "config": config,
         "extra": dict(extra or {}),
     }
+    if rank_rngs is not None:
+        state["rng_ranks"] = list(rank_rngs)
     path = ckpt_dir / f"step-{step:08d}.pt"
     fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=".step-", suffix=".tmp")
     try:
@@ -199,14 +204,18 @@ def apply_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     loss: torch.nn.Module | None = None,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Load the states of a checkpoint dict (from :func:`read_checkpoint`) into the objects given; restore RNGs."""
+    """Load the states of a checkpoint dict (from :func:`read_checkpoint`) into the objects given; restore RNGs.
+
+    ``rank``: in a run of several processes, restore that rank's generators (``rng_ranks``).
+    """
     for obj, key in ((model, "model"), (optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler"),
                      (loss, "loss")):
         if obj is not None and ckpt.get(key) is not None:
             obj.load_state_dict(ckpt[key])
     if restore_rng:
-        set_rng_states(ckpt["rng"])
+        set_rng_states(ckpt["rng_ranks"][rank] if ckpt.get("rng_ranks") else ckpt["rng"])
     return ckpt
 
 

@@ -13,6 +13,10 @@ network's activations for 4000 images do not fit in GPU memory.  The Recall@k-su
 
 Memory: one chunk's activations plus B x D embeddings.  Time: one extra forward pass.
 
+Under DistributedDataParallel (``tcmlib.distributed``) ``images`` is this rank's slice and
+``loss_fn`` all-gathers the embeddings; step 2 then yields this slice's gradient (summed over the
+ranks' identical copies of the loss), and step 3 all-reduces once, after the last chunk.
+
 Exactness.  The result equals the full-batch gradient whenever the loss depends on the batch
 only through its embeddings and both forwards compute the same embeddings.  We make random
 layers (dropout, stochastic depth, augmentation inside the model) draw the same numbers in both
@@ -119,11 +123,15 @@ def cached_backward(
     if grad is None:  # the loss does not depend on the embeddings at all
         grad = torch.zeros_like(emb)
 
-    # 3. re-forward each chunk with a graph (same RNG draws as in pass 1), backward with its slice of G
-    for s, state in zip(starts, states):
+    # 3. re-forward each chunk with a graph (same RNG draws as in pass 1), backward with its slice of G;
+    # a DistributedDataParallel model all-reduces the accumulated gradients once, after the last chunk
+    no_sync = getattr(model, "no_sync", None)
+    for i, (s, state) in enumerate(zip(starts, states)):
         _set_rng_state(state, device)
-        with amp():
-            e = model(images[s : s + chunk_size])  # (b, D)
-        _full(e).backward(grad[s : s + chunk_size])
+        last = i == len(starts) - 1
+        with nullcontext() if last or no_sync is None else no_sync():
+            with amp():
+                e = model(images[s : s + chunk_size])  # (b, D)
+            _full(e).backward(grad[s : s + chunk_size])
     _set_rng_state(after, device)  # leave the RNG where one pass left it
     return loss.detach(), emb.detach()

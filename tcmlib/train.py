@@ -25,6 +25,15 @@ augmentation draws are not).
 A batch larger than memory goes through the embedding-gradient cache (``chunk_size``, see
 ``tcmlib.gradcache``).  On a GPU: ``amp="bf16"`` (or ``"fp16"`` with a GradScaler),
 ``channels_last=True``, pinned-memory loaders.
+
+More than one GPU (or CPU process)::
+
+    torchrun --nproc_per_node=4 -m tcmlib.train --config NAME [--resume]
+
+runs the same ``fit`` in each process: DistributedDataParallel, each rank a slice of every global
+batch of ``batch_size``, the embeddings all-gathered so the loss sees the global batch (the
+gradient is the single-process one; see ``tcmlib.distributed``), sharded exact evaluation; rank 0
+writes checkpoints, metrics and progress.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -51,8 +60,9 @@ import yaml
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loadable_checkpoint,
-                               remove_stale_temporaries, save_checkpoint)
+from tcmlib import distributed
+from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loadable_checkpoint, read_checkpoint,
+                               remove_stale_temporaries, rng_states, save_checkpoint)
 from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get_dataset
 from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
@@ -558,28 +568,47 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     else:
         cfg = load_config(None, **{**(config or {}), **kwargs})
     cfg.validate()
-    device = _resolve_device(cfg.device)
+    ddp = distributed.launched()  # under torchrun: one process per device, see tcmlib.distributed
+    if ddp:
+        device, own_group = distributed.setup(cfg.device)
+    else:
+        device, own_group = _resolve_device(cfg.device), False
+    rank, world = distributed.rank(), distributed.world_size()
+    master = rank == 0  # writes checkpoints, metrics and progress
+    say: Callable[[str], None] = tqdm.write if master else (lambda _: None)
     run_dir = Path(cfg.run_dir)
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints ({ckpt_path.name}); pass resume=True "
                               "(--resume) to continue that run, or choose a new run_dir")
-    for stale in remove_stale_temporaries(run_dir):
-        tqdm.write(f"removed {stale}, the temporary file of an interrupted checkpoint write")
+    if master:
+        for stale in remove_stale_temporaries(run_dir):
+            say(f"removed {stale}, the temporary file of an interrupted checkpoint write")
     ckpt: dict[str, Any] | None = None
     if ckpt_path is not None:  # resume: the newest checkpoint that reads whole, under a compatible config
-        found = newest_loadable_checkpoint(run_dir, map_location=device)
-        assert found is not None
-        ckpt_path, ckpt = found
+        if master:  # (it may set unreadable files aside, so one process chooses)
+            found = newest_loadable_checkpoint(run_dir, map_location=device)
+            assert found is not None
+            ckpt_path, ckpt = found
+        if ddp:
+            ckpt_path = distributed.broadcast_object(ckpt_path)
+            ckpt = ckpt if master else read_checkpoint(ckpt_path, map_location=device)
+        assert ckpt is not None and ckpt_path is not None
         _check_resume_config(ckpt.get("config"), cfg, ckpt_path)
+        if ckpt["extra"].get("world_size", 1) != world:
+            raise ValueError(f"cannot resume {ckpt_path} with {world} processes: it was written by a run of "
+                             f"{ckpt['extra'].get('world_size', 1)}; resume with that many (--nproc_per_node)")
         in_progress = (ckpt.get("sampler") or {}).get("start_batch", 0) > 0
         if ckpt["epoch"] > cfg.epochs or (in_progress and ckpt["epoch"] >= cfg.epochs):
             raise ValueError(f"cannot resume {ckpt_path} with epochs = {cfg.epochs}: the run has already trained "
                              f"{ckpt['epoch']} epochs{' and part of the next' if in_progress else ''}; "
                              f"pass epochs >= {ckpt['epoch'] + int(in_progress)}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "config.yaml", "w") as fh:
-        yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.yaml", "w") as fh:
+            yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
+            if ddp:  # how the run was launched, not what it trains: a comment, so the file still loads
+                fh.write(f"# world_size: {world}\n")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     if cfg.deterministic:  # bit-exact reruns and resumes (restored to the previous setting on return)
         torch.use_deterministic_algorithms(True)
@@ -605,7 +634,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     if n_classes < cfg.batch_size // cfg.m:
         raise ValueError(f"batch_size / m = {cfg.batch_size // cfg.m} classes per batch, but the train split "
                          f"has only {n_classes} classes; lower batch_size or raise m")
-    sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed)
+    if cfg.batch_size % world:
+        raise ValueError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the {world} processes "
+                         "(each takes an equal slice of every batch)")
+    sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed, num_replicas=world,
+                                    rank=rank)
     # The loader's own generator: creating an iterator draws a worker base seed from it, which would
     # otherwise come from the global RNG and shift every later draw after a mid-epoch resume.
     loader_gen = torch.Generator()
@@ -617,13 +650,19 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                            image_size=input_size(cfg), frozen_bn=cfg.frozen_bn).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model  # what the training step runs: the model, or its DDP wrapper
+    if ddp:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if rank > 0:  # DDP copied rank 0's weights; each rank draws its own augmentation / dropout numbers
+            seed_everything(cfg.seed + 1_000_003 * rank)
     criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
                           **cfg.loss_kwargs).to(device)
     optimizer = _make_optimizer(cfg, model, criterion)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
     amp_dtype = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < cfg.batch_size else None
+    local_batch = cfg.batch_size // world
+    chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < local_batch else None
     if chunk is not None and any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
                                  for mod in model.modules()):
         warnings.warn("gradient cache with BatchNorm in train mode: BN statistics are per chunk, so the gradient "
@@ -636,17 +675,19 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     epoch0, step, history, best, sums = 0, 0, [], {}, {}
     sampler_state: dict[str, Any] | None = None
     if ckpt_path is not None and ckpt is not None:
-        apply_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=criterion)
+        apply_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=criterion,
+                         rank=rank)
         epoch0, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
         history, sums, sampler_state = ckpt["extra"]["history"], ckpt["extra"]["sums"], ckpt["sampler"]
         loss_ref = ckpt["extra"].get("loss_ref")
         assert sampler_state is not None
-        _write_metrics(run_dir, history)  # drop lines written after that checkpoint
+        if master:
+            _write_metrics(run_dir, history)  # drop lines written after that checkpoint
         if epoch0 >= cfg.epochs:
-            tqdm.write(f"{run_dir} holds a finished run ({epoch0} of {cfg.epochs} epochs, step {step}, {ckpt_path}); "
+            say(f"{run_dir} holds a finished run ({epoch0} of {cfg.epochs} epochs, step {step}, {ckpt_path}); "
                        "nothing to train. Raise epochs to train on")
         else:
-            tqdm.write(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, "
+            say(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, "
                        f"step {step})")
         sys.stdout.flush()
     cfg_dict = dataclasses.asdict(cfg)
@@ -664,17 +705,24 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
 
     def checkpoint(epoch: int, batches_done: int) -> Path:
         guard_weights()
-        path = save_checkpoint(
-            run_dir, model=model, step=step, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-            loss=criterion, sampler_state={"epoch": epoch, "start_batch": batches_done, "seed": cfg.seed},
-            best=best, config=cfg_dict, extra={"history": history, "sums": sums, "loss_ref": loss_ref})
-        tqdm.write(f"checkpoint step {step} -> {path}")
-        sys.stdout.flush()
+        rngs = distributed.all_objects(rng_states()) if ddp else None  # every rank's, for an exact resume
+        path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
+        if master:
+            path = save_checkpoint(
+                run_dir, model=model, step=step, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                loss=criterion, sampler_state={"epoch": epoch, "start_batch": batches_done, "seed": cfg.seed},
+                best=best, config=cfg_dict, rank_rngs=rngs,
+                extra={"history": history, "sums": sums, "loss_ref": loss_ref} | ({"world_size": world} if ddp else {}))
+            say(f"checkpoint step {step} -> {path}")
+            sys.stdout.flush()
+        distributed.barrier()
         return path
 
     def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(emb).all()):
             raise FloatingPointError("the embeddings contain NaN/inf")
+        if ddp:  # the loss sees the global batch; see tcmlib.distributed for why the gradient is exact
+            emb, labels = distributed.gather_batch(emb, labels)
         return criterion(emb, labels)
 
     last_path = ckpt_path
@@ -689,8 +737,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             n_batches = min(n_batches, cfg.steps_per_epoch)
         model.train()
         t0 = time.perf_counter()
-        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and master), leave=False, dynamic_ncols=True)
         for b, (x, y) in enumerate(loader, start=start):
             if b >= n_batches:
                 break
@@ -701,9 +749,9 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             optimizer.zero_grad(set_to_none=True)
             try:
                 if chunk is None:
-                    loss, _ = direct_backward(model, x, y, loss_fn, amp_dtype=amp_dtype, scaler=scaler)
+                    loss, _ = direct_backward(net, x, y, loss_fn, amp_dtype=amp_dtype, scaler=scaler)
                 else:
-                    loss, _ = cached_backward(model, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
+                    loss, _ = cached_backward(net, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
                 loss_value = float(loss)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"the loss is {loss_value}")
@@ -718,6 +766,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                     f"the optimiser step; the last good checkpoint is kept: {latest_checkpoint(run_dir)}. "
                     "Lower lr, use amp='bf16' instead of 'fp16', or check the input data"
                 ) from None
+            if ddp:  # the loss's own parameters are outside DDP: keep them equal on every rank
+                distributed.average_gradients(criterion)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -744,28 +794,32 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         n = max(sums["n"], 1)
         rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                                "loss": sums["loss"] / n, "loss_base": sums["base"] / n, "loss_tcm": sums["tcm"] / n,
-                               "train_time_s": round(sums["time"], 3)}
+                               "train_time_s": round(sums["time"], 3)} | ({"world_size": world} if ddp else {})
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or last:
             guard_weights()
             t1 = time.perf_counter()
             eval_kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
                            num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+            score_fn = distributed.evaluate_sharded if ddp else evaluate  # ddp: each rank embeds a shard
             if val_data is not None:  # validation every time; the test classes only after the last epoch
-                rec.update({f"val_{k}": v for k, v in evaluate(model, val_data, **eval_kw).items()})
+                rec.update({f"val_{k}": v for k, v in score_fn(model, val_data, **eval_kw).items()})
             if val_data is None or last:
-                rec.update(evaluate(model, test_data, **eval_kw))
+                rec.update(score_fn(model, test_data, **eval_kw))
             rec["eval_time_s"] = round(time.perf_counter() - t1, 3)
             score = "val_R@1" if val_data is not None else "R@1"
             if rec.get(score, -1.0) > best.get(score, -1.0):
                 best = {k: v for k, v in rec.items() if k[0].isupper() or k.startswith(("eps", "val_"))} | {"epoch": epoch + 1}
             summary = ", ".join(f"{k} {rec[k]:.4g}" for k in rec if k[0].isupper() or k.startswith(("eps", "val_")))
-            tqdm.write(f"epoch {epoch + 1}: loss {rec['loss']:.4f} (base {rec['loss_base']:.4f}, "
+            say(f"epoch {epoch + 1}: loss {rec['loss']:.4f} (base {rec['loss_base']:.4f}, "
                        f"tcm {rec['loss_tcm']:.4f}); {summary}")
         history.append(rec)
-        _write_metrics(run_dir, history)
+        if master:
+            _write_metrics(run_dir, history)
         last_path = checkpoint(epoch + 1, 0)
     torch.use_deterministic_algorithms(was_deterministic)
+    if own_group:
+        torch.distributed.destroy_process_group()
     return FitResult(history=history, final=history[-1] if history else {}, run_dir=run_dir, model=model,
                      checkpoint=last_path)
 
@@ -788,7 +842,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"tcmlib-train: error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps(result.final))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0 only
+        print(json.dumps(result.final))
     return 0
 
 

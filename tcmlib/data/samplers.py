@@ -22,7 +22,12 @@ the DataLoader asks the sampler for batches ahead of time, so the sampler's own 
             ...  # train; save {"epoch": epoch, "batch": step + 1} (batch == len(epoch) is fine)
 
 ``state_dict()`` / ``load_state_dict()`` hold the same two numbers; ``state_dict(batches_done=k)``
-records an explicit position.  Without ``set_epoch``, the epoch advances by one after each
+records an explicit position.
+
+More than one process (``torchrun``, see ``tcmlib.distributed``): with ``num_replicas=N, rank=r``
+every rank plans the same *global* batches and yields slice ``r`` of each (``batch_size / N``
+consecutive samples); the N slices concatenated in rank order are the single-process batch.
+The position (epoch, batch) is the same number on every rank, so resuming stays exact.  Without ``set_epoch``, the epoch advances by one after each
 complete pass.
 """
 
@@ -49,10 +54,12 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         drop_last: drop the chunks left over at the end of an epoch when they cannot fill a
             batch of distinct classes (default).  With ``False`` they are yielded in final
             batches of up to ``batch_size`` (classes may repeat there).
+        num_replicas, rank: deal each global batch to ``num_replicas`` processes; this one
+            yields slice ``rank`` (``batch_size`` must be a multiple of ``num_replicas``).
     """
 
     def __init__(self, labels: Sequence[int] | np.ndarray | torch.Tensor, m: int, batch_size: int, *,
-                 seed: int = 0, drop_last: bool = True) -> None:
+                 seed: int = 0, drop_last: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
         y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
         if y.ndim != 1 or y.size == 0:
             raise ValueError(f"labels must be a non-empty 1-D sequence, got shape {y.shape}")
@@ -60,6 +67,15 @@ class MPerClassBatchSampler(Sampler[list[int]]):
             raise ValueError(f"m and batch_size must be >= 1, got m={m}, batch_size={batch_size}")
         if batch_size % m:
             raise ValueError(f"batch_size={batch_size} is not divisible by m={m}; use a multiple of m")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+        if batch_size % num_replicas:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {num_replicas} processes; "
+                             f"use a multiple of {num_replicas} (each process takes an equal slice)")
+        if num_replicas > 1 and not drop_last:
+            raise ValueError("drop_last=False makes a short last batch that cannot be dealt evenly to "
+                             f"{num_replicas} processes; use drop_last=True")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         classes, inverse = np.unique(y, return_inverse=True)
         self.classes_per_batch = batch_size // m
         if len(classes) < self.classes_per_batch:
@@ -136,7 +152,11 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         self._yielded = self.start_batch
         for b in range(self.start_batch, len(batches)):
             self._yielded = b + 1
-            yield batches[b].tolist()
+            if self.num_replicas == 1:
+                yield batches[b].tolist()
+            else:  # this rank's slice of the global batch
+                share = len(batches[b]) // self.num_replicas
+                yield batches[b][self.rank * share: (self.rank + 1) * share].tolist()
         if self.epoch == epoch:  # a complete pass: move on unless set_epoch intervened
             self.epoch, self.start_batch, self._yielded = epoch + 1, 0, 0
 

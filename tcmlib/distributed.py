@@ -1,0 +1,381 @@
+"""More than one GPU: the few torch.distributed helpers ``tcmlib.train`` needs, and exact sharded evaluation.
+
+Training (``torchrun --nproc_per_node=N -m tcmlib.train --config ...``).  Every rank holds a
+DistributedDataParallel copy of the model and a disjoint slice of each *global* batch
+(``MPerClassBatchSampler(num_replicas=N, rank=r)``).  The batch-global losses (TCM, Smooth-AP,
+RS@k, pml's) must see all B embeddings, so :func:`gather_batch` all-gathers them *with gradient*
+(``torch.distributed.nn.functional.all_gather``) in rank order: the loss sees exactly the tensor a
+single process would see, and every rank computes the same loss L.
+
+Why the gradient comes out right.  Let E_r (B/N, D) be rank r's embeddings, g_r = dL/dE_r.
+Each of the N ranks backpropagates its own copy of L; the all-gather's backward *sums* the N
+copies' gradients for slice r onto rank r (a reduce-scatter), so rank r gets N g_r and its
+parameter gradient is N J_r^T g_r.  DDP then averages over ranks:
+(1/N) sum_r N J_r^T g_r = sum_r J_r^T g_r = dL/dtheta, the single-process gradient.
+(pytorch-metric-learning's ``DistributedLossWrapper`` gathers *without* the other ranks' gradient
+and multiplies the loss by N instead; the factor N is the same, it just sits elsewhere.)  The
+loss's own parameters (proxies, ArcFace centres) get the full dL/dp on every rank already;
+:func:`average_gradients` keeps them identical across ranks.
+
+Exactness caveats: BatchNorm in train mode normalises over each rank's slice, not the global
+batch (frozen BN, the resnet50 recipe, is exact); random augmentation draws differ from a
+single process (each rank draws for its own slice).
+
+Evaluation (:func:`sharded_retrieval`, :func:`sharded_utility_curves`, :func:`evaluate_sharded`):
+each rank embeds a contiguous shard of the test set.  Then
+
+* R@k, MAP@R: each rank ranks its own queries against every shard in turn (shards are broadcast
+  one at a time) and merges the per-shard top-K lists into the global top-K; the per-class
+  counts (R = class size - 1) are all-reduced.
+* OPIS, eps-OPIS: the negative-distance quantiles that set the thresholds are found exactly by a
+  two-pass radix select (all-reduced histograms of the similarities' float32 bit patterns), then
+  per-class accept counts at each threshold are all-reduced.  Each unordered pair is visited by
+  exactly one rank (a cyclic schedule of shard pairs, balanced across ranks).
+
+No rank ever holds more than one (shard x shard) block of similarities; per rank, memory is its
+shard, one other shard and the block.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "all_objects",
+           "broadcast_object", "shard_bounds", "sharded_retrieval", "sharded_utility_curves", "evaluate_sharded"]
+
+
+# ----------------------------------------------------------------------------------------------
+# process group
+
+
+def launched() -> bool:
+    """True when this process was started by ``torchrun`` (or a SLURM script) with more than one rank,
+    or a process group is already up (tests that spawn ranks themselves)."""
+    return (dist.is_available() and dist.is_initialized()) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def setup(device: str) -> tuple[torch.device, bool]:
+    """Join the process group torchrun describes (env ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...).
+
+    ``device`` is the config's: ``cpu`` uses gloo; ``auto`` / ``cuda`` take GPU ``LOCAL_RANK`` with
+    NCCL when CUDA is there (gloo on CPU otherwise).  Returns ``(this rank's device, whether this
+    call created the group)``; a group that is already initialised is used as it is.
+    """
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and not device.startswith("mps") and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config key 'device' = {device!r}, but torch sees no CUDA GPU here; use device: cpu")
+    dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    return dev, created
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def gather_batch(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch from every rank's slice, in rank order: ``(E (B, D), y (B,))``.
+
+    ``emb`` (B/N, D) keeps its gradient path: the backward of
+    ``torch.distributed.nn.functional.all_gather`` sums every rank's gradient for this slice
+    (module docstring: with DDP's averaging that gives the single-process gradient).
+    Every rank must pass a slice of the same shape.
+    """
+    from torch.distributed.nn.functional import all_gather as all_gather_with_grad
+
+    if world_size() == 1:
+        return emb, labels
+    ys = [torch.empty_like(labels) for _ in range(world_size())]
+    dist.all_gather(ys, labels.contiguous())
+    return torch.cat(all_gather_with_grad(emb.contiguous())), torch.cat(ys)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce-average the ``.grad`` of ``module``'s parameters (those outside DDP: the loss's)."""
+    n = world_size()
+    for p in module.parameters():
+        if p.grad is not None and n > 1:
+            dist.all_reduce(p.grad)
+            p.grad /= n
+
+
+def all_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# exact evaluation over shards
+
+
+def shard_bounds(n: int, world: int, r: int) -> tuple[int, int]:
+    """``(start, end)`` of rank ``r``'s contiguous share of ``n`` items (sizes differ by at most one)."""
+    return r * n // world, (r + 1) * n // world
+
+
+def _shards(x: torch.Tensor, y: torch.Tensor):  # type: ignore[no-untyped-def]
+    """Yield ``(src, offset, x_src (n_src, D), y_src (n_src,))`` for every rank's shard, one at a time.
+
+    Rank ``src`` broadcasts its shard; ``offset`` is the global index of its first row.
+    """
+    sizes = all_objects(int(x.shape[0]))
+    offset = 0
+    for src, n_src in enumerate(sizes):
+        if src == rank():
+            xs, ys = x, y
+        else:
+            xs = torch.empty((n_src,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            ys = torch.empty(n_src, dtype=y.dtype, device=y.device)
+        if world_size() > 1:
+            dist.broadcast(xs, src)
+            dist.broadcast(ys, src)
+        yield src, offset, xs, ys
+        offset += n_src
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _class_counts(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(classes (C,) ascending, counts (C,))`` over all ranks: the union of labels, counts all-reduced."""
+    union = sorted(set().union(*all_objects(y.unique().tolist())))
+    classes = torch.tensor(union, dtype=torch.long, device=y.device)
+    counts = torch.bincount(torch.searchsorted(classes, y), minlength=len(union))  # (C,) this shard's
+    return classes, _all_reduce(counts)
+
+
+def _unit_rows(emb: torch.Tensor) -> torch.Tensor:
+    """(n, D) float32 unit rows, normalised in float64 as ``tcmlib.metrics`` does."""
+    x64 = emb.detach().double()
+    return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).float()
+
+
+@torch.no_grad()
+def sharded_retrieval(emb: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 2, 4, 8)
+                      ) -> tuple[dict[int, float], float]:
+    """Recall@k and MAP@R of the whole set, from this rank's shard ``emb`` (n, D), ``labels`` (n,).
+
+    Same protocol as ``tcmlib.metrics.recall_and_map_at_r`` (leave-one-out, cosine similarity,
+    singletons left out; MAP@R = Musgrave et al. 2020, eq. 2).  Each rank ranks its queries against
+    every shard (one (n, n_src) block at a time), merges the blocks' top-K into the global top-K
+    (K = max(ks, largest R)); R = global class size - 1 (counts all-reduced).  Every rank returns
+    the same ``({k: recall}, map_at_r)``; call it on all ranks.
+    """
+    x, y = _unit_rows(emb), labels.long().to(emb.device)
+    classes, counts = _class_counts(y)
+    n_all = int(counts.sum())
+    bad = [k for k in ks if k < 1 or k >= n_all]
+    if bad:
+        raise ValueError(f"ks {bad}: every k must satisfy 1 <= k < N = {n_all} (a query has N - 1 others)")
+    r = counts[torch.searchsorted(classes, y)] - 1  # (n,) relevant others of each query
+    k_max = max(list(ks) + [int(counts.max()) - 1])
+    best_s = torch.empty(x.shape[0], 0, device=x.device)  # (n, <=K) best similarities so far
+    best_y = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)  # (n, <=K) their labels
+    for src, _, xs, ys in _shards(x, y):
+        sim = x @ xs.T  # (n, n_src)
+        if src == rank():
+            sim.fill_diagonal_(float("-inf"))  # a query is not its own neighbour
+        top = sim.topk(min(k_max, sim.shape[1]), dim=1)
+        cand_s, cand_y = torch.cat([best_s, top.values], 1), torch.cat([best_y, ys[top.indices]], 1)
+        keep = cand_s.topk(min(k_max, cand_s.shape[1]), dim=1).indices  # merge: the best K of both lists
+        best_s, best_y = cand_s.gather(1, keep), cand_y.gather(1, keep)
+    rel = best_y == y[:, None]  # (n, K) rel(i), most similar first
+    hits = rel.cumsum(dim=1)[:, [k - 1 for k in ks]] > 0  # (n, len(ks))
+    rank_i = torch.arange(1, k_max + 1, device=x.device, dtype=torch.float64)  # (K,)
+    rel_r = rel & (rank_i[None, :] <= r[:, None])  # rel(i) for i <= R
+    ap = ((rel_r.cumsum(dim=1) / rank_i) * rel_r).sum(dim=1) / r  # (n,) AP@R, NaN for singletons
+    # every query's values, in global order, averaged exactly as the single-process code averages them
+    hits_all = torch.cat([h for h in all_objects(hits.cpu())])  # (N, len(ks))
+    ap_all = torch.cat([a for a in all_objects(ap.cpu())])  # (N,)
+    valid = ~torch.isnan(ap_all)
+    if not bool(valid.any()):
+        raise ValueError("every label occurs only once: Recall@k and MAP@R are undefined")
+    recall = hits_all[valid].double().mean(dim=0)
+    return {k: float(v) for k, v in zip(ks, recall.tolist())}, float(ap_all[valid].mean())
+
+
+def _pair_blocks(x: torch.Tensor, y: torch.Tensor, cols: int):  # type: ignore[no-untyped-def]
+    """Yield ``(sim (n, c), pos (n, c), neg (n, c), y_cols (c,))`` tiles of the pairs this rank visits.
+
+    Every unordered pair {a, b} of the whole set is visited by exactly one rank: rank r compares its
+    rows with shard s when j = (s - r) mod W is 0 (its own shard, pairs col > row only), below W/2,
+    or W/2 with r < W/2 (a cyclic schedule: about W/2 + 1 of the W shards per rank).  ``pos`` /
+    ``neg`` mark the visited same-label / different-label pairs of the tile of ``cols`` columns.
+    """
+    w, me = world_size(), rank()
+    for src, _, xs, ys in _shards(x, y):
+        j = (src - me) % w
+        if not (j == 0 or 2 * j < w or (2 * j == w and me < w // 2)):
+            continue
+        for c0 in range(0, xs.shape[0], cols):
+            y_cols = ys[c0 : c0 + cols]
+            sim = x @ xs[c0 : c0 + cols].T  # (n, c)
+            same = y[:, None] == y_cols[None, :]  # (n, c)
+            visit = torch.ones_like(same)
+            if j == 0:  # own shard: each pair once, col > row
+                rows = torch.arange(x.shape[0], device=x.device)[:, None]
+                visit = torch.arange(c0, c0 + len(y_cols), device=x.device)[None, :] > rows
+            yield sim, same & visit, ~same & visit, y_cols
+
+
+def _float_key(s: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys in [0, 2^32) of float32 values (their bit patterns, sign-flipped)."""
+    u = s.contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    return torch.where(u >= 2**31, 2**32 - 1 - u, u + 2**31)
+
+
+def _key_float(key: int) -> float:
+    """The float32 value (as a Python float) whose :func:`_float_key` is ``key``."""
+    u = key - 2**31 if key >= 2**31 else 2**32 - 1 - key
+    return float(torch.tensor([u - 2**32 if u >= 2**31 else u], dtype=torch.int32).view(torch.float32))
+
+
+def _negative_distance_quantiles(x: torch.Tensor, y: torch.Tensor, qs: Sequence[float], num_neg: int,
+                                 cols: int) -> list[float]:
+    """Exact ``numpy.quantile(d_neg, q, method="linear")`` over all M negative pairs of all shards.
+
+    d = 1 - s (float64 of the float32 similarity).  The order statistics come from a radix select on
+    the similarities' 32-bit keys: pass 1 all-reduces a histogram of the high 16 bits, pass 2 one of
+    the low 16 bits inside the few buckets that hold the wanted ranks.
+    """
+    need = []  # (j0, j1, gamma): value = lerp(d_(j0), d_(j1), gamma), 0-based ascending distance ranks
+    for q in qs:
+        h = (num_neg - 1) * q
+        j0 = math.floor(h)
+        need.append((j0, min(j0 + 1, num_neg - 1), h - j0))
+    # ascending distance rank j = descending similarity rank j = ascending key position M - 1 - j
+    pos = sorted({num_neg - 1 - j for j0, j1, _ in need for j in (j0, j1)})
+    hist = torch.zeros(1 << 16, dtype=torch.long, device=x.device)
+    for sim, _, neg, _ in _pair_blocks(x, y, cols):
+        hist += torch.bincount(_float_key(sim[neg]) >> 16, minlength=1 << 16)
+    cum = _all_reduce(hist).cumsum(0)
+    high = {p: int(torch.searchsorted(cum, p, right=True)) for p in pos}  # bucket holding position p
+    buckets = sorted(set(high.values()))
+    low = torch.zeros(len(buckets), 1 << 16, dtype=torch.long, device=x.device)
+    for sim, _, neg, _ in _pair_blocks(x, y, cols):
+        key = _float_key(sim[neg])
+        for i, b in enumerate(buckets):
+            low[i] += torch.bincount(key[(key >> 16) == b] & 0xFFFF, minlength=1 << 16)
+    low_cum = _all_reduce(low).cumsum(1)
+    value = {}
+    for p in pos:
+        b = high[p]
+        before = int(cum[b - 1]) if b > 0 else 0
+        lo_bits = int(torch.searchsorted(low_cum[buckets.index(b)], p - before, right=True))
+        value[p] = 1.0 - _key_float((b << 16) | lo_bits)  # the distance, in float64
+    out = []
+    for j0, j1, gamma in need:
+        lo_v, hi_v = value[num_neg - 1 - j0], value[num_neg - 1 - j1]
+        # numpy's _lerp, so that the result matches numpy.quantile to the last bit
+        out.append(lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma))
+    return out
+
+
+@torch.no_grad()
+def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *, far_range: tuple[float, float] = (1e-2, 1e-1),
+                           num_thresholds: int = 100, beta: float = 1.0, cols: int = 4096) -> Any:
+    """Per-class TAR / TRR / utility curves of the whole set from this rank's shard (n, D), (n,).
+
+    The definitions and result are those of ``tcmlib.metrics.utility_curves`` (a
+    ``UtilityCurves``; ``.opis``, ``.eps_opis(0.1)``), for classes (no groups) and float32
+    similarities: thresholds ``linspace`` between the ``far_range`` quantiles of all negative-pair
+    distances (exact, :func:`_negative_distance_quantiles`), then for each pair the first threshold
+    t_k with d <= t_k, counted per class into (2, C, K) histograms that are all-reduced.  Pair
+    totals per class come in closed form from the all-reduced class sizes.  Call it on all ranks.
+    """
+    from tcmlib.metrics.opis import UtilityCurves, utility
+
+    x, y = _unit_rows(emb), labels.long().to(emb.device)
+    classes, n_c = _class_counts(y)
+    n_all, n_cls, k_thr = int(n_c.sum()), len(classes), int(num_thresholds)
+    num_pos, num_neg = n_c * (n_c - 1) // 2, n_c * (n_all - n_c)  # (C,) pairs touching each class
+    m = n_all * (n_all - 1) // 2 - int(num_pos.sum())  # all negative pairs
+    eligible = (num_pos > 0) & (num_neg > 0)
+    t_cls = int(eligible.sum())
+    if m == 0 or t_cls < 2:
+        raise ValueError(f"OPIS needs at least 2 classes with >= 2 samples each; got {t_cls} eligible classes")
+    t_lo, t_hi = _negative_distance_quantiles(x, y, far_range, m, cols)
+    if not t_lo < t_hi:
+        raise ValueError(f"the calibration range is empty: the far_range {far_range} quantiles are both {t_lo}")
+    thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
+    thr = thresholds.to(x.device)
+    hist = torch.zeros(2, n_cls, k_thr + 1, dtype=torch.long, device=x.device)  # k = K: not accepted at t_max
+    cls = torch.searchsorted(classes, y)  # (n,) class index of each row
+    for sim, pos, neg, y_cols in _pair_blocks(x, y, cols):
+        col_cls = torch.searchsorted(classes, y_cols)  # (c,)
+        for kind, mask, members in ((0, pos, (0,)), (1, neg, (0, 1))):
+            rows, cs = torch.nonzero(mask, as_tuple=True)
+            k0 = torch.searchsorted(thr, 1.0 - sim[rows, cs].double())  # first k with d <= t_k
+            for member in members:  # a negative pair counts for both of its classes
+                c = cls[rows] if member == 0 else col_cls[cs]
+                hist[kind].view(-1).index_add_(0, c * (k_thr + 1) + k0, torch.ones_like(k0))
+    acc = _all_reduce(hist)[:, :, :k_thr].cumsum(dim=2)[:, eligible].transpose(1, 2).double().cpu()  # (2, K, T)
+    pos_t, neg_t = num_pos[eligible].double().cpu(), num_neg[eligible].double().cpu()
+    tar, trr = acc[0] / pos_t, (neg_t - acc[1]) / neg_t  # (K, T)
+    return UtilityCurves(thresholds=thresholds, tar=tar, trr=trr, utility=utility(tar, trr, beta),
+                         class_ids=classes[eligible].cpu(), num_pos=num_pos[eligible].cpu(),
+                         num_neg=num_neg[eligible].cpu(), num_eligible=t_cls, num_excluded=n_cls - t_cls,
+                         distance_range=(float(t_lo), float(t_hi)),
+                         far_range=(float(far_range[0]), float(far_range[1])), beta=float(beta))
+
+
+def evaluate_sharded(model: nn.Module, dataset: Any, *, ks: Sequence[int] = (1, 2, 4, 8), batch_size: int = 256,
+                     device: str | torch.device = "cpu", amp: str | None = None, num_workers: int = 0,
+                     channels_last: bool = False) -> dict[str, float]:
+    """``tcmlib.train.evaluate`` over ranks: each embeds a contiguous shard of ``dataset``, then the
+    sharded exact metrics; the same dict on every rank (R@k, MAP@R, OPIS, eps_OPIS at eps = 0.1)."""
+    from torch.utils.data import Subset
+
+    from tcmlib.train import embed
+
+    lo, hi = shard_bounds(len(dataset), world_size(), rank())
+    emb, labels = embed(model, Subset(dataset, range(lo, hi)), batch_size=batch_size, device=device, amp=amp,
+                        num_workers=num_workers, channels_last=channels_last)
+    emb, labels = emb.to(device), labels.to(device)
+    recall, map_r = sharded_retrieval(emb, labels, ks)
+    curves = sharded_utility_curves(emb, labels)
+    out = {f"R@{k}": v for k, v in recall.items()}
+    out.update({"MAP@R": map_r, "OPIS": curves.opis, "eps_OPIS": curves.eps_opis(0.1)})
+    return out
