@@ -4,7 +4,7 @@ Training (``torchrun --nproc_per_node=N -m tcmlib.train --config ...``).  Every 
 DistributedDataParallel copy of the model and a disjoint slice of each *global* batch
 (``MPerClassBatchSampler(num_replicas=N, rank=r)``).  The batch-global losses (TCM, Smooth-AP,
 RS@k, pml's) must see all B embeddings, so :func:`gather_batch` all-gathers them *with gradient*
-(``torch.distributed.nn.functional.all_gather``) in rank order: the loss sees exactly the tensor a
+(as ``torch.distributed.nn.functional.all_gather`` does) in rank order: the loss sees exactly the tensor a
 single process would see, and every rank computes the same loss L.
 
 Why the gradient comes out right.  Let E_r (B/N, D) be rank r's embeddings, g_r = dL/dE_r.
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "all_objects",
+__all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module", "all_objects",
            "broadcast_object", "shard_bounds", "sharded_retrieval", "sharded_utility_curves", "evaluate_sharded"]
 
 
@@ -94,21 +94,35 @@ def setup(device: str) -> tuple[torch.device, bool]:
 # training
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather (B/N, D) slices into (B, D); backward: the sum over ranks of dL/dE, sliced to ours."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's copy of the loss contributes (a reduce-scatter, written simply)
+        return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
+
+
 def gather_batch(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch from every rank's slice, in rank order: ``(E (B, D), y (B,))``.
 
-    ``emb`` (B/N, D) keeps its gradient path: the backward of
-    ``torch.distributed.nn.functional.all_gather`` sums every rank's gradient for this slice
-    (module docstring: with DDP's averaging that gives the single-process gradient).
-    Every rank must pass a slice of the same shape.
+    ``emb`` (B/N, D) keeps its gradient path: the backward sums every rank's gradient for this
+    slice, as ``torch.distributed.nn.functional.all_gather`` does (module docstring: with DDP's
+    averaging that gives the single-process gradient).  Every rank must pass a slice of the same shape.
     """
-    from torch.distributed.nn.functional import all_gather as all_gather_with_grad
-
     if world_size() == 1:
         return emb, labels
     ys = [torch.empty_like(labels) for _ in range(world_size())]
     dist.all_gather(ys, labels.contiguous())
-    return torch.cat(all_gather_with_grad(emb.contiguous())), torch.cat(ys)
+    return _GatherWithGrad.apply(emb), torch.cat(ys)
 
 
 def average_gradients(module: nn.Module) -> None:
@@ -118,6 +132,13 @@ def average_gradients(module: nn.Module) -> None:
         if p.grad is not None and n > 1:
             dist.all_reduce(p.grad)
             p.grad /= n
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers of ``module`` to every rank (in place)."""
+    if world_size() > 1:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src)
 
 
 def all_objects(obj: Any) -> list[Any]:

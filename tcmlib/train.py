@@ -651,10 +651,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model  # what the training step runs: the model, or its DDP wrapper
-    if ddp:
+    if ddp:  # (DDP copies rank 0's weights to every rank)
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if rank > 0:  # DDP copied rank 0's weights; each rank draws its own augmentation / dropout numbers
-            seed_everything(cfg.seed + 1_000_003 * rank)
     criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
                           **cfg.loss_kwargs).to(device)
     optimizer = _make_optimizer(cfg, model, criterion)
@@ -667,6 +665,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                                  for mod in model.modules()):
         warnings.warn("gradient cache with BatchNorm in train mode: BN statistics are per chunk, so the gradient "
                       "is not exactly the full-batch one (freeze BN for exactness, see tcmlib.gradcache)")
+
+    if ddp:
+        distributed.broadcast_module(criterion)  # the loss's parameters (proxies) as rank 0 drew them
+        if rank > 0:  # from here on each rank draws its own augmentation / dropout numbers
+            seed_everything(cfg.seed + 1_000_003 * rank)
 
     norm_ref = max(_param_norm(model, criterion), 1.0)  # divergence guard: the initial weights' norm
     loss_ref: float | None = None  # and the first step's loss

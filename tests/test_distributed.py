@@ -1,0 +1,228 @@
+"""More than one process (gloo on CPU): training and evaluation equal the single-process results.
+
+Ranks are spawned by the tests themselves (torch.multiprocessing, or torchrun for the SIGKILL test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tcmlib import distributed
+from tcmlib.checkpoint import latest_checkpoint, read_checkpoint
+from tcmlib.data import MPerClassBatchSampler
+from tcmlib.data.arrays import ImageArrayDataset
+from tcmlib.metrics import recall_and_map_at_r, utility_curves
+from tcmlib.models import build_embedder
+from tcmlib.train import evaluate, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh processes joined by a gloo group."""
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler
+
+
+def test_sampler_slices_concatenate_to_the_single_process_batches() -> None:
+    labels = torch.arange(40) % 10
+    one = MPerClassBatchSampler(labels, m=2, batch_size=12, seed=3)
+    parts = [MPerClassBatchSampler(labels, m=2, batch_size=12, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    for s in [one, *parts]:
+        s.set_epoch(1, start_batch=1)
+    whole = list(one)
+    sliced = [list(p) for p in parts]
+    assert len(whole) >= 2
+    for b, batch in enumerate(whole):
+        assert sum((sliced[r][b] for r in range(3)), []) == batch
+        assert all(len(sliced[r][b]) == 4 for r in range(3))
+    with pytest.raises(ValueError, match="not divisible by the 5 processes"):
+        MPerClassBatchSampler(labels, m=2, batch_size=12, num_replicas=5, rank=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _eval_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 2, 3, 5, 8, 13, 21, 9, 7, 4, 30, 11]  # uneven classes, one singleton
+    y = torch.cat([torch.full((s,), c * 7) for c, s in enumerate(sizes)])  # sparse ids
+    y = y[torch.randperm(len(y), generator=gen)]
+    x = torch.randn(len(y), 6, generator=gen) + 0.8 * torch.randn(len(sizes) * 7, 6, generator=gen)[y]
+    return x, y
+
+
+def _eval_worker(rank: int, world: int, out: str) -> None:
+    x, y = _eval_data()
+    lo, hi = distributed.shard_bounds(len(y), world, rank)
+    recall, map_r = distributed.sharded_retrieval(x[lo:hi], y[lo:hi], (1, 2, 4, 8))
+    curves = distributed.sharded_utility_curves(x[lo:hi], y[lo:hi], cols=16)  # several column tiles
+    if rank == 0:
+        torch.save({"recall": recall, "map_r": map_r, "curves": curves}, out)
+
+
+def test_sharded_evaluation_equals_single_process(tmp_path: Path) -> None:
+    out = tmp_path / "eval.pt"
+    _spawn(_eval_worker, 3, str(out))  # odd world size: every shard pair is visited by one rank
+    got = torch.load(out, weights_only=False)
+    x, y = _eval_data()
+    recall, map_r = recall_and_map_at_r(x, y, (1, 2, 4, 8))
+    ref = utility_curves(x, y)
+    assert got["recall"] == recall and got["map_r"] == pytest.approx(map_r, abs=1e-15)
+    # thresholds: the far-range quantiles, against numpy on all negative distances (brute force)
+    xn = torch.nn.functional.normalize(x.double(), dim=1).float()
+    d = 1.0 - (xn @ xn.T).double().numpy()
+    iu = np.triu_indices(len(y), 1)
+    neg = (y[:, None] != y[None, :]).numpy()[iu]
+    assert got["curves"].distance_range == tuple(np.quantile(d[iu][neg], [1e-2, 1e-1]))
+    assert torch.equal(got["curves"].class_ids, ref.class_ids)
+    for key in ("thresholds", "tar", "trr", "utility"):
+        assert torch.allclose(getattr(got["curves"], key), getattr(ref, key), rtol=0, atol=1e-12), key
+    assert got["curves"].opis == pytest.approx(ref.opis, abs=1e-15)
+    assert got["curves"].eps_opis(0.1) == pytest.approx(ref.eps_opis(0.1), abs=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------
+# training: 2 processes on a global batch = 1 process on the same batch
+
+
+def _images(n: int, classes: int, seed: int) -> ImageArrayDataset:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    proto = torch.randint(0, 256, (classes, 16, 16), generator=gen)
+    noise = torch.randint(-40, 40, (n, 16, 16), generator=gen)
+    return ImageArrayDataset((proto[y] + noise).clamp(0, 255).to(torch.uint8), y, [str(c) for c in range(classes)])
+
+
+def _fit_config(run_dir: Path, loss: str, chunk: int | None) -> dict[str, Any]:
+    return dict(dataset="glyphs", backbone="small_cnn", frozen_bn=True, image_size=16, dim=8, loss=loss,
+                tcm=True, batch_size=16, m=4, epochs=1, steps_per_epoch=1, lr=1e-3, eval_ks=[1, 2],
+                chunk_size=chunk, device="cpu", progress=False, run_dir=str(run_dir))
+
+
+def _fit_worker(rank: int, world: int, cfg: dict[str, Any]) -> None:
+    fit(cfg, train_data=_images(96, 12, 0), test_data=_images(40, 8, 1))
+
+
+@pytest.mark.parametrize("loss, chunk", [("smooth_ap", None), ("arcface", 4)])  # arcface: loss parameters
+def test_two_process_training_equals_one_process(tmp_path: Path, loss: str, chunk: int | None) -> None:
+    one = fit(_fit_config(tmp_path / "one", loss, chunk), train_data=_images(96, 12, 0), test_data=_images(40, 8, 1))
+    _spawn(_fit_worker, 2, _fit_config(tmp_path / "two", loss, chunk))
+    rec = [json.loads(s) for s in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 1 and rec[0]["world_size"] == 2
+    assert "# world_size: 2" in (tmp_path / "two" / "config.yaml").read_text()
+    for key in ("loss", "loss_base", "loss_tcm"):
+        assert rec[0][key] == pytest.approx(one.final[key], rel=1e-6), key
+    a = read_checkpoint(latest_checkpoint(one.run_dir))  # type: ignore[arg-type]
+    b = read_checkpoint(latest_checkpoint(tmp_path / "two"))  # type: ignore[arg-type]
+    assert len(b["rng_ranks"]) == 2
+    # after one Adam step, exp_avg = (1 - beta1) * gradient: the gradients of every parameter (model and loss)
+    for i, state in a["optimizer"]["state"].items():
+        g1, g2 = state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
+        assert float((g1 - g2).abs().max()) <= 1e-5 * float(g1.abs().max()) + 1e-12, i
+    for part in ("model", "loss"):  # the updated weights
+        for k, v in a[part].items():
+            assert torch.allclose(b[part][k], v, rtol=1e-6, atol=1e-7), (part, k, float((b[part][k] - v).abs().max()))
+    # the sharded evaluation during the 2-process run = the single-process evaluation of its weights
+    model = build_embedder("small_cnn", 8, False, 1, image_size=16, frozen_bn=True)
+    model.load_state_dict(b["model"])
+    single = evaluate(model, _images(40, 8, 1), ks=[1, 2])
+    for key, value in single.items():
+        assert rec[0][key] == pytest.approx(value, rel=0, abs=1e-12), key
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL of one rank, then resume
+
+
+OVERRIDES = ["epochs=2", "steps_per_epoch=6", "batch_size=16", "dim=16", "checkpoint_every_steps=2",
+             "deterministic=true", "num_workers=0", "progress=false", "eval_ks=[1,2]", "device=cpu"]
+
+
+def _torchrun(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "tcmlib.train", "--config", "glyphs_tiny", *extra, "--override", f"run_dir={run_dir}", *OVERRIDES]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _rank_pid(agent: int, rank: int) -> int:
+    """The pid of torchrun worker ``rank`` (a child of the agent process ``agent``)."""
+    for _ in range(100):
+        for task in Path(f"/proc/{agent}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in env:
+                    return int(child)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} under torchrun pid {agent}")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    recs = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_time_s")} for r in recs]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the rank's pid through /proc")
+def test_sigkill_of_one_rank_then_resume_is_exact(tmp_path: Path) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    ref = subprocess.run(_torchrun(full), capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen(_torchrun(killed), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=_env(), cwd=ROOT)
+    try:
+        victim = _rank_pid(proc.pid, 1)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("checkpoint step 4 "):
+                break
+        else:
+            pytest.fail("the run ended without writing the step-4 checkpoint")
+        os.kill(victim, signal.SIGKILL)  # rank 1 dies; torchrun then stops rank 0 and fails
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert read_checkpoint(latest_checkpoint(killed))["step"] < 12  # type: ignore[arg-type]
+
+    res = subprocess.run(_torchrun(killed, "--resume"), capture_output=True, text=True, env=_env(), cwd=ROOT,
+                         timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _metrics(killed) == _metrics(full)
+    a, b = (read_checkpoint(latest_checkpoint(d)) for d in (full, killed))  # type: ignore[arg-type]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
