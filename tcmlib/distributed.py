@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tcmlib.normalize import l2_normalize
+
 __all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module", "all_objects",
            "broadcast_object", "shard_bounds", "sharded_retrieval", "sharded_utility_curves", "evaluate_sharded"]
 
@@ -208,7 +210,7 @@ def _class_counts(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _unit_rows(emb: torch.Tensor) -> torch.Tensor:
-    """(n, D) float32 unit rows, normalised in float64 as ``tcmlib.metrics`` does."""
+    """(n, D) float32 unit rows, normalised in float64 as ``tcmlib.metrics.utility_curves`` does."""
     x64 = emb.detach().double()
     return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).float()
 
@@ -224,7 +226,7 @@ def sharded_retrieval(emb: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
     (K = max(ks, largest R)); R = global class size - 1 (counts all-reduced).  Every rank returns
     the same ``({k: recall}, map_at_r)``; call it on all ranks.
     """
-    x, y = _unit_rows(emb), labels.long().to(emb.device)
+    x, y = l2_normalize(emb.detach().float(), dim=1), labels.long().to(emb.device)  # as recall_and_map_at_r
     classes, counts = _class_counts(y)
     n_all = int(counts.sum())
     bad = [k for k in ks if k < 1 or k >= n_all]

@@ -688,10 +688,10 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             _write_metrics(run_dir, history)  # drop lines written after that checkpoint
         if epoch0 >= cfg.epochs:
             say(f"{run_dir} holds a finished run ({epoch0} of {cfg.epochs} epochs, step {step}, {ckpt_path}); "
-                       "nothing to train. Raise epochs to train on")
+                "nothing to train. Raise epochs to train on")
         else:
             say(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, "
-                       f"step {step})")
+                f"step {step})")
         sys.stdout.flush()
     cfg_dict = dataclasses.asdict(cfg)
 
