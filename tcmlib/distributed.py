@@ -49,8 +49,9 @@ import torch.nn as nn
 
 from tcmlib.normalize import l2_normalize
 
-__all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module", "all_objects",
-           "broadcast_object", "shard_bounds", "sharded_retrieval", "sharded_utility_curves", "evaluate_sharded"]
+__all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module",
+           "all_objects", "broadcast_object", "barrier", "shard_bounds", "sharded_retrieval",
+           "sharded_utility_curves", "evaluate_sharded"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +82,8 @@ def setup(device: str) -> tuple[torch.device, bool]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and not device.startswith("mps") and torch.cuda.is_available()
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"config key 'device' = {device!r}, but torch sees no CUDA GPU here; use device: cpu")
+        raise ValueError(f"config key 'device' = {device!r}, but torch sees no CUDA GPU here; "
+                         "use device: cpu")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -337,8 +339,9 @@ def _negative_distance_quantiles(x: torch.Tensor, y: torch.Tensor, qs: Sequence[
 
 
 @torch.no_grad()
-def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *, far_range: tuple[float, float] = (1e-2, 1e-1),
-                           num_thresholds: int = 100, beta: float = 1.0, cols: int = 4096) -> Any:
+def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *,
+                           far_range: tuple[float, float] = (1e-2, 1e-1), num_thresholds: int = 100,
+                           beta: float = 1.0, cols: int = 4096) -> Any:
     """Per-class TAR / TRR / utility curves of the whole set from this rank's shard (n, D), (n,).
 
     The definitions and result are those of ``tcmlib.metrics.utility_curves`` (a
@@ -358,10 +361,12 @@ def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *, far_range
     eligible = (num_pos > 0) & (num_neg > 0)
     t_cls = int(eligible.sum())
     if m == 0 or t_cls < 2:
-        raise ValueError(f"OPIS needs at least 2 classes with >= 2 samples each; got {t_cls} eligible classes")
+        raise ValueError(f"OPIS compares classes: it needs at least 2 eligible classes (>= 2 samples, "
+                         f"and samples of other classes); got {t_cls}")
     t_lo, t_hi = _negative_distance_quantiles(x, y, far_range, m, cols)
     if not t_lo < t_hi:
-        raise ValueError(f"the calibration range is empty: the far_range {far_range} quantiles are both {t_lo}")
+        raise ValueError(f"the calibration range is empty: the far_range {far_range} quantiles are both "
+                         f"{t_lo}; pass a wider far_range")
     thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
     thr = thresholds.to(x.device)
     hist = torch.zeros(2, n_cls, k_thr + 1, dtype=torch.long, device=x.device)  # k = K: not accepted at t_max
@@ -374,7 +379,8 @@ def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *, far_range
             for member in members:  # a negative pair counts for both of its classes
                 c = cls[rows] if member == 0 else col_cls[cs]
                 hist[kind].view(-1).index_add_(0, c * (k_thr + 1) + k0, torch.ones_like(k0))
-    acc = _all_reduce(hist)[:, :, :k_thr].cumsum(dim=2)[:, eligible].transpose(1, 2).double().cpu()  # (2, K, T)
+    acc = _all_reduce(hist)[:, :, :k_thr].cumsum(dim=2)  # (2, C, K) pairs accepted at t_k
+    acc = acc[:, eligible].transpose(1, 2).double().cpu()  # (2, K, T)
     pos_t, neg_t = num_pos[eligible].double().cpu(), num_neg[eligible].double().cpu()
     tar, trr = acc[0] / pos_t, (neg_t - acc[1]) / neg_t  # (K, T)
     return UtilityCurves(thresholds=thresholds, tar=tar, trr=trr, utility=utility(tar, trr, beta),
@@ -384,9 +390,9 @@ def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *, far_range
                          far_range=(float(far_range[0]), float(far_range[1])), beta=float(beta))
 
 
-def evaluate_sharded(model: nn.Module, dataset: Any, *, ks: Sequence[int] = (1, 2, 4, 8), batch_size: int = 256,
-                     device: str | torch.device = "cpu", amp: str | None = None, num_workers: int = 0,
-                     channels_last: bool = False) -> dict[str, float]:
+def evaluate_sharded(model: nn.Module, dataset: Any, *, ks: Sequence[int] = (1, 2, 4, 8),
+                     batch_size: int = 256, device: str | torch.device = "cpu", amp: str | None = None,
+                     num_workers: int = 0, channels_last: bool = False) -> dict[str, float]:
     """``tcmlib.train.evaluate`` over ranks: each embeds a contiguous shard of ``dataset``, then the
     sharded exact metrics; the same dict on every rank (R@k, MAP@R, OPIS, eps_OPIS at eps = 0.1)."""
     from torch.utils.data import Subset

@@ -635,8 +635,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         raise ValueError(f"batch_size / m = {cfg.batch_size // cfg.m} classes per batch, but the train split "
                          f"has only {n_classes} classes; lower batch_size or raise m")
     if cfg.batch_size % world:
-        raise ValueError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the {world} processes "
-                         "(each takes an equal slice of every batch)")
+        raise ValueError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the {world} "
+                         "processes (each takes an equal slice of every batch)")
     sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed, num_replicas=world,
                                     rank=rank)
     # The loader's own generator: creating an iterator draws a worker base seed from it, which would
@@ -652,7 +652,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model  # what the training step runs: the model, or its DDP wrapper
     if ddp:  # (DDP copies rank 0's weights to every rank)
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
                           **cfg.loss_kwargs).to(device)
     optimizer = _make_optimizer(cfg, model, criterion)
@@ -715,7 +716,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                 run_dir, model=model, step=step, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 loss=criterion, sampler_state={"epoch": epoch, "start_batch": batches_done, "seed": cfg.seed},
                 best=best, config=cfg_dict, rank_rngs=rngs,
-                extra={"history": history, "sums": sums, "loss_ref": loss_ref} | ({"world_size": world} if ddp else {}))
+                extra={"history": history, "sums": sums, "loss_ref": loss_ref}
+                | ({"world_size": world} if ddp else {}))
             say(f"checkpoint step {step} -> {path}")
             sys.stdout.flush()
         distributed.barrier()

@@ -60,7 +60,8 @@ def _spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
 def test_sampler_slices_concatenate_to_the_single_process_batches() -> None:
     labels = torch.arange(40) % 10
     one = MPerClassBatchSampler(labels, m=2, batch_size=12, seed=3)
-    parts = [MPerClassBatchSampler(labels, m=2, batch_size=12, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    parts = [MPerClassBatchSampler(labels, m=2, batch_size=12, seed=3, num_replicas=3, rank=r)
+             for r in range(3)]
     for s in [one, *parts]:
         s.set_epoch(1, start_batch=1)
     whole = list(one)
@@ -125,7 +126,8 @@ def _images(n: int, classes: int, seed: int) -> ImageArrayDataset:
     y = torch.arange(n) % classes
     proto = torch.randint(0, 256, (classes, 16, 16), generator=gen)
     noise = torch.randint(-40, 40, (n, 16, 16), generator=gen)
-    return ImageArrayDataset((proto[y] + noise).clamp(0, 255).to(torch.uint8), y, [str(c) for c in range(classes)])
+    images = (proto[y] + noise).clamp(0, 255).to(torch.uint8)  # (n, 16, 16)
+    return ImageArrayDataset(images, y, [str(c) for c in range(classes)])
 
 
 def _fit_config(run_dir: Path, loss: str, chunk: int | None) -> dict[str, Any]:
@@ -180,7 +182,8 @@ OVERRIDES = ["epochs=2", "steps_per_epoch=3", "batch_size=16", "dim=16", "checkp
 
 def _torchrun(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "tcmlib.train", "--config", "glyphs_tiny", *extra, "--override", f"run_dir={run_dir}", *OVERRIDES]
+            "-m", "tcmlib.train", "--config", "glyphs_tiny", *extra,
+            "--override", f"run_dir={run_dir}", *OVERRIDES]
 
 
 def _env() -> dict[str, str]:

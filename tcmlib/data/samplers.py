@@ -22,13 +22,13 @@ the DataLoader asks the sampler for batches ahead of time, so the sampler's own 
             ...  # train; save {"epoch": epoch, "batch": step + 1} (batch == len(epoch) is fine)
 
 ``state_dict()`` / ``load_state_dict()`` hold the same two numbers; ``state_dict(batches_done=k)``
-records an explicit position.
+records an explicit position.  Without ``set_epoch``, the epoch advances by one after each
+complete pass.
 
 More than one process (``torchrun``, see ``tcmlib.distributed``): with ``num_replicas=N, rank=r``
 every rank plans the same *global* batches and yields slice ``r`` of each (``batch_size / N``
 consecutive samples); the N slices concatenated in rank order are the single-process batch.
-The position (epoch, batch) is the same number on every rank, so resuming stays exact.  Without ``set_epoch``, the epoch advances by one after each
-complete pass.
+The position (epoch, batch) is the same number on every rank, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class MPerClassBatchSampler(Sampler[list[int]]):
         if batch_size % m:
             raise ValueError(f"batch_size={batch_size} is not divisible by m={m}; use a multiple of m")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}")
+            raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, "
+                             f"got {num_replicas}, {rank}")
         if batch_size % num_replicas:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {num_replicas} processes; "
                              f"use a multiple of {num_replicas} (each process takes an equal slice)")
