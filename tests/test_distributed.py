@@ -130,10 +130,10 @@ def _images(n: int, classes: int, seed: int) -> ImageArrayDataset:
     return ImageArrayDataset(images, y, [str(c) for c in range(classes)])
 
 
-def _fit_config(run_dir: Path, loss: str, chunk: int | None) -> dict[str, Any]:
+def _fit_config(run_dir: Path, loss: str, chunk: int | None, amp: str | None = None) -> dict[str, Any]:
     return dict(dataset="glyphs", backbone="small_cnn", frozen_bn=True, image_size=16, dim=8, loss=loss,
                 tcm=True, batch_size=16, m=4, epochs=1, steps_per_epoch=1, lr=1e-3, eval_ks=[1, 2],
-                chunk_size=chunk, device="cpu", progress=False, run_dir=str(run_dir))
+                chunk_size=chunk, amp=amp, device="cpu", progress=False, run_dir=str(run_dir))
 
 
 def _fit_worker(rank: int, world: int, configs: list[dict[str, Any]]) -> None:
@@ -141,34 +141,36 @@ def _fit_worker(rank: int, world: int, configs: list[dict[str, Any]]) -> None:
         fit(cfg, train_data=_images(96, 12, 0), test_data=_images(40, 8, 1))
 
 
-CASES = [("smooth_ap", None), ("arcface", 4)]  # direct step, ranking loss; gradient cache, loss parameters
+# direct step and a ranking loss; gradient cache and loss parameters (proxies); gradient cache under bf16
+CASES = [("smooth_ap", None, None), ("arcface", 4, None), ("recall_surrogate", 4, "bf16")]
 
 
 def test_two_process_training_step_equals_one_process(tmp_path: Path) -> None:
-    _spawn(_fit_worker, 2, [_fit_config(tmp_path / f"two-{loss}", loss, chunk) for loss, chunk in CASES])
-    for loss, chunk in CASES:
-        one = fit(_fit_config(tmp_path / f"one-{loss}", loss, chunk), train_data=_images(96, 12, 0),
+    _spawn(_fit_worker, 2, [_fit_config(tmp_path / f"two-{c[0]}", *c) for c in CASES])
+    for loss, chunk, amp in CASES:
+        one = fit(_fit_config(tmp_path / f"one-{loss}", loss, chunk, amp), train_data=_images(96, 12, 0),
                   test_data=_images(40, 8, 1))
+        tol = 1e-5 if amp is None else 2e-2  # bf16: the slices' rounding differs from the whole batch's
         two = tmp_path / f"two-{loss}"
         rec = [json.loads(s) for s in (two / "metrics.jsonl").read_text().splitlines()]
         assert len(rec) == 1 and rec[0]["world_size"] == 2
         assert "# world_size: 2" in (two / "config.yaml").read_text()
         for key in ("loss", "loss_base", "loss_tcm"):
-            assert rec[0][key] == pytest.approx(one.final[key], rel=1e-6), (loss, key)
+            assert rec[0][key] == pytest.approx(one.final[key], rel=tol / 10), (loss, key)
         a = read_checkpoint(latest_checkpoint(one.run_dir))  # type: ignore[arg-type]
         b = read_checkpoint(latest_checkpoint(two))  # type: ignore[arg-type]
         assert len(b["rng_ranks"]) == 2
         # after one Adam step, exp_avg = (1 - beta1) * gradient: every parameter's gradient (model and loss)
         for i, state in a["optimizer"]["state"].items():
             g1, g2 = state["exp_avg"], b["optimizer"]["state"][i]["exp_avg"]
-            assert float((g1 - g2).abs().max()) <= 1e-5 * float(g1.abs().max()) + 1e-12, (loss, i)
-        for part in ("model", "loss"):  # the updated weights
+            assert float((g1 - g2).abs().max()) <= tol * float(g1.abs().max()) + 1e-12, (loss, i)
+        for part in ("model", "loss") if amp is None else ():  # the updated weights
             for k, v in a[part].items():
                 assert torch.allclose(b[part][k], v, rtol=1e-6, atol=1e-7), (loss, part, k)
         # the sharded evaluation in the 2-process run = the single-process evaluation of its weights
         model = build_embedder("small_cnn", 8, False, 1, image_size=16, frozen_bn=True)
         model.load_state_dict(b["model"])
-        for key, value in evaluate(model, _images(40, 8, 1), ks=[1, 2]).items():
+        for key, value in evaluate(model, _images(40, 8, 1), ks=[1, 2], amp=amp).items():
             assert rec[0][key] == pytest.approx(value, rel=0, abs=1e-12), (loss, key)
 
 
