@@ -724,10 +724,10 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         return path
 
     def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not bool(torch.isfinite(emb).all()):
-            raise FloatingPointError("the embeddings contain NaN/inf")
         if ddp:  # the loss sees the global batch; see tcmlib.distributed for why the gradient is exact
             emb, labels = distributed.gather_batch(emb, labels)
+        if not bool(torch.isfinite(emb).all()):  # (after the gather, so that every rank stops alike)
+            raise FloatingPointError("the embeddings contain NaN/inf")
         return criterion(emb, labels)
 
     last_path = ckpt_path
