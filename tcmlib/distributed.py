@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
