@@ -31,17 +31,19 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)
 
 
-def upper_tiles(xn: torch.Tensor, chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+def upper_tiles(
+    xn: torch.Tensor, chunk_size: int, tile_cols: int = TILE_COLS
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)`` over the upper triangle of ``xn xn^T``, every pair ``a < b`` exactly once.
 
     ``sim`` (B, W) = cosines of rows ``r0 .. r0+B-1`` with columns ``c0 .. c0+W-1``, ``c0 >= r0``; in the
     first tile of a row block (``c0 == r0``) the pairs with column <= row are set to -inf.  Row blocks
-    have ``chunk_size`` rows, tiles ``max(TILE_COLS, chunk_size)`` columns (the first holds the diagonal
+    have ``chunk_size`` rows, tiles ``max(tile_cols, chunk_size)`` columns (the first holds the diagonal
     block).  The caller may modify ``sim`` in place.
     """
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
-    tile_cols = max(TILE_COLS, chunk_size)
+    tile_cols = max(tile_cols, chunk_size)
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B) col <= row
     for r0 in range(0, n, chunk_size):
         r1 = min(r0 + chunk_size, n)
@@ -53,10 +55,12 @@ def upper_tiles(xn: torch.Tensor, chunk_size: int) -> Iterator[tuple[int, int, t
             yield r0, c0, sim
 
 
-def cross_tiles(qn: torch.Tensor, gn: torch.Tensor, chunk_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+def cross_tiles(
+    qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int = TILE_COLS
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)``: ``sim`` (B, W) = cosines of queries ``r0..`` with gallery items ``c0..``,
-    every query x gallery pair once, in tiles of ``chunk_size`` rows by ``max(TILE_COLS, chunk_size)`` columns."""
-    tile_cols = max(TILE_COLS, chunk_size)
+    every query x gallery pair once, in tiles of ``chunk_size`` rows by ``max(tile_cols, chunk_size)`` columns."""
+    tile_cols = max(tile_cols, chunk_size)
     for r0 in range(0, qn.shape[0], chunk_size):
         for c0 in range(0, gn.shape[0], tile_cols):
             yield r0, c0, qn[r0 : r0 + chunk_size] @ gn[c0 : c0 + tile_cols].T
