@@ -195,14 +195,17 @@ def per_query_retrieval(
             return hits, ap
         g, gy = _check_reference(x, reference, reference_labels)
         ks = _check_ks(ks, g.shape[0], "reference items per query")
-        qn, gn = unit_rows(x), unit_rows(g)
-        gl, gc = torch.unique(gy, return_counts=True)
-        pos = torch.searchsorted(gl, y).clamp_(max=len(gl) - 1)
-        r = torch.where(gl[pos] == y, gc[pos], 0)  # (N,) R = reference items with the query's label
-        acc = RetrievalPass(y, gy, r, ks, symmetric=False, dtype=qn.dtype)
-        for r0, c0, sim in cross_tiles(qn, gn, chunk):
+        qn, qy, order = sort_by_label(x, y)  # both sides sorted, as tcmlib.metrics.opis does
+        gn, gy, _ = sort_by_label(g, gy)
+        work = torch.promote_types(qn.dtype, gn.dtype)
+        r = torch.searchsorted(gy, qy, right=True) - torch.searchsorted(gy, qy)  # (N,) R: items of q's label
+        acc = RetrievalPass(qy, gy, r, ks, symmetric=False, dtype=work)
+        for r0, c0, sim in cross_tiles(qn.to(work), gn.to(work), chunk):
             acc.add(r0, c0, sim)
-        return acc.result()
+        hits_s, ap_s = acc.result()
+        hits, ap = torch.empty_like(hits_s), torch.empty_like(ap_s)
+        hits[order], ap[order] = hits_s, ap_s
+        return hits, ap
 
 
 def _average(per_query: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
