@@ -111,7 +111,7 @@ def evaluate(
         ks_list = _check_ks(ks, reference.shape[0], "reference items per query")
     passes: dict[str, Any] = {}
 
-    def on_sorted(pairs: SortedPairs) -> Any:
+    def on_sorted(pairs: SortedPairs, _: list[float]) -> Any:
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
         count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
         r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each (sorted) query

@@ -230,8 +230,8 @@ def curves_and_extras(
     :func:`tcmlib.report.threshold_report`).
 
     ``extra_quantiles``: further exact ``numpy.quantile`` values of the negative-pair distances, computed
-    in the calibration-range pass (returned second).  ``on_sorted(pairs: SortedPairs)`` is called once the
-    samples are sorted and may return ``on_tile(r0, c0, sim)``, which then sees every tile of the
+    in the calibration-range pass (returned second).  ``on_sorted(pairs: SortedPairs, extras)`` is called
+    before the counting pass and may return ``on_tile(r0, c0, sim)``, which then sees every tile of the
     counting pass, all pairs of it, before its positives are masked (indices into the sorted sides).
     """
     x, y = check_embeddings_labels(embeddings, labels)
@@ -316,7 +316,7 @@ def curves_and_extras(
         t_lo, t_hi = lo, hi
     thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
 
-    on_tile = None if on_sorted is None else on_sorted(pairs)
+    on_tile = None if on_sorted is None else on_sorted(pairs, extras)
     hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None,
                               col_el=col_el, on_tile=on_tile, **pairs.tile_kwargs())  # (2, T + 1, K)
     acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
