@@ -125,17 +125,15 @@ class TopK:
         largest of them is at most the row's depth-th largest entry; on data without structure about
         depth entries of the tile lie above it.  The next float below it makes ``>`` accept it.
         """
-        gs = self.GROUP
+        gs, h = self.GROUP, hot.numel()
+        nb = (sim.shape[1]) // gs  # groups per row
+        if nb < self.k:  # too few groups to bound the depth-th best
+            return torch.full((h,), float("-inf"), dtype=sim.dtype, device=sim.device)
         if columns:  # sim is the transposed view of a row-major tile t: group t's rows, per hot column
-            t = sim.T[:, hot]  # (B_t, H)
-            nb = t.shape[0] // gs
-            gm = t[: nb * gs].reshape(nb, gs, -1).amax(dim=1).T.contiguous()  # (H, nb)
+            t = sim.T[: nb * gs, hot]  # (nb * gs, H)
+            gm = t.reshape(nb, gs, h).amax(dim=1).T.contiguous()  # (H, nb)
         else:
-            t = sim[hot]  # (H, W)
-            nb = t.shape[1] // gs
-            gm = t[:, : nb * gs].reshape(-1, nb, gs).amax(dim=2)  # (H, nb)
-        if nb < self.k:
-            return torch.full((hot.numel(),), float("-inf"), dtype=sim.dtype, device=sim.device)
+            gm = sim[hot, : nb * gs].reshape(h, nb, gs).amax(dim=2)  # (H, nb)
         top = gm.topk(self.k, dim=1).values  # (H, k)
         bound = top.gather(1, self.kpos[hot + r0, None]).squeeze(1)  # (H,)
         return torch.nextafter(bound, bound.new_tensor(float("-inf")))
