@@ -108,17 +108,25 @@ def _accept_boundary(threshold: float, work: torch.dtype) -> float:
     return val(hi)
 
 
-def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """Unit rows in the working dtype (as utility_curves does) and dense labels (N,), both sorted by label;
-    label sizes (L,), #negatives, and the sorting ``order`` (N,)."""
+def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Unit rows in the working dtype (as utility_curves does), dense labels (N,), label sizes (L,), #negatives."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x64 = x.detach().double()
-    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)  # (N, D)
+    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work).contiguous()  # (N, D)
     _, lab = torch.unique(y, return_inverse=True)  # (N,)
-    order = torch.argsort(lab, stable=True)
     n_lab = torch.bincount(lab)  # (L,)
     n = y.shape[0]
     num_neg = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())
+    return xn, lab, n_lab, num_neg
+
+
+def _prepare_sorted(
+    x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """:func:`_prepare` with rows and labels sorted by label (the order of the shared passes), plus the
+    sorting ``order`` (N,)."""
+    xn, lab, n_lab, num_neg = _prepare(x, y)
+    order = torch.argsort(lab, stable=True)
     return xn[order].contiguous(), lab[order], n_lab, num_neg, order
 
 
@@ -149,7 +157,7 @@ def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
     chunk = _check_chunk(chunk_size)
-    xn, lab, _, num_neg, _ = _prepare(x, y)
+    xn, lab, _, num_neg, _ = _prepare_sorted(x, y)
     if num_neg == 0:
         raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
     return _negative_distance_quantiles(xn, lab.to(xn.device), (far,), chunk, num_neg)[0]
@@ -225,7 +233,7 @@ class _RatesCounter:
         if not math.isfinite(t):
             raise ValueError(f"threshold = {threshold} must be a finite distance (1 - cosine, in [0, 2])")
         g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
-        xn, lab, n_lab, num_neg_all, order = _prepare(x, y)
+        xn, lab, n_lab, num_neg_all, order = _prepare_sorted(x, y)
         if num_neg_all == 0:
             raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
         unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
@@ -623,16 +631,16 @@ def threshold_report(
         check_labels(groups, x.shape[0], "groups")
     if calibration is not None:
         cx, cy = _check_calibration(calibration, x.shape[1])
-        t_cal: float | None = threshold_for_far(cx, cy, far, chunk_size=chunk)
-        cal_far = rates_at_threshold(cx, cy, t_cal, chunk_size=chunk).global_far
+        t_cal = threshold_for_far(cx, cy, far, chunk_size=chunk)
+        cal_far: float | None = rates_at_threshold(cx, cy, t_cal, chunk_size=chunk).global_far
         source = "calibration set"
     else:
-        t_cal, cal_far, source = None, None, "evaluation set itself"
+        t_cal, cal_far, source = math.nan, None, "evaluation set itself"
     riders: dict[str, Any] = {}
 
     def on_sorted(pairs: SortedPairs, extras: list[float]) -> Any:
         """The rates at the threshold and R@1 ride on the curves' counting pass (same sorted order)."""
-        t = t_cal if t_cal is not None else extras[0]  # without calibration: from the curves' first pass
+        t = t_cal if calibration is not None else extras[0]  # without calibration: from the curves' first pass
         riders["class"] = _RatesCounter(x, y, t, None)
         if groups is not None:
             riders["group"] = _RatesCounter(x, y, t, groups)

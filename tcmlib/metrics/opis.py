@@ -606,7 +606,7 @@ def _pilot_brackets(
     """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances,
     from the negative pairs of ~1M / N random rows; width = slack x the estimated standard error in
     probability (from the spread across 8 groups of rows, at least the binomial one)."""
-    cols, col_lab = (xn, lab) if cols is None else (cols, col_lab)
+    cols, col_lab = (xn, lab) if cols is None or col_lab is None else (cols, col_lab)
     n = xn.shape[0]
     r = min(n, max(16, 1_000_000 // cols.shape[0]))
     gen = torch.Generator().manual_seed(seed)
