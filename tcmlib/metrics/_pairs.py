@@ -39,20 +39,22 @@ def upper_tiles(
     ``sim`` (B, W) = cosines of rows ``r0 .. r0+B-1`` with columns ``c0 .. c0+W-1``, ``c0 >= r0``; in the
     first tile of a row block (``c0 == r0``) the pairs with column <= row are set to -inf.  Row blocks
     have ``chunk_size`` rows, tiles ``max(tile_cols, chunk_size)`` columns (the first holds the diagonal
-    block).  The caller may modify ``sim`` in place.
+    block).  The tiles on the diagonal come first (with labels sorted, a row's own class lies there, so
+    a running top-k fills with good candidates early); the order changes no value.  The caller may
+    modify ``sim`` in place.
     """
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
     tile_cols = max(tile_cols, chunk_size)
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B) col <= row
-    for r0 in range(0, n, chunk_size):
+    blocks = range(0, n, chunk_size)
+    order = [(r0, r0) for r0 in blocks] + [(r0, c0) for r0 in blocks for c0 in range(r0 + tile_cols, n, tile_cols)]
+    for r0, c0 in order:  # the diagonal tiles first: each row meets its own class (sorted labels) early
         r1 = min(r0 + chunk_size, n)
-        b = r1 - r0
-        for c0 in range(r0, n, tile_cols):
-            sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
-            if c0 == r0:
-                sim[:, :b].masked_fill_(lower[:b, :b], float("-inf"))
-            yield r0, c0, sim
+        sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
+        if c0 == r0:
+            sim[:, : r1 - r0].masked_fill_(lower[: r1 - r0, : r1 - r0], float("-inf"))
+        yield r0, c0, sim
 
 
 def cross_tiles(
@@ -107,7 +109,10 @@ class TopK:
         if bool(torch.isinf(kth[hot]).any()):  # a first contact: raise the bar with a cheap lower bound
             kth = kth.clone()
             kth[hot] = torch.maximum(kth[hot], self._seed(sim, hot, r0, columns))
-        if columns:  # compare on the row-major tile, then group the candidates by its column
+        if 4 * hot.numel() < b:  # few hot rows: compare only those (a gathered copy, grouped by row)
+            sub_rows, cols = torch.nonzero(sim[hot] > kth[hot, None], as_tuple=True)  # (P,)
+            rows = hot[sub_rows]
+        elif columns:  # compare on the row-major tile, then group the candidates by its column
             cols, rows = torch.nonzero(sim.T > kth[None, :], as_tuple=True)  # (P,)
             order = torch.argsort(rows, stable=True)
             rows, cols = rows[order], cols[order]

@@ -22,10 +22,10 @@ and AP@R are undefined for them.  Like pytorch-metric-learning (its ``not_lone_q
 we leave them out of every average; they still serve as database items for the other queries.
 Where pml returns NaN (no query has R >= 1) we raise ``ValueError``.
 
-Ties: neighbours come from ``torch.topk``, whose order among exactly equal similarities is
-unspecified (so is faiss's).  With exact duplicates in the data, results may therefore differ from
+Ties: the order among exactly equal similarities is unspecified (the running top-k keeps the one
+seen first, ``torch.topk`` orders them as it likes; so does faiss).  With exact duplicates in the data, results may therefore differ from
 pml / faiss in the tied positions; on tie-free data all three agree.  The query itself is never
-its own neighbour: its similarity to itself is set to -inf, so a duplicate of the query (another
+its own neighbour: the pair (q, q) is never formed, so a duplicate of the query (another
 sample with the same vector) is a neighbour like any other.
 
 Query / gallery: with a separate ``reference`` set (and ``reference_labels``) every query ranks all
