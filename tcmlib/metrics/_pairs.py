@@ -134,11 +134,13 @@ class TopK:
         nb = (sim.shape[1]) // gs  # groups per row
         if nb < self.k:  # too few groups to bound the depth-th best
             return torch.full((h,), float("-inf"), dtype=sim.dtype, device=sim.device)
+        every = h == sim.shape[0]  # all rows hot: work on views, no gathered copy
         if columns:  # sim is the transposed view of a row-major tile t: group t's rows, per hot column
-            t = sim.T[: nb * gs, hot]  # (nb * gs, H)
+            t = sim.T[: nb * gs] if every else sim.T[: nb * gs, hot]  # (nb * gs, H)
             gm = t.reshape(nb, gs, h).amax(dim=1).T.contiguous()  # (H, nb)
         else:
-            gm = sim[hot, : nb * gs].reshape(h, nb, gs).amax(dim=2)  # (H, nb)
+            t = sim[:, : nb * gs] if every else sim[hot, : nb * gs]  # (H, nb * gs)
+            gm = t.reshape(h, nb, gs).amax(dim=2)  # (H, nb)
         top = gm.topk(self.k, dim=1).values  # (H, k)
         bound = top.gather(1, self.kpos[hot + r0, None]).squeeze(1)  # (H,)
         return torch.nextafter(bound, bound.new_tensor(float("-inf")))
@@ -151,13 +153,15 @@ class TopK:
 
     def _sparse(self, r0: int, c0: int, sim: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
         """Merge the candidates ``sim[rows, cols]`` (P,), ``rows`` ascending, padded into one block per row."""
-        g, first, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)  # (H',)
+        counts = torch.bincount(rows, minlength=sim.shape[0])  # (B,) candidates per row
+        has = counts > 0
+        g = torch.nonzero(has).squeeze(1)  # (H',) rows with candidates
         h, width = g.numel(), int(counts.max())
-        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[first]
-        at = first * width + slot  # (P,) place in an (H', width) block, -inf padded
+        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        at = (torch.cumsum(has, 0) - 1)[rows] * width + slot  # (P,) place in an (H', width) block, -inf padded
         vals = sim.new_full((h * width,), float("-inf")).index_copy_(0, at, sim[rows, cols])
         rel = torch.zeros(h * width, dtype=torch.bool, device=sim.device)
-        rel.index_copy_(0, at, self.col_labels[cols + c0] == self.row_labels[rows + r0])
+        rel.index_copy_(0, at, self.col_labels.index_select(0, cols + c0) == self.row_labels.index_select(0, rows + r0))
         self._merge(g + r0, vals.view(h, width), rel.view(h, width))
 
     def _merge(self, g: torch.Tensor, vals: torch.Tensor, rel: torch.Tensor) -> None:
