@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings, check_embeddings_labels, check_labels
-from tcmlib.metrics._pairs import upper_tiles
+from tcmlib.metrics._pairs import unit_rows, upper_tiles
 from tcmlib.metrics.opis import (  # the one exact quantile and the closed-form pair counts are shared
     SortedPairs,
     UtilityCurves,
@@ -110,9 +110,7 @@ def _accept_boundary(threshold: float, work: torch.dtype) -> float:
 
 def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Unit rows in the working dtype (as utility_curves does), dense labels (N,), label sizes (L,), #negatives."""
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x64 = x.detach().double()
-    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work).contiguous()  # (N, D)
+    xn = unit_rows(x).contiguous()  # (N, D), the rows every metric compares
     _, lab = torch.unique(y, return_inverse=True)  # (N,)
     n_lab = torch.bincount(lab)  # (L,)
     n = y.shape[0]

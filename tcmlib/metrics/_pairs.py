@@ -25,9 +25,13 @@ TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, D) unit rows in the working dtype: ``x / ||x||`` in float64, then float32 (float64 input stays
-    float64).  Normalising in float64 makes the result independent of the scale of ``x``."""
+    float64).  Each row is first scaled by a power of two (exact, as in :func:`tcmlib.normalize.l2_normalize`),
+    so rows of norm 1e300 or 1e-300 normalise too; on well-scaled rows this changes no bit."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x64 = x.detach().double()
+    m = x64.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)  # (N, 1) max |x|
+    f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact, so the norm cannot over- or underflow
+    x64 = x64 * (f / m)
     return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)
 
 
