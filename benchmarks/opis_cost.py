@@ -1,16 +1,22 @@
-"""Cost of exact OPIS + eps-OPIS against its floor, the bare blocked similarity GEMM.
+"""Cost of exact OPIS, of the one-call evaluation and of the threshold report, against their floor.
 
-One ``utility_curves`` call gives both OPIS and eps-OPIS (read off the same curves). The floor is the
-matrix product alone over the same N, with the same row blocks: ``x[s0:s0+B] @ x.T`` for every block,
-nothing else. ``utility_curves`` computes only the upper triangle (columns >= block start), twice
-(pass 1: negative-distance quantiles for the calibration range; pass 2: per-class histograms), so its
-GEMM work equals the floor's; everything above a ratio of 1 is counting.
+The floor is the bare blocked similarity GEMM over the same N: ``x[s0:s0+1024] @ x.T`` for every row
+block, nothing else (one *full* GEMM).  Contenders, ratios to it, side by side:
 
-Reports the median over ``--repeats`` of wall-clock seconds and of process CPU seconds (the latter is
-steadier on a shared machine). Goal: ratio <= 2 at N = 20k on CPU.
+* ``opis``:     :func:`utility_curves` with the data-dependent range: two passes over the pairs
+  a < b (range quantiles, then counts), each half a full GEMM, so its floor is 1.0;
+* ``given``:    the same with ``distance_range`` given: one pass, floor 0.5;
+* ``evaluate``: :func:`tcmlib.metrics.evaluate` (R@1..8, MAP@R, OPIS, eps-OPIS; retrieval rides on
+  OPIS's counting pass), floor 1.0;
+* ``separate``: what ``train.evaluate`` did before: ``recall_and_map_at_r`` then ``utility_curves``;
+* ``report``:   :func:`tcmlib.report.threshold_report` (threshold, per-class rates, OPIS + bootstrap,
+  R@1), compared with ``opis`` (goal: at most 1.5x).
+
+Time: the contenders run in turn (round robin) ``--repeats`` times in this process; medians of wall
+seconds.  Data: clustered, class noise levels differ by class.
 
     python benchmarks/opis_cost.py --quick
-    python benchmarks/opis_cost.py --sizes 5000 20000 60000 --device cpu
+    python benchmarks/opis_cost.py --sizes 5000 20000 --classes 400
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from collections.abc import Callable
 
 import torch
 
-from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE, utility_curves
+from tcmlib.metrics import evaluate, recall_and_map_at_r, utility_curves
+from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE
+from tcmlib.report import threshold_report
 
 
 def make_embeddings(n: int, dim: int, classes: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,50 +57,75 @@ def blocked_gemm(x: torch.Tensor, chunk_size: int) -> float:
     return acc
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
-    """Median (wall seconds, process CPU seconds) of ``fn()`` after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        w0, c0 = time.perf_counter(), time.process_time()
+def round_robin(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process-CPU seconds per contender, timed in turn after one warm-up call each."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    cpu: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(repeats):
+        for m, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)  # all threads of this process: steadier on a shared machine
+    return ({m: statistics.median(t) for m, t in times.items()}, {m: statistics.median(t) for m, t in cpu.items()})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 60000])
+    p.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--classes", type=int, default=None, help="default: N // 5 (5 samples a class, like SOP)")
+    p.add_argument("--classes", type=int, default=None, help="default: N // 50 (400 at N = 20000)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--no-report", action="store_true", help="skip threshold_report")
     p.add_argument("--quick", action="store_true", help="sizes 2000 5000, one repeat")
     a = p.parse_args()
     if a.quick:
         a.sizes, a.repeats = [2000, 5000], 1
     device = torch.device(a.device)
-    print(f"device={device} threads={torch.get_num_threads()} dim={a.dim} chunk_size={a.chunk_size} repeats={a.repeats}")
-    print(f"{'N':>7} {'classes':>7} {'gemm wall':>10} {'opis wall':>10} {'ratio':>6} {'gemm cpu':>9} {'opis cpu':>9} {'ratio':>6}  opis / 10%-opis")
+    print(f"device={device} threads={torch.get_num_threads()} dim={a.dim} chunk_size={a.chunk_size} "
+          f"median of {a.repeats} round-robin repeats; ratios to the blocked full GEMM (report: to opis);\n"
+          "wall seconds, and process CPU seconds (all threads; steadier when other jobs share the machine)")
+    print(f"{'N':>6} {'cls':>5} {'time':>4} | {'gemm s':>7} | {'opis':>5} {'given':>5} {'evaluate':>8} {'separate':>8} | "
+          f"{'report/opis':>11} | OPIS, 10%-OPIS")
     for n in a.sizes:
-        classes = a.classes or max(2, n // 5)
+        classes = a.classes or max(2, n // 50)
         x, y = make_embeddings(n, a.dim, classes, device)
-        out = {}
+        rng = utility_curves(x, y, chunk_size=a.chunk_size).distance_range
+        out: dict[str, float] = {}
 
-        def curves(x: torch.Tensor = x, y: torch.Tensor = y, out: dict = out) -> None:
-            res = utility_curves(x, y, chunk_size=a.chunk_size)
-            out["values"] = (res.opis, res.eps_opis(0.1))
+        def run_opis() -> None:
+            c = utility_curves(x, y, chunk_size=a.chunk_size)
+            out["opis"], out["eps"] = c.opis, c.eps_opis(0.1)
 
-        gw, gc = timed(lambda x=x: blocked_gemm(x, a.chunk_size), a.repeats, device)
-        ow, oc = timed(curves, a.repeats, device)
-        o, e = out["values"]
-        print(f"{n:>7} {classes:>7} {gw:>10.3f} {ow:>10.3f} {ow / gw:>6.2f} {gc:>9.3f} {oc:>9.3f} {oc / gc:>6.2f}  {o:.3e} / {e:.3e}")
+        fns: dict[str, Callable[[], object]] = {
+            "gemm": lambda: blocked_gemm(x, a.chunk_size),
+            "opis": run_opis,
+            "given": lambda: utility_curves(x, y, distance_range=rng, chunk_size=a.chunk_size),
+            "evaluate": lambda: evaluate(x, y, chunk_size=a.chunk_size),
+            "separate": lambda: (recall_and_map_at_r(x, y, (1, 2, 4, 8), chunk_size=a.chunk_size),
+                                 utility_curves(x, y, chunk_size=a.chunk_size)),
+        }
+        if not a.no_report:
+            fns["report"] = lambda: threshold_report(x, y, n_boot=200, chunk_size=a.chunk_size)
+        wall, cpu = round_robin(fns, a.repeats, device)
+        ev = evaluate(x, y, chunk_size=a.chunk_size)
+        assert ev.opis == out["opis"] and ev.eps_opis == out["eps"], "evaluate and utility_curves disagree"
+        for kind, sec in (("wall", wall), ("cpu", cpu)):
+            g = sec["gemm"]
+            rep = f"{sec['report'] / sec['opis']:>11.2f}" if "report" in sec else f"{'-':>11}"
+            print(f"{n:>6} {classes:>5} {kind:>4} | {g:>7.2f} | {sec['opis'] / g:>5.2f} {sec['given'] / g:>5.2f} "
+                  f"{sec['evaluate'] / g:>8.2f} {sec['separate'] / g:>8.2f} | {rep} | "
+                  f"{out['opis']:.3e}, {out['eps']:.3e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ Definitions (those of :mod:`tcmlib.metrics.opis`; pairs are unordered, ``a != b`
 
 - :func:`threshold_for_far`: the ``far_target`` quantile (linear interpolation, exactly
   ``numpy.quantile``) of the distances of ALL negative pairs, i.e. the threshold where the global
-  false-accept rate is ``far_target`` (up to ties and 1 / #negatives). Computed exactly by a streamed
-  order-statistic search (histogram refinement, then sorting one small window); never forms the
-  N x N matrix. Distances are ``1 - s`` in float64 with ``s`` in the working dtype, as in
+  false-accept rate is ``far_target`` (up to ties and 1 / #negatives). Computed exactly by the
+  streamed order-statistic search of :mod:`tcmlib.metrics.opis` (the library's one exact quantile);
+  never forms the N x N matrix. Distances are ``1 - s`` in float64 with ``s`` in the working dtype, as in
   :mod:`tcmlib.metrics.opis`, so both modules agree on every pair.
 - :func:`rates_at_threshold`: per class (or per group), with the pairs that touch it,
   ``FAR_i = #{negative pairs of i with d <= t} / #{negative pairs of i}`` and
@@ -43,8 +43,16 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings, check_embeddings_labels, check_labels
-from tcmlib.metrics.opis import UtilityCurves, _pair_totals, utility_curves  # closed-form pair counts shared
-from tcmlib.metrics.retrieval import recall_at_k
+from tcmlib.metrics._pairs import unit_rows, upper_tiles
+from tcmlib.metrics.opis import (  # the one exact quantile and the closed-form pair counts are shared
+    SortedPairs,
+    UtilityCurves,
+    _negative_distance_quantiles,
+    _pair_totals,
+    curves_and_extras,
+    utility_curves,
+)
+from tcmlib.metrics.retrieval import RetrievalPass, average_retrieval
 
 __all__ = [
     "BootstrapCI",
@@ -63,82 +71,6 @@ __all__ = [
 
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block (as tcmlib.metrics.opis)
-_COLLECT_MAX = 1 << 22  # at most this many distances are held in memory by the quantile search
-_BINS = 4096  # histogram bins per refinement pass of the quantile search
-
-
-def _similarity_blocks(xn: torch.Tensor, chunk_size: int):  # type: ignore[no-untyped-def]
-    """Yield ``(s0, S)``: S (B, N - s0) = cosines of rows s0..s0+B-1 with columns s0..N-1; the pairs with
-    column <= row (the diagonal and the lower triangle) are set to -inf, so each unordered pair is seen once."""
-    n = xn.shape[0]
-    chunk_size = min(chunk_size, n)
-    lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B)
-    for s0 in range(0, n, chunk_size):
-        b = min(chunk_size, n - s0)
-        sim = xn[s0 : s0 + b] @ xn[s0:].T  # (B, N - s0)
-        sim[:, :b].masked_fill_(lower[:b, :b], float("-inf"))
-        yield s0, sim
-
-
-def _negative_distances(xn: torch.Tensor, lab: torch.Tensor, chunk_size: int):  # type: ignore[no-untyped-def]
-    """Yield the float64 distances ``d = 1 - s`` (s in the working dtype) of the negative pairs, block by block."""
-    for s0, sim in _similarity_blocks(xn, chunk_size):
-        rows, cols = torch.nonzero(sim > float("-inf"), as_tuple=True)
-        neg = lab[rows + s0] != lab[cols + s0]
-        yield 1.0 - sim[rows[neg], cols[neg]].double()
-
-
-def _order_statistics(xn: torch.Tensor, lab: torch.Tensor, ranks: list[int], chunk_size: int) -> list[float]:
-    """The values at 0-based ``ranks`` of the ascending negative-pair distances, exactly, in O(chunk x N) memory.
-
-    Each pass streams all negative distances: per target, the values below its window ``[lo, hi)`` are
-    counted and those inside are histogrammed over ``_BINS`` bins with explicit float64 edges; the bin
-    holding the target rank becomes the next window (its edges are the same floats, so the counts stay
-    exact). Once a window holds at most ``_COLLECT_MAX`` values, one more pass collects and sorts them.
-    A window that cannot be split further (narrower than float64 resolution) holds one distinct value.
-    """
-    windows = {i: (-1e-6, 2.0 + 1e-6) for i in range(len(ranks))}  # d = 1 - s lies in [0, 2] up to rounding
-    out: dict[int, float] = {}
-    while len(out) < len(ranks):
-        todo = [i for i in windows if i not in out]
-        edges = {i: torch.linspace(windows[i][0], windows[i][1], _BINS + 1, dtype=torch.float64) for i in todo}
-        hist = {i: torch.zeros(_BINS, dtype=torch.long) for i in todo}
-        below = {i: 0 for i in todo}
-        for d in _negative_distances(xn, lab, chunk_size):
-            d = d.cpu()
-            for i in todo:
-                e = edges[i]
-                below[i] += int((d < e[0]).sum())
-                inside = d[(d >= e[0]) & (d < e[-1])]
-                hist[i] += torch.bincount(torch.bucketize(inside, e, right=True) - 1, minlength=_BINS)[:_BINS]
-        collect = []
-        for i in todo:
-            cum = torch.cumsum(hist[i], 0)  # (BINS,)
-            r = ranks[i] - below[i]  # rank inside the window
-            if not 0 <= r < int(cum[-1]):
-                raise RuntimeError(f"order statistic {ranks[i]} not inside its window (internal error)")
-            k = int(torch.searchsorted(cum, torch.tensor(r), right=True))  # first bin with cum > r
-            lo, hi = float(edges[i][k]), float(edges[i][k + 1])
-            windows[i] = (lo, hi)
-            if int(hist[i][k]) <= _COLLECT_MAX or not lo < np.nextafter(np.nextafter(lo, 3.0), 3.0) < hi:
-                collect.append(i)
-        if collect:
-            kept: dict[int, list[torch.Tensor]] = {i: [] for i in collect}
-            below = {i: 0 for i in collect}
-            for d in _negative_distances(xn, lab, chunk_size):
-                d = d.cpu()
-                for i in collect:
-                    lo, hi = windows[i]
-                    below[i] += int((d < lo).sum())
-                    sel = d[(d >= lo) & (d < hi)]
-                    kept[i].append(sel[:1] if sel.numel() > _COLLECT_MAX else sel)  # a huge window: one value
-            for i in collect:
-                vals = torch.sort(torch.cat(kept[i])).values
-                r = ranks[i] - below[i]
-                # a window too narrow to split holds one distinct value (or two adjacent floats: then exact
-                # only if all values were kept, which holds unless more than _COLLECT_MAX values tie)
-                out[i] = float(vals[min(r, vals.numel() - 1)])
-    return [out[i] for i in range(len(ranks))]
 
 
 def _accept_boundary(threshold: float, work: torch.dtype) -> float:
@@ -178,14 +110,22 @@ def _accept_boundary(threshold: float, work: torch.dtype) -> float:
 
 def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Unit rows in the working dtype (as utility_curves does), dense labels (N,), label sizes (L,), #negatives."""
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x64 = x.detach().double()
-    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work).contiguous()  # (N, D)
+    xn = unit_rows(x).contiguous()  # (N, D), the rows every metric compares
     _, lab = torch.unique(y, return_inverse=True)  # (N,)
     n_lab = torch.bincount(lab)  # (L,)
     n = y.shape[0]
     num_neg = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())
     return xn, lab, n_lab, num_neg
+
+
+def _prepare_sorted(
+    x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """:func:`_prepare` with rows and labels sorted by label (the order of the shared passes), plus the
+    sorting ``order`` (N,)."""
+    xn, lab, n_lab, num_neg = _prepare(x, y)
+    order = torch.argsort(lab, stable=True)
+    return xn[order].contiguous(), lab[order], n_lab, num_neg, order
 
 
 def _check_far(far_target: float) -> float:
@@ -215,15 +155,10 @@ def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
     chunk = _check_chunk(chunk_size)
-    xn, lab, _, num_neg = _prepare(x, y)
+    xn, lab, _, num_neg, _ = _prepare_sorted(x, y)
     if num_neg == 0:
         raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
-    h = (num_neg - 1) * far  # numpy.quantile, method="linear": lerp of order statistics j and j + 1
-    j = math.floor(h)
-    gamma = h - j
-    lo_v, hi_v = _order_statistics(xn, lab.to(xn.device), [j, min(j + 1, num_neg - 1)], chunk)
-    # numpy's _lerp, so that the result matches numpy.quantile to the last bit
-    return lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
+    return _negative_distance_quantiles(xn, lab.to(xn.device), (far,), chunk, num_neg)[0]
 
 
 # ----------------------------------------------------------------------------- rates at one threshold
@@ -275,62 +210,83 @@ def rates_at_threshold(
     and >= 1 negative pair); ``FRR_i = 1 - TAR_i(t)``, ``FAR_i = 1 - TRR_i(t)``.
     """
     x, y = check_embeddings_labels(embeddings, labels)
-    n = x.shape[0]
-    t = float(threshold)
-    if not math.isfinite(t):
-        raise ValueError(f"threshold = {threshold} must be a finite distance (1 - cosine, in [0, 2])")
     chunk = _check_chunk(chunk_size)
-    g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
-    xn, lab, n_lab, num_neg_all = _prepare(x, y)
-    lab = lab.to(xn.device)
-    if num_neg_all == 0:
-        raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
-    num_pos_all = int((n_lab * (n_lab - 1) // 2).sum())
-    unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
-    num_units = len(unit_ids)
-    num_pos, num_neg = _pair_totals(lab, unit, n_lab, num_units)  # (U,)
-    eligible = (num_pos > 0) & (num_neg > 0)
-    if int(eligible.sum()) == 0:
-        raise ValueError(
-            f"no eligible {'group' if g is not None else 'class'}: each needs >= 2 samples of one label "
-            "(a positive pair) and a negative pair"
-        )
-    bnd = _accept_boundary(t, xn.dtype)
-    acc = torch.zeros(2, num_units, dtype=torch.long, device=xn.device)  # [0] positive, [1] negative accepted
-    acc_pos_all = acc_neg_all = 0
-    for s0, sim in _similarity_blocks(xn, chunk):
-        rows, cols = torch.nonzero(sim >= bnd, as_tuple=True)  # (P,) accepted pairs, row < col
-        rows += s0
-        cols += s0
-        neg = (lab[rows] != lab[cols]).long()  # (P,) 0 positive, 1 negative
-        n_neg_acc = int(neg.sum())
-        acc_neg_all += n_neg_acc
-        acc_pos_all += rows.shape[0] - n_neg_acc
-        ur, uc = unit[rows], unit[cols]
-        flat = acc.view(-1)
-        flat += torch.bincount(neg * num_units + ur, minlength=2 * num_units)
+    counter = _RatesCounter(x, y, threshold, groups)
+    for r0, c0, sim in upper_tiles(counter.xn, chunk):
+        counter.add(r0, c0, sim)
+    return counter.result()
+
+
+class _RatesCounter:
+    """Counts the accepted pairs (``d <= t``) per unit, tile by tile, for :func:`rates_at_threshold`.
+
+    Works on the samples sorted by label (``xn``, ``lab``, ``unit``): :meth:`add` takes tiles of
+    :func:`~tcmlib.metrics._pairs.upper_tiles` over ``xn``, so it can also ride on the counting pass
+    of :func:`~tcmlib.metrics.opis.curves_and_extras` (the same sorted order).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, threshold: float, groups: Any) -> None:
+        n = x.shape[0]
+        t = float(threshold)
+        if not math.isfinite(t):
+            raise ValueError(f"threshold = {threshold} must be a finite distance (1 - cosine, in [0, 2])")
+        g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
+        xn, lab, n_lab, num_neg_all, order = _prepare_sorted(x, y)
+        if num_neg_all == 0:
+            raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
+        unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
+        self.unit = unit[order].to(xn.device)  # sorted like xn
+        self.num_pos, self.num_neg = _pair_totals(lab, self.unit, n_lab, len(unit_ids))  # (U,)
+        self.eligible = (self.num_pos > 0) & (self.num_neg > 0)
+        if int(self.eligible.sum()) == 0:
+            raise ValueError(
+                f"no eligible {'group' if g is not None else 'class'}: each needs >= 2 samples of one label "
+                "(a positive pair) and a negative pair"
+            )
+        self.xn, self.lab, self.unit_ids, self.t = xn, lab.to(xn.device), unit_ids, t
+        self.num_pos_all, self.num_neg_all = int((n_lab * (n_lab - 1) // 2).sum()), num_neg_all
+        self.by = "class" if g is None else "group"
+        self.bnd = _accept_boundary(t, xn.dtype)
+        self.acc = torch.zeros(2, len(unit_ids), dtype=torch.long, device=xn.device)  # [0] pos, [1] neg accepted
+        self.acc_neg = self.acc_all = 0  # accepted negative / all pairs, each pair once
+
+    def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
+        """Count the accepted pairs of the tile ``sim`` (rows ``r0..``, columns ``c0..``; -inf = not a pair)."""
+        rows, cols = torch.nonzero(sim >= self.bnd, as_tuple=True)  # (P,) accepted pairs, row < col
+        rows += r0
+        cols += c0
+        neg = (self.lab[rows] != self.lab[cols]).long()  # (P,) 0 positive, 1 negative
+        u = self.acc.shape[1]
+        ur, uc = self.unit[rows], self.unit[cols]
+        flat = self.acc.view(-1)
+        flat += torch.bincount(neg * u + ur, minlength=2 * u)
         two = ur != uc  # the pair touches two units: count it for the second one too
-        flat += torch.bincount((neg * num_units + uc)[two], minlength=2 * num_units)
-    acc = acc.cpu()
-    pos_t, neg_t = num_pos[eligible].cpu(), num_neg[eligible].cpu()
-    fa = acc[1][eligible.cpu()]
-    fr = pos_t - acc[0][eligible.cpu()]
-    return ThresholdRates(
-        threshold=t,
-        unit_ids=unit_ids[eligible].cpu(),
-        far=fa.double() / neg_t.double(),
-        frr=fr.double() / pos_t.double(),
-        false_accepts=fa,
-        false_rejects=fr,
-        num_neg=neg_t,
-        num_pos=pos_t,
-        global_far=acc_neg_all / num_neg_all,
-        global_frr=(num_pos_all - acc_pos_all) / num_pos_all if num_pos_all else math.nan,
-        total_neg=num_neg_all,
-        total_pos=num_pos_all,
-        num_excluded=num_units - int(eligible.sum()),
-        by="class" if g is None else "group",
-    )
+        flat += torch.bincount((neg * u + uc)[two], minlength=2 * u)
+        self.acc_neg += int(neg.sum())
+        self.acc_all += rows.shape[0]
+
+    def result(self) -> ThresholdRates:
+        acc, el = self.acc.cpu(), self.eligible.cpu()
+        acc_neg, acc_pos = self.acc_neg, self.acc_all - self.acc_neg
+        pos_t, neg_t = self.num_pos[self.eligible].cpu(), self.num_neg[self.eligible].cpu()
+        fa = acc[1][el]
+        fr = pos_t - acc[0][el]
+        return ThresholdRates(
+            threshold=self.t,
+            unit_ids=self.unit_ids[self.eligible].cpu(),
+            far=fa.double() / neg_t.double(),
+            frr=fr.double() / pos_t.double(),
+            false_accepts=fa,
+            false_rejects=fr,
+            num_neg=neg_t,
+            num_pos=pos_t,
+            global_far=acc_neg / self.num_neg_all,
+            global_frr=(self.num_pos_all - acc_pos) / self.num_pos_all if self.num_pos_all else math.nan,
+            total_neg=self.num_neg_all,
+            total_pos=self.num_pos_all,
+            num_excluded=len(self.unit_ids) - int(self.eligible.sum()),
+            by=self.by,
+        )
 
 
 # ----------------------------------------------------------------------------- bootstrap CI of OPIS
@@ -668,22 +624,45 @@ def threshold_report(
     """
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
+    chunk = _check_chunk(chunk_size)
+    if groups is not None:
+        check_labels(groups, x.shape[0], "groups")
     if calibration is not None:
         cx, cy = _check_calibration(calibration, x.shape[1])
-        t = threshold_for_far(cx, cy, far, chunk_size=chunk_size)
-        cal_far = rates_at_threshold(cx, cy, t, chunk_size=chunk_size).global_far
+        t_cal = threshold_for_far(cx, cy, far, chunk_size=chunk)
+        cal_far: float | None = rates_at_threshold(cx, cy, t_cal, chunk_size=chunk).global_far
         source = "calibration set"
     else:
-        t = threshold_for_far(x, y, far, chunk_size=chunk_size)
-        cal_far, source = None, "evaluation set itself"
-    class_rates = rates_at_threshold(x, y, t, chunk_size=chunk_size)
-    group_rates = None if groups is None else rates_at_threshold(x, y, t, groups=groups, chunk_size=chunk_size)
-    curves = utility_curves(x, y, far_range=far_range, chunk_size=chunk_size)
+        t_cal, cal_far, source = math.nan, None, "evaluation set itself"
+    riders: dict[str, Any] = {}
+
+    def on_sorted(pairs: SortedPairs, extras: list[float]) -> Any:
+        """The rates at the threshold and R@1 ride on the curves' counting pass (same sorted order)."""
+        t = t_cal if calibration is not None else extras[0]  # without calibration: from the curves' first pass
+        riders["class"] = _RatesCounter(x, y, t, None)
+        if groups is not None:
+            riders["group"] = _RatesCounter(x, y, t, groups)
+        r = torch.bincount(pairs.lab)[pairs.lab] - 1  # (N,) R of each sorted sample
+        riders["R@1"] = RetrievalPass(pairs.lab, pairs.lab, r, [1], symmetric=True, dtype=pairs.rows.dtype)
+        adders = [c.add for c in riders.values()]
+
+        def on_tile(r0: int, c0: int, sim: torch.Tensor) -> None:
+            for add in adders:
+                add(r0, c0, sim)
+
+        return on_tile
+
+    curves, _ = curves_and_extras(x, y, far_range=far_range, chunk_size=chunk, on_sorted=on_sorted,
+                                  extra_quantiles=(far,) if calibration is None else ())
+    class_rates = riders["class"].result()
+    group_rates = riders["group"].result() if groups is not None else None
+    hits, ap = riders["R@1"].result()
     ci = opis_bootstrap_ci(curves, n_boot=n_boot, alpha=alpha, seed=seed)
     return ThresholdReport(
-        name=str(name), threshold=t, far_target=far, threshold_source=source, calibration_far=cal_far,
-        class_rates=class_rates, group_rates=group_rates, curves=curves, opis_ci=ci, alpha=float(alpha),
-        eps=float(eps), eps_opis=curves.eps_opis(eps), recall_at_1=recall_at_k(x, y, (1,))[1],
+        name=str(name), threshold=class_rates.threshold, far_target=far, threshold_source=source,
+        calibration_far=cal_far, class_rates=class_rates, group_rates=group_rates, curves=curves, opis_ci=ci,
+        alpha=float(alpha), eps=float(eps), eps_opis=curves.eps_opis(eps),
+        recall_at_1=average_retrieval(hits, ap, [1])[0][1],
         num_samples=int(x.shape[0]), num_classes=int(torch.unique(y).numel()),
     )
 

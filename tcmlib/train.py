@@ -70,7 +70,7 @@ from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
 from tcmlib.losses.registry import available_losses, loss_kwarg_names, loss_param_groups, make_loss
 from tcmlib.losses.tcm import TCMLoss
-from tcmlib.metrics import recall_and_map_at_r, utility_curves
+from tcmlib.metrics import evaluate as evaluate_embeddings
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
@@ -454,8 +454,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Embed ``dataset`` and score it: ``{"R@k": ..., "MAP@R": ..., "OPIS": ..., "eps_OPIS": ...}``.
 
-    OPIS and eps-OPIS (eps = 0.1) use ``tcmlib.metrics`` defaults: 100 thresholds between the
-    global-FAR 1e-2 and 1e-1 quantiles of the negative-pair distances.
+    One :func:`tcmlib.metrics.evaluate` call (the retrieval rides on OPIS's counting pass). OPIS and
+    eps-OPIS (eps = 0.1) use its defaults: 100 thresholds between the global-FAR 1e-2 and 1e-1
+    quantiles of the negative-pair distances. Units: R@k, MAP@R fractions in [0, 1]; OPIS in [0, 0.25].
     """
     emb, labels = embed(model, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
                         channels_last=channels_last)
@@ -463,11 +464,7 @@ def evaluate(
     if too_big:
         raise ValueError(f"eval_ks {too_big} >= N = {emb.shape[0]} samples: a query has only N - 1 others; "
                          f"use ks < {emb.shape[0]}")
-    recall, map_r = recall_and_map_at_r(emb, labels, ks)
-    curves = utility_curves(emb, labels)
-    out = {f"R@{k}": v for k, v in recall.items()}
-    out.update({"MAP@R": map_r, "OPIS": curves.opis, "eps_OPIS": curves.eps_opis(0.1)})
-    return out
+    return evaluate_embeddings(emb, labels, ks=ks, eps=0.1).as_dict()
 
 
 def _make_optimizer(cfg: TrainConfig, model: Embedder, criterion: nn.Module) -> torch.optim.Optimizer:

@@ -64,21 +64,26 @@ def test_threshold_is_the_negative_distance_quantile(far, chunk):
 
 @pytest.mark.parametrize("far", [0.0, 0.013, 0.5, 0.99, 1.0])
 def test_threshold_refinement_passes_are_exact(monkeypatch, far):
-    """Tiny histograms and a tiny collection cap force many refinement passes of the streamed search."""
+    """The pilot brackets forced on, and missed (slack 0), force refinement passes of the shared search."""
+    import importlib
+
+    om = importlib.import_module("tcmlib.metrics.opis")
+    monkeypatch.setattr(om, "COLLECT_ALL_MAX", 0)
+    real = om._negative_distance_quantiles
+    monkeypatch.setattr(om, "_negative_distance_quantiles", lambda *a, **k: real(*a, **{**k, "slack": 0.0}))
     import tcmlib.report as rp
 
-    monkeypatch.setattr(rp, "_BINS", 4)
-    monkeypatch.setattr(rp, "_COLLECT_MAX", 3)
+    monkeypatch.setattr(rp, "_negative_distance_quantiles", om._negative_distance_quantiles)
     x, y = toy(n=70)
     neg = np.array([d for *_, d, p in pairs_of(x, y) if not p])
     assert threshold_for_far(x, y, far, chunk_size=9) == pytest.approx(np.quantile(neg, far), abs=1e-12)
 
 
 def test_threshold_with_many_tied_distances(monkeypatch):
-    """Repeated rows give many identical distances; a window of ties cannot be split and holds one value."""
-    import tcmlib.report as rp
+    """Repeated rows give many identical distances: brackets full of ties still give the exact quantile."""
+    import importlib
 
-    monkeypatch.setattr(rp, "_COLLECT_MAX", 2)
+    monkeypatch.setattr(importlib.import_module("tcmlib.metrics.opis"), "COLLECT_ALL_MAX", 0)
     base = torch.eye(4, dtype=torch.float64)
     x = base.repeat_interleave(5, dim=0)  # 4 classes x 5 identical rows: negatives all at d = 1
     x[0, 1] = 0.5  # one negative distance differs

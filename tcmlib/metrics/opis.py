@@ -55,12 +55,12 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
+from tcmlib.metrics._pairs import TILE_COLS, cross_tiles, unit_rows, upper_tiles
 
 __all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
-TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
 
 
 @dataclass
@@ -142,17 +142,53 @@ def utility_curves(
     beta: float = 1.0,
     groups: Any = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> UtilityCurves:
     """Exact per-class TAR, TRR and utility curves of ``embeddings`` (N, D) with ``labels`` (N,).
 
     The thresholds are ``linspace(t_min, t_max, num_thresholds)`` with ``(t_min, t_max)`` the
     ``far_range`` quantiles of all negative-pair distances, or ``distance_range`` when given.
     ``groups`` (N,) optional: compute the curves per group instead of per class (module docstring).
-    Computed ``chunk_size`` rows at a time on the embeddings' device; never forms the N x N matrix.
+    ``reference`` (M, D) and ``reference_labels`` (M,) optional: the pairs are then all query x
+    reference pairs (N M of them; a pair counts for the classes of both members), not the pairs
+    within ``embeddings``.  Computed ``chunk_size`` rows at a time on the embeddings' device; never
+    forms the N x N matrix.
     """
-    x, y = check_embeddings_labels(embeddings, labels)
-    n = x.shape[0]
-    g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
+    return curves_and_extras(
+        embeddings, labels, far_range=far_range, distance_range=distance_range, num_thresholds=num_thresholds,
+        beta=beta, groups=groups, chunk_size=chunk_size, reference=reference, reference_labels=reference_labels,
+    )[0]
+
+
+@dataclass
+class SortedPairs:
+    """Both sides of the pairs, unit rows sorted by label (the order every pass uses).
+
+    ``rows`` (N, D), ``lab`` (N,) dense label index, ``order`` (N,) positions in the input; ``cols``,
+    ``col_lab``, ``col_order`` the same for a reference set, or None (pairs within ``rows``).
+    """
+
+    rows: torch.Tensor
+    lab: torch.Tensor
+    order: torch.Tensor
+    cols: torch.Tensor | None
+    col_lab: torch.Tensor | None
+    col_order: torch.Tensor | None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.cols is None
+
+    def tile_kwargs(self) -> dict[str, Any]:
+        return {} if self.cols is None else {"cols": self.cols, "col_lab": self.col_lab}
+
+
+def _check_range_args(
+    far_range: tuple[float, float], distance_range: tuple[float, float] | None, num_thresholds: int, beta: float,
+    chunk_size: int,
+) -> tuple[float, float, int, float]:
+    """Checked (lo, hi) (a FAR or a distance range), K, beta."""
     k_thr = int(num_thresholds)
     if k_thr != num_thresholds or k_thr < 2:
         raise ValueError(f"num_thresholds = {num_thresholds} must be an integer >= 2")
@@ -162,25 +198,83 @@ def utility_curves(
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
     if distance_range is not None:
-        t_lo, t_hi = (float(v) for v in distance_range)
-        if not (math.isfinite(t_lo) and math.isfinite(t_hi) and t_lo < t_hi):
+        lo, hi = (float(v) for v in distance_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"distance_range = {distance_range} must be finite with lo < hi")
-        if not 0.0 <= t_lo < t_hi <= 2.0:
+        if not 0.0 <= lo < hi <= 2.0:
             raise ValueError(f"distance_range = {distance_range} lies outside [0, 2]: cosine distances "
                              "(1 - cos) of unit vectors range over [0, 2]; pass thresholds inside it")
     else:
-        q_lo, q_hi = (float(v) for v in far_range)
-        if not 0.0 <= q_lo < q_hi <= 1.0:
+        lo, hi = (float(v) for v in far_range)
+        if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"far_range = {far_range} must satisfy 0 <= lo < hi <= 1 (global FAR bounds)")
+    return lo, hi, k_thr, beta
+
+
+def curves_and_extras(
+    embeddings: Any,
+    labels: Any,
+    *,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int = 100,
+    beta: float = 1.0,
+    groups: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None,
+    reference_labels: Any = None,
+    extra_quantiles: tuple[float, ...] = (),
+    on_sorted: Any = None,
+) -> tuple[UtilityCurves, list[float]]:
+    """:func:`utility_curves` plus what may ride on its passes (for :func:`tcmlib.metrics.evaluate` and
+    :func:`tcmlib.report.threshold_report`).
+
+    ``extra_quantiles``: further exact ``numpy.quantile`` values of the negative-pair distances, computed
+    in the calibration-range pass (returned second).  ``on_sorted(pairs: SortedPairs, extras)`` is called
+    before the counting pass and may return ``on_tile(r0, c0, sim)``, which then sees every tile of the
+    counting pass, all pairs of it, before its positives are masked (indices into the sorted sides).
+    """
+    x, y = check_embeddings_labels(embeddings, labels)
+    n = x.shape[0]
+    g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
+    lo, hi, k_thr, beta = _check_range_args(far_range, distance_range, num_thresholds, beta, chunk_size)
+    if reference is not None or reference_labels is not None:
+        if reference is None or reference_labels is None:
+            raise ValueError("pass reference and reference_labels together (or neither)")
+        if g is not None:
+            raise ValueError("groups are not supported with a reference set; evaluate per class, or pass the "
+                             "groups' samples as embeddings without a reference set")
+        rx, ry = check_embeddings_labels(reference, reference_labels, emb_name="reference",
+                                         label_name="reference_labels")
+        if rx.shape[1] != x.shape[1]:
+            raise ValueError(f"reference has dimension {rx.shape[1]} but the embeddings {x.shape[1]}: both must "
+                             "come from the same embedder")
+        rx, ry = rx.to(x.device), ry.to(x.device)
+    for q in extra_quantiles:
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"quantile {q} must lie in [0, 1]")
 
     # Dense labels and units (classes, or groups) and their pair totals in closed form.
-    _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
-    unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
-    n_lab = torch.bincount(lab)  # (L,)
-    num_neg_all = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())  # M, all negative pairs
-    if num_neg_all == 0:
-        raise ValueError("there are no negative pairs: all samples share one label; OPIS needs >= 2 classes")
-    num_pos, num_neg = _pair_totals(lab, unit, n_lab, len(unit_ids))  # (U,), (U,)
+    if reference is None:
+        _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
+        unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
+        n_lab = torch.bincount(lab)  # (L,)
+        num_neg_all = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())  # M, all negative pairs
+        if num_neg_all == 0:
+            raise ValueError("there are no negative pairs: all samples share one label; OPIS needs >= 2 classes")
+        num_pos, num_neg = _pair_totals(lab, unit, n_lab, len(unit_ids))  # (U,), (U,)
+    else:
+        both_ids, both = torch.unique(torch.cat([y, ry]), return_inverse=True)
+        lab, r_lab = both[:n], both[n:]  # dense labels, shared by both sides
+        unit_ids, unit, r_unit = both_ids, lab, r_lab
+        nq = torch.bincount(lab, minlength=len(both_ids))  # (L,)
+        ng = torch.bincount(r_lab, minlength=len(both_ids))  # (L,)
+        num_pos = nq * ng  # (L,) query x reference pairs of one class
+        num_neg = nq * (ry.shape[0] - ng) + ng * (n - nq)  # (L,) pairs with one member in the class
+        num_neg_all = n * ry.shape[0] - int(num_pos.sum())
+        if num_neg_all == 0:
+            raise ValueError("there are no negative query x reference pairs (all share one label); OPIS "
+                             "needs >= 2 classes")
     eligible = (num_pos > 0) & (num_neg > 0)  # (U,)
     t_cls = int(eligible.sum())
     if t_cls < 2:
@@ -192,30 +286,46 @@ def utility_curves(
     unit_to_el[eligible] = torch.arange(t_cls, device=x.device)
     el = unit_to_el[unit]  # (N,) eligible index of each sample's unit, T if excluded
 
-    # Unit-normalised rows in the working dtype (normalised in float64, so scaling x changes nothing).
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x64 = x.detach().double()
-    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)  # (N, D)
-    order = torch.argsort(lab, stable=True)  # sort by label: positives of a row block form one band
-    xn, lab, el = xn[order].contiguous(), lab[order], el[order]
+    # Unit-normalised rows in the working dtype (normalised in float64, so scaling x changes nothing),
+    # sorted by label: the positives of a row block then form one band of columns.
+    order = torch.argsort(lab, stable=True)
+    pairs = SortedPairs(unit_rows(x)[order].contiguous(), lab[order], order, None, None, None)
+    el = el[order]
+    col_el = None
+    if reference is not None:  # float64 when either side is float64
+        r_order = torch.argsort(r_lab, stable=True)
+        pairs.cols = unit_rows(rx)[r_order].contiguous()
+        work = torch.promote_types(pairs.rows.dtype, pairs.cols.dtype)
+        pairs.rows, pairs.cols = pairs.rows.to(work), pairs.cols.to(work)
+        pairs.col_lab, pairs.col_order = r_lab[r_order], r_order
+        col_el = unit_to_el[r_unit][r_order]
+    xn, lab = pairs.rows, pairs.lab
 
+    qs = tuple(float(q) for q in extra_quantiles) + (() if distance_range is not None else (lo, hi))
+    quant = _negative_distance_quantiles(xn, lab, qs, int(chunk_size), num_neg_all, **pairs.tile_kwargs()) \
+        if qs else []
+    extras = quant[: len(extra_quantiles)]
     if distance_range is None:
-        t_lo, t_hi = _negative_distance_quantiles(xn, lab, (q_lo, q_hi), int(chunk_size), num_neg_all)
+        t_lo, t_hi = quant[-2:]
         if not t_lo < t_hi:
             raise ValueError(
                 f"the calibration range is empty: the far_range {far_range} quantiles of the negative "
                 f"distances are both {t_lo}; pass a wider far_range or an explicit distance_range"
             )
+    else:
+        t_lo, t_hi = lo, hi
     thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
 
-    hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None)  # (2, T + 1, K)
+    on_tile = None if on_sorted is None else on_sorted(pairs, extras)
+    hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None,
+                              col_el=col_el, on_tile=on_tile, **pairs.tile_kwargs())  # (2, T + 1, K)
     acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
     pos_t = num_pos[eligible].double().cpu()  # (T,)
     neg_t = num_neg[eligible].double().cpu()  # (T,)
     tar = acc[0] / pos_t  # (K, T)
     trr = (neg_t - acc[1]) / neg_t  # (K, T)
     util = utility(tar, trr, beta)  # (K, T)
-    return UtilityCurves(
+    curves = UtilityCurves(
         thresholds=thresholds,
         tar=tar,
         trr=trr,
@@ -226,21 +336,54 @@ def utility_curves(
         num_eligible=t_cls,
         num_excluded=len(unit_ids) - t_cls,
         distance_range=(float(t_lo), float(t_hi)),
-        far_range=None if distance_range is not None else (q_lo, q_hi),
+        far_range=None if distance_range is not None else (lo, hi),
         beta=beta,
     )
+    return curves, extras
 
 
-def opis(embeddings: Any, labels: Any, **kwargs: Any) -> float:
-    """OPIS of ``embeddings`` (N, D) with ``labels`` (N,); keywords as :func:`utility_curves`."""
-    return utility_curves(embeddings, labels, **kwargs).opis
+def opis(
+    embeddings: Any,
+    labels: Any,
+    *,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int = 100,
+    beta: float = 1.0,
+    groups: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None,
+    reference_labels: Any = None,
+) -> float:
+    """OPIS of ``embeddings`` (N, D) with ``labels`` (N,): the mean over thresholds of the variance of
+    per-class utility.  Utilities lie in [0, 1], so OPIS lies in [0, 0.25]; lower is more consistent.
+    Keywords as :func:`utility_curves`."""
+    return utility_curves(embeddings, labels, far_range=far_range, distance_range=distance_range,
+                          num_thresholds=num_thresholds, beta=beta, groups=groups, chunk_size=chunk_size,
+                          reference=reference, reference_labels=reference_labels).opis
 
 
-def eps_opis(embeddings: Any, labels: Any, *, eps: float = 0.1, **kwargs: Any) -> float:
-    """eps-OPIS (worst ceil(eps T) classes vs the rest); keywords as :func:`utility_curves`."""
+def eps_opis(
+    embeddings: Any,
+    labels: Any,
+    *,
+    eps: float = 0.1,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int = 100,
+    beta: float = 1.0,
+    groups: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None,
+    reference_labels: Any = None,
+) -> float:
+    """eps-OPIS: the mean over thresholds of (mean utility of the worst ceil(eps T) classes - mean of the
+    rest)^2, in [0, 1]; lower is more consistent.  Keywords as :func:`utility_curves`."""
     if not 0.0 < float(eps) < 1.0:
         raise ValueError(f"eps = {eps} must lie strictly between 0 and 1 (eps = 0.1 is the 10%-OPIS)")
-    return utility_curves(embeddings, labels, **kwargs).eps_opis(eps)
+    return utility_curves(embeddings, labels, far_range=far_range, distance_range=distance_range,
+                          num_thresholds=num_thresholds, beta=beta, groups=groups, chunk_size=chunk_size,
+                          reference=reference, reference_labels=reference_labels).eps_opis(eps)
 
 
 def _pair_totals(
@@ -263,41 +406,49 @@ def _pair_totals(
     return pos, touching - pos
 
 
-def _tiles(xn: torch.Tensor, lab: torch.Tensor, chunk_size: int, want_positives: bool):  # type: ignore[no-untyped-def]
-    """Yield ``(r0, c0, sim, pos)`` over the upper triangle, ``chunk_size`` rows by ``TILE_COLS`` columns.
+def _tiles(  # type: ignore[no-untyped-def]
+    xn: torch.Tensor, lab: torch.Tensor, chunk_size: int, want_positives: bool, *,
+    cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None, on_tile: Any = None,
+):
+    """Yield ``(r0, c0, sim, pos)`` over the pairs, ``chunk_size`` rows by ``TILE_COLS`` columns.
 
-    ``sim`` (B, W) = cosines of rows r0..r0+B-1 with columns c0..c0+W-1 (c0 >= r0), where the pairs
-    with column <= row and the same-label (positive) pairs are set to -inf, so ``sim`` holds negative
-    pairs only. ``pos`` = (rows, cols, s) of the positive pairs (column > row) of the tile, global
-    indices, or None when ``want_positives`` is False. ``lab`` must be sorted: then the positives of a
+    Without ``cols``: the upper triangle of ``xn xn^T`` (:func:`~tcmlib.metrics._pairs.upper_tiles`), the
+    pairs with column <= row set to -inf.  With ``cols`` (M, D) and ``col_lab`` (M,): every pair of
+    ``xn`` (queries) with ``cols`` (gallery).  ``on_tile(r0, c0, sim)`` (optional) sees each tile first,
+    with all its pairs.  Then the positive (same-label) pairs are set to -inf, so ``sim`` holds negative
+    pairs only; ``pos`` = (rows, cols, s) of the positive pairs of the tile, global indices, or None
+    when ``want_positives`` is False.  Labels must be sorted on both sides: then the positives of a
     row block lie in one band of columns, and only that band is compared.
     """
     n = xn.shape[0]
-    assert bool((lab[1:] >= lab[:-1]).all()), "_tiles needs the samples sorted by label"
+    symmetric = cols is None
+    cols, col_lab = (xn, lab) if cols is None else (cols, col_lab)
+    assert col_lab is not None
+    assert bool((lab[1:] >= lab[:-1]).all()) and bool((col_lab[1:] >= col_lab[:-1]).all()), \
+        "_tiles needs the samples sorted by label"
     chunk_size = min(chunk_size, n)
-    tile_cols = max(TILE_COLS, chunk_size)  # the first tile holds the whole diagonal block
-    run_end = torch.cumsum(torch.bincount(lab), 0)[lab]  # (N,) one past the last sample of the same label
+    tiles = upper_tiles(xn, chunk_size, TILE_COLS) if symmetric else cross_tiles(xn, cols, chunk_size, TILE_COLS)
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
-    for r0 in range(0, n, chunk_size):
-        r1 = min(r0 + chunk_size, n)
-        b = r1 - r0
-        band_end = int(run_end[r1 - 1])  # same-label columns of these rows lie in [r0, band_end)
-        for c0 in range(r0, n, tile_cols):
-            sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
-            if c0 == r0:
-                sim[:, :b].masked_fill_(~upper[:b, :b], float("-inf"))
-            pos = None
-            w = min(sim.shape[1], band_end - c0)  # band columns in this tile: [c0, c0 + w)
-            if w > 0:
-                same = lab[r0:r1, None] == lab[None, c0 : c0 + w]  # (B, w)
-                if c0 == r0:  # (sorted labels: w >= b here)
-                    same[:, :b] &= upper[:b, :b]
-                band = sim[:, :w]
-                if want_positives:
-                    pr, pc = torch.nonzero(same, as_tuple=True)
-                    pos = (pr + r0, pc + c0, band[pr, pc])
-                band.masked_fill_(same, float("-inf"))
-            yield r0, c0, sim, pos
+    # same-label columns of rows r0..r1-1 lie in [band_lo, band_hi) (labels sorted on both sides)
+    starts = torch.arange(0, n, chunk_size, device=lab.device)  # first row of each block
+    lo_all = torch.searchsorted(col_lab, lab[starts]).tolist()
+    hi_all = torch.searchsorted(col_lab, lab[(starts + chunk_size - 1).clamp(max=n - 1)], right=True).tolist()
+    for r0, c0, sim in tiles:
+        if on_tile is not None:
+            on_tile(r0, c0, sim)
+        b = sim.shape[0]
+        band_lo, band_hi = max(lo_all[r0 // chunk_size], c0), min(hi_all[r0 // chunk_size], c0 + sim.shape[1])
+        pos = None
+        if band_hi > band_lo:
+            same = lab[r0 : r0 + b, None] == col_lab[None, band_lo:band_hi]  # (B, w)
+            if symmetric and c0 == r0:  # (band_lo = c0 here, and the band holds the diagonal block)
+                same[:, :b] &= upper[:b, :b]
+            band = sim[:, band_lo - c0 : band_hi - c0]
+            if want_positives:
+                pr, pc = torch.nonzero(same, as_tuple=True)
+                pos = (pr + r0, pc + band_lo, band[pr, pc])
+            band.masked_fill_(same, float("-inf"))
+        yield r0, c0, sim, pos
 
 
 def _accept_boundaries(thresholds: torch.Tensor, work: torch.dtype) -> torch.Tensor:
@@ -342,11 +493,14 @@ def _first_accepting(s: torch.Tensor, bnd: torch.Tensor, step: float) -> torch.T
 
 def _accept_histograms(
     xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, t_cls: int, thresholds: torch.Tensor,
-    chunk_size: int, grouped: bool,
+    chunk_size: int, grouped: bool, *, cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None,
+    col_el: torch.Tensor | None = None, on_tile: Any = None,
 ) -> torch.Tensor:
     """(2, T + 1, K) int64: [0] positive, [1] negative pairs per eligible unit (T = excluded) by the
     first threshold index k0 that accepts them (``d <= t_k`` for all k >= k0). Pairs with d > t_max
-    are not counted (their totals are known in closed form). ``lab`` sorted, as for :func:`_tiles`."""
+    are not counted (their totals are known in closed form). ``lab`` sorted, as for :func:`_tiles`;
+    ``cols``, ``col_lab``, ``col_el``: a separate gallery side (query x gallery pairs)."""
+    el_c = el if col_el is None else col_el
     dev = xn.device
     k_thr = thresholds.shape[0]
     bnd = _accept_boundaries(thresholds, xn.dtype).to(dev)  # (K,) non-increasing
@@ -355,18 +509,18 @@ def _accept_histograms(
     hist = torch.zeros(2, t_cls + 1, k_thr, dtype=torch.long, device=dev)
     pos_h, neg_h = hist[0].view(-1), hist[1].view(-1)  # (T + 1) * K each, views into hist
     one = torch.ones(1, dtype=torch.long, device=dev)
-    for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, want_positives=True):
+    for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, True, cols=cols, col_lab=col_lab, on_tile=on_tile):
         if pos is not None:  # positives: few; a pair in two groups counts for both
             keep = pos[2] >= b_last
             pr, pc, ps = pos[0][keep], pos[1][keep], pos[2][keep]
             k = _first_accepting(ps, bnd, step)
-            ur, uc = el[pr], el[pc]
+            ur, uc = el[pr], el_c[pc]
             pos_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
             two = ur != uc
             pos_h.index_add_(0, (uc * k_thr + k)[two], one.expand(int(two.sum())))
-        rows, cols = torch.nonzero(sim >= b_last, as_tuple=True)  # (P,) negatives accepted at t_max
-        k = _first_accepting(sim[rows, cols], bnd, step)  # (P,)
-        ur, uc = el[rows + r0], el[cols + c0]  # (P,) units of both members
+        rows, cc = torch.nonzero(sim >= b_last, as_tuple=True)  # (P,) negatives accepted at t_max
+        k = _first_accepting(sim[rows, cc], bnd, step)  # (P,)
+        ur, uc = el[rows + r0], el_c[cc + c0]  # (P,) units of both members
         neg_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
         if grouped:  # both members in one group: count the pair once (for classes this cannot happen)
             two = ur != uc
@@ -385,10 +539,14 @@ def _negative_distance_quantiles(
     collect_all_max: int | None = None,
     slack: float = 6.0,
     seed: int = 0,
+    cols: torch.Tensor | None = None,
+    col_lab: torch.Tensor | None = None,
 ) -> list[float]:
     """Exact ``numpy.quantile(d_neg, q, method="linear")`` for each q, d_neg = distances of all M
     negative pairs, without storing them: only the values inside a bracket around the two order
-    statistics each quantile needs are kept (all values when ``M <= collect_all_max``)."""
+    statistics each quantile needs are kept (all values when ``M <= collect_all_max``).  ``lab`` sorted;
+    with ``cols`` / ``col_lab`` (sorted too) the negative pairs are those of ``xn`` x ``cols``.
+    The one exact quantile of the library: :mod:`tcmlib.report` uses it too."""
     m = num_neg
     need = []  # (j, j + 1 clipped, gamma) per q: value = lerp(d_(j), d_(j+1), gamma), 0-based ascending
     for q in qs:
@@ -399,14 +557,14 @@ def _negative_distance_quantiles(
     if m <= (COLLECT_ALL_MAX if collect_all_max is None else collect_all_max):
         brackets = [(-inf, inf)] * len(qs)  # similarity brackets (s_lo, s_hi), inclusive
     else:
-        brackets = _pilot_brackets(xn, lab, qs, slack, seed)
+        brackets = _pilot_brackets(xn, lab, qs, slack, seed, cols, col_lab)
     out: list[float | None] = [None] * len(qs)
     pending = list(range(len(qs)))
     while pending:
         s_min = min(brackets[i][0] for i in pending)
         above = {i: 0 for i in pending}  # negatives with s > s_hi (the smallest distances)
         kept: dict[int, list[torch.Tensor]] = {i: [] for i in pending}
-        for _, _, sim, _ in _tiles(xn, lab, chunk_size, want_positives=False):
+        for _, _, sim, _ in _tiles(xn, lab, chunk_size, False, cols=cols, col_lab=col_lab):
             s = sim[sim > s_min if s_min == -inf else sim >= s_min]  # (P,) negatives only (the rest is -inf)
             for i in pending:
                 lo, hi = brackets[i]
@@ -433,7 +591,7 @@ def _negative_distance_quantiles(
                 still.append(i)
         if still:  # the pilot missed: widen those brackets and run the pass again
             slack = max(slack, 0.5) * 8.0
-            wide = _pilot_brackets(xn, lab, qs, slack, seed)
+            wide = _pilot_brackets(xn, lab, qs, slack, seed, cols, col_lab)
             for i in still:
                 # a superset of the old bracket; each miss widens 8x, so it ends at (-inf, inf) at worst
                 brackets[i] = (min(brackets[i][0], wide[i][0]), max(brackets[i][1], wide[i][1]))
@@ -442,17 +600,19 @@ def _negative_distance_quantiles(
 
 
 def _pilot_brackets(
-    xn: torch.Tensor, lab: torch.Tensor, qs: tuple[float, ...], slack: float, seed: int
+    xn: torch.Tensor, lab: torch.Tensor, qs: tuple[float, ...], slack: float, seed: int,
+    cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None,
 ) -> list[tuple[float, float]]:
     """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances,
     from the negative pairs of ~1M / N random rows; width = slack x the estimated standard error in
     probability (from the spread across 8 groups of rows, at least the binomial one)."""
+    cols, col_lab = (xn, lab) if cols is None or col_lab is None else (cols, col_lab)
     n = xn.shape[0]
-    r = min(n, max(16, 1_000_000 // n))
+    r = min(n, max(16, 1_000_000 // cols.shape[0]))
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n, generator=gen)[:r].to(xn.device)  # (r,)
-    sim = xn[pick] @ xn.T  # (r, N)
-    neg = lab[pick][:, None] != lab[None, :]  # (r, N)
+    sim = xn[pick] @ cols.T  # (r, M)
+    neg = lab[pick][:, None] != col_lab[None, :]  # (r, M)
     pooled = sim[neg]  # (n_p,)
     n_p = pooled.shape[0]
     groups = min(8, r)

@@ -22,15 +22,23 @@ and AP@R are undefined for them.  Like pytorch-metric-learning (its ``not_lone_q
 we leave them out of every average; they still serve as database items for the other queries.
 Where pml returns NaN (no query has R >= 1) we raise ``ValueError``.
 
-Ties: neighbours come from ``torch.topk``, whose order among exactly equal similarities is
-unspecified (so is faiss's).  With exact duplicates in the data, results may therefore differ from
+Ties: the order among exactly equal similarities is unspecified (the running top-k keeps the one
+seen first, ``torch.topk`` orders them as it likes; so does faiss).  With exact duplicates in the data, results may therefore differ from
 pml / faiss in the tied positions; on tie-free data all three agree.  The query itself is never
-its own neighbour: its similarity to itself is set to -inf, so a duplicate of the query (another
+its own neighbour: the pair (q, q) is never formed, so a duplicate of the query (another
 sample with the same vector) is a neighbour like any other.
 
-Cost: O(N^2 D) multiply-adds, streamed: ``chunk_size`` queries at a time, a (chunk_size, N)
-similarity block is computed, its top-K kept (K = max(ks) and / or the largest R), and the block
-dropped.  Memory beyond the inputs: the normalised copy (N, D) and one block; never N x N.
+Query / gallery: with a separate ``reference`` set (and ``reference_labels``) every query ranks all
+reference items (none is removed: the sets are disjoint), R = the number of reference items with the
+query's label, and queries with R = 0 are left out.  This is pml's ``AccuracyCalculator.get_accuracy(
+query, query_labels, reference, reference_labels, ref_includes_query=False)``.
+
+Cost: one pass over the pairs (:mod:`tcmlib.metrics._pairs`).  Without a reference set the
+similarity matrix is symmetric and only its upper triangle is computed: half a full GEMM,
+``chunk_size`` rows by 4096 columns at a time, each tile serving its rows and (transposed) its
+columns.  A running top-k per query (k = max(ks) and the query's R) is merged exactly; once it has
+filled, a tile costs a max per row and per column and little else.  Memory beyond the inputs: the
+unit rows (N, D), one tile and the running top-k, N x max k values.
 """
 
 from __future__ import annotations
@@ -43,15 +51,15 @@ import numpy as np
 import torch
 
 from tcmlib._checks import as_tensor, check_embeddings_labels
-from tcmlib.normalize import l2_normalize
+from tcmlib.metrics._pairs import TopK, cross_tiles, unit_rows, upper_tiles
 
 __all__ = ["per_query_retrieval", "recall_at_k", "map_at_r", "recall_and_map_at_r"]
 
-BLOCK_ELEMENTS = 2**25  # default similarity block: 2^25 float32 values = 128 MiB
+DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per tile (as tcmlib.metrics.opis)
 
 
-def _check_ks(ks: Sequence[int], n: int) -> list[int]:
-    """ks must be positive ints with k < N (a query has N - 1 others)."""
+def _check_ks(ks: Sequence[int], n: int, what: str = "other samples per query") -> list[int]:
+    """ks must be positive ints with k <= n (n = the number of candidates a query ranks)."""
     if isinstance(ks, numbers.Integral) and not isinstance(ks, (bool, np.bool_)):
         ks = [int(ks)]
     if isinstance(ks, (np.ndarray, torch.Tensor)):
@@ -62,19 +70,84 @@ def _check_ks(ks: Sequence[int], n: int) -> list[int]:
     for k in ks:
         if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"every k must be a positive int, got {k!r} in ks = {ks!r}")
-        if k >= n:
-            raise ValueError(f"k = {k} but there are only {n - 1} other samples per query (N = {n}); use k < N")
+        if k > n:
+            raise ValueError(f"k = {k} but there are only {n} {what}; use k <= {n}")
         out.append(int(k))
     return out
+
+
+def _check_chunk(chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return DEFAULT_CHUNK_SIZE
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def _check_groups(groups: Any, n: int) -> torch.Tensor:
     g = as_tensor(groups, "groups")
     if g.ndim != 1 or g.shape[0] != n:
-        raise ValueError(f"groups must have shape ({n},) (one id per sample), got {tuple(g.shape)}")
+        raise ValueError(f"groups must have shape ({n},) (one id per query), got {tuple(g.shape)}")
     if torch.is_floating_point(g) or g.dtype == torch.bool or torch.is_complex(g):
         raise ValueError(f"groups must hold integer ids, got dtype {g.dtype}")
     return g.long()
+
+
+def _check_reference(x: torch.Tensor, reference: Any, reference_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A separate reference (gallery) set: ``(M, D)`` embeddings and ``(M,)`` labels, checked."""
+    if reference is None or reference_labels is None:
+        raise ValueError("pass reference and reference_labels together (or neither, for leave-one-out)")
+    r, ry = check_embeddings_labels(reference, reference_labels, emb_name="reference",
+                                    label_name="reference_labels")
+    if r.shape[1] != x.shape[1]:
+        raise ValueError(f"reference has dimension {r.shape[1]} but the queries {x.shape[1]}: both must come "
+                         "from the same embedder")
+    return r.to(x.device), ry.to(x.device)
+
+
+class RetrievalPass:
+    """Hits at each k and AP@R of every query, from tiles of similarities fed in any order.
+
+    ``row_labels`` (N,) of the queries, ``col_labels`` (M,) of the candidates, ``r`` (N,) each query's
+    R (relevant candidates).  ``symmetric``: the tiles come from :func:`~tcmlib.metrics._pairs.upper_tiles`
+    (queries = candidates) and each also serves its columns.  :func:`per_query_retrieval` drives one
+    pass; :func:`tcmlib.metrics.evaluate` lets it ride on OPIS's counting pass.
+    """
+
+    def __init__(self, row_labels: torch.Tensor, col_labels: torch.Tensor, r: torch.Tensor, ks: list[int],
+                 *, symmetric: bool, dtype: torch.dtype) -> None:
+        depth = torch.clamp(r, min=max(ks, default=1))  # (N,) deepest rank each query needs, >= 1
+        self.topk = TopK(depth, row_labels, col_labels, dtype)
+        self.r, self.ks, self.symmetric = r, ks, symmetric
+
+    def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
+        self.topk.add(r0, c0, sim)
+        if self.symmetric:
+            self.topk.add(r0, c0, sim, columns=True)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hits (N, len(ks)) bool, ap (N,) float64)`` in the order of ``row_labels``; NaN AP where R = 0."""
+        rel = self.topk.rel  # (N, K) rel(i), most similar first
+        n, k_max = rel.shape
+        col_k = torch.as_tensor([k - 1 for k in self.ks], dtype=torch.long, device=rel.device)  # (len(ks),)
+        rank = torch.arange(1, k_max + 1, device=rel.device, dtype=torch.float64)  # (K,) 1-based rank i
+        hits = torch.zeros(n, len(self.ks), dtype=torch.bool, device=rel.device)
+        ap = torch.empty(n, dtype=torch.float64, device=rel.device)
+        step = max(1, 2**22 // k_max)  # rows at a time: the cumulative sums stay small
+        for s0 in range(0, n, step):
+            rl, r = rel[s0 : s0 + step], self.r[s0 : s0 + step]
+            hits[s0 : s0 + step] = rl.cumsum(dim=1)[:, col_k] > 0  # any relevant within the top k
+            rel_r = rl & (rank[None, :] <= r[:, None])  # (B, K) rel(i) for i <= R only
+            precision = rel_r.cumsum(dim=1) / rank  # (B, K) P(i), float64
+            ap[s0 : s0 + step] = (precision * rel_r).sum(dim=1) / r  # (B,) 0 / 0 = NaN where R = 0
+        return hits, ap
+
+
+def sort_by_label(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(unit rows (N, D), labels (N,), order (N,))`` sorted by label (stable): the order every pass uses,
+    so that the positives of a row block lie in one band of columns."""
+    order = torch.argsort(y, stable=True)
+    return unit_rows(x)[order].contiguous(), y[order], order
 
 
 def per_query_retrieval(
@@ -83,56 +156,56 @@ def per_query_retrieval(
     ks: Sequence[int] = (1, 2, 4, 8),
     *,
     chunk_size: int | None = None,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query hits at each k and AP@R, in one streamed pass (see the module docstring).
 
     Args:
-        embeddings: (N, D) floats; normalised here (cosine similarity).  float64 stays float64,
-            other dtypes are computed in float32.
+        embeddings: (N, D) floats, the queries; normalised here (cosine similarity).  float64 stays
+            float64, other dtypes are computed in float32.
         labels: (N,) integer class ids.
-        ks: positive ints, each < N; may be empty (then only AP@R is computed).
-        chunk_size: queries per block; default ``2**25 // N`` (a 128 MiB float32 block).
+        ks: positive ints, each < N (each <= M with a reference set); may be empty (only AP@R).
+        chunk_size: rows per similarity tile (default 1024; tiles are 1024 x 4096).
+        reference, reference_labels: optional separate gallery, (M, D) and (M,); then every query
+            ranks all M items (none is the query itself).
 
     Returns:
         ``(hits, ap_at_r)``: ``hits`` is (N, len(ks)) bool, ``hits[q, j]`` = some of the ks[j]
-        nearest others of q shares its label (always False for singletons); ``ap_at_r`` is (N,)
-        float64, the AP@R of each query (eq. 2 of Musgrave et al. 2020), NaN for singletons.
+        nearest candidates of q shares its label (always False where R = 0); ``ap_at_r`` is (N,)
+        float64, the AP@R of each query (eq. 2 of Musgrave et al. 2020), NaN where R = 0.
     """
     x, y = check_embeddings_labels(embeddings, labels)
     n = x.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 samples (a query and one other), got N = {n}")
-    ks = _check_ks(ks, n)
-    if chunk_size is None:
-        chunk_size = max(1, BLOCK_ELEMENTS // n)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-
-    device = x.device
+    chunk = _check_chunk(chunk_size)
     with torch.no_grad():
-        x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        x = l2_normalize(x, dim=1)  # (N, D), unit rows: dot product = cosine similarity
-        _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-        r_all = counts[inverse] - 1  # (N,) R = other samples of the same label
-        k_max = max(ks + [int(r_all.max())])  # deepest rank any metric needs, <= N - 1
-        col_k = torch.as_tensor([k - 1 for k in ks], dtype=torch.long, device=device)  # (len(ks),)
-        rank = torch.arange(1, k_max + 1, device=device, dtype=torch.float64)  # (K,) 1-based rank i
-
-        hits = torch.zeros(n, len(ks), dtype=torch.bool, device=device)  # (N, len(ks))
-        ap = torch.empty(n, dtype=torch.float64, device=device)  # (N,)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            sim = x[start:end] @ x.T  # (B, N)
-            sim.diagonal(offset=start).fill_(float("-inf"))  # (i, start + i): a query is not its own neighbour
-            nn_idx = sim.topk(k_max, dim=1).indices  # (B, K), most similar first
-            del sim
-            rel = y[nn_idx] == y[start:end, None]  # (B, K) rel(i)
-            hits[start:end] = rel.cumsum(dim=1)[:, col_k] > 0  # (B, len(ks)) any relevant within the top k
-            r = r_all[start:end]  # (B,)
-            rel_r = rel & (rank[None, :] <= r[:, None])  # (B, K) rel(i) for i <= R only
-            precision = rel_r.cumsum(dim=1) / rank  # (B, K) P(i), float64
-            ap[start:end] = (precision * rel_r).sum(dim=1) / r  # (B,) 0 / 0 = NaN for singletons
-    return hits, ap
+        if reference is None and reference_labels is None:
+            if n < 2:
+                raise ValueError(f"need at least 2 samples (a query and one other), got N = {n}")
+            ks = _check_ks(ks, n - 1)
+            xs, ys, order = sort_by_label(x, y)
+            _, counts = torch.unique_consecutive(ys, return_counts=True)
+            r = torch.repeat_interleave(counts - 1, counts)  # (N,) R = other samples of the same label
+            acc = RetrievalPass(ys, ys, r, ks, symmetric=True, dtype=xs.dtype)
+            for r0, c0, sim in upper_tiles(xs, chunk):
+                acc.add(r0, c0, sim)
+            hits_s, ap_s = acc.result()
+            hits, ap = torch.empty_like(hits_s), torch.empty_like(ap_s)
+            hits[order], ap[order] = hits_s, ap_s
+            return hits, ap
+        g, gy = _check_reference(x, reference, reference_labels)
+        ks = _check_ks(ks, g.shape[0], "reference items per query")
+        qn, qy, order = sort_by_label(x, y)  # both sides sorted, as tcmlib.metrics.opis does
+        gn, gy, _ = sort_by_label(g, gy)
+        work = torch.promote_types(qn.dtype, gn.dtype)
+        r = torch.searchsorted(gy, qy, right=True) - torch.searchsorted(gy, qy)  # (N,) R: items of q's label
+        acc = RetrievalPass(qy, gy, r, ks, symmetric=False, dtype=work)
+        for r0, c0, sim in cross_tiles(qn.to(work), gn.to(work), chunk):
+            acc.add(r0, c0, sim)
+        hits_s, ap_s = acc.result()
+        hits, ap = torch.empty_like(hits_s), torch.empty_like(ap_s)
+        hits[order], ap[order] = hits_s, ap_s
+        return hits, ap
 
 
 def _average(per_query: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
@@ -148,6 +221,22 @@ def _average(per_query: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor 
     return (sums / sizes.reshape((-1,) + (1,) * (per_query.ndim - 1))).mean(dim=0)
 
 
+def average_retrieval(
+    hits: torch.Tensor, ap: torch.Tensor, ks: Sequence[int], groups: Any = None
+) -> tuple[dict[int, float], float]:
+    """``({k: Recall@k}, MAP@R)`` from per-query ``hits`` (N, len(ks)) and ``ap`` (N,) (NaN = no relevant
+    candidate, left out); with ``groups`` (N,), the mean over groups of the per-group means."""
+    g = None if groups is None else _check_groups(groups, hits.shape[0])
+    valid = ~torch.isnan(ap)  # (N,) queries with R >= 1
+    if not bool(valid.any()):
+        raise ValueError(
+            "no query has a relevant candidate (every label occurs only once, or no query label occurs in "
+            "the reference set): Recall@k and MAP@R are undefined (pass data with repeated labels)"
+        )
+    recall = _average(hits, valid, g)  # (len(ks),)
+    return {int(k): float(v) for k, v in zip(ks, recall.tolist())}, float(_average(ap, valid, g))
+
+
 def recall_and_map_at_r(
     embeddings: Any,
     labels: Any,
@@ -155,20 +244,13 @@ def recall_and_map_at_r(
     *,
     chunk_size: int | None = None,
     groups: Any = None,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> tuple[dict[int, float], float]:
     """Recall@k for each k and MAP@R from one pass; same conventions as :func:`recall_at_k` / :func:`map_at_r`."""
-    hits, ap = per_query_retrieval(embeddings, labels, ks, chunk_size=chunk_size)
-    n = hits.shape[0]
-    g = None if groups is None else _check_groups(groups, n)
-    valid = ~torch.isnan(ap)  # (N,) non-singleton queries
-    if not bool(valid.any()):
-        raise ValueError(
-            "every label occurs only once, so no query has a relevant neighbour: "
-            "Recall@k and MAP@R are undefined (pass data with at least one repeated label)"
-        )
-    recall = _average(hits, valid, g)  # (len(ks),)
-    ks_list = _check_ks(ks, n)
-    return {k: float(v) for k, v in zip(ks_list, recall.tolist())}, float(_average(ap, valid, g))
+    hits, ap = per_query_retrieval(embeddings, labels, ks, chunk_size=chunk_size, reference=reference,
+                                   reference_labels=reference_labels)
+    return average_retrieval(hits, ap, _check_ks(ks, 2**62), groups)  # ks checked against N above
 
 
 def recall_at_k(
@@ -178,21 +260,27 @@ def recall_at_k(
     *,
     chunk_size: int | None = None,
     groups: Any = None,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> dict[int, float]:
-    """Recall@k: share of queries with a same-label sample among their k nearest others.
+    """Recall@k: share of queries with a same-label item among their k nearest candidates.
 
     Args:
-        embeddings: (N, D); labels: (N,) ints; ks: positive ints < N.
-        chunk_size: queries per similarity block (default: a 128 MiB block).
+        embeddings: (N, D) queries; labels: (N,) ints; ks: positive ints < N (<= M with a reference).
+        chunk_size: rows per similarity tile (default 1024).
         groups: optional (N,) ints.  Then the result is the mean over groups of each group's recall
             (every group weighs the same; groups holding only singletons are skipped).  With
             ``groups=labels`` this is pml's ``avg_of_avgs=True``.
+        reference, reference_labels: optional separate gallery (M, D), (M,): the candidates of every
+            query (pml's ``get_accuracy(query, query_labels, reference, reference_labels,
+            ref_includes_query=False)``).  Without them: leave-one-out on the embeddings themselves.
 
     Returns:
-        ``{k: recall}``, averaged over the queries that are not singletons (as pml does).
-        R@1 equals pml's ``precision_at_1``.
+        ``{k: recall}``, a fraction in [0, 1], averaged over the queries with at least one relevant
+        candidate (as pml does).  R@1 equals pml's ``precision_at_1``.
     """
-    return recall_and_map_at_r(embeddings, labels, ks, chunk_size=chunk_size, groups=groups)[0]
+    return recall_and_map_at_r(embeddings, labels, ks, chunk_size=chunk_size, groups=groups, reference=reference,
+                               reference_labels=reference_labels)[0]
 
 
 def map_at_r(
@@ -201,11 +289,15 @@ def map_at_r(
     *,
     chunk_size: int | None = None,
     groups: Any = None,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> float:
-    """MAP@R (Musgrave et al. 2020, eq. 2): mean AP@R over queries that are not singletons.
+    """MAP@R (Musgrave et al. 2020, eq. 2), a fraction in [0, 1]: mean AP@R over queries with R >= 1.
 
     Equals pml's ``AccuracyCalculator(include=("mean_average_precision_at_r",), k="max_bin_count")``
-    with ``get_accuracy(x, labels)`` (query set = reference set) on L2-normalised, tie-free data.
+    with ``get_accuracy(x, labels)`` (query set = reference set) on L2-normalised, tie-free data, and
+    with a ``reference`` set ``get_accuracy(x, labels, reference, reference_labels, False)``.
     ``groups``: as in :func:`recall_at_k` (``groups=labels`` = pml's ``avg_of_avgs=True``).
     """
-    return recall_and_map_at_r(embeddings, labels, (), chunk_size=chunk_size, groups=groups)[1]
+    return recall_and_map_at_r(embeddings, labels, (), chunk_size=chunk_size, groups=groups, reference=reference,
+                               reference_labels=reference_labels)[1]

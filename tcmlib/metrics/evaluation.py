@@ -1,0 +1,134 @@
+"""One call for every metric of the book: Recall@k, MAP@R, OPIS and eps-OPIS, from one set of passes.
+
+``evaluate(embeddings, labels)`` returns an :class:`Evaluation`.  Its numbers are those of
+:func:`~tcmlib.metrics.recall_at_k`, :func:`~tcmlib.metrics.map_at_r`, :func:`~tcmlib.metrics.opis`
+and :func:`~tcmlib.metrics.eps_opis` with the same arguments, bit for bit, but the pairs are visited
+only as often as OPIS needs: the calibration-range pass (skipped when ``distance_range`` is given),
+then the counting pass, on which the retrieval rides (each tile of the similarity matrix, computed
+once, feeds the running top-k of its rows and columns before OPIS counts it).
+
+Keys and units (:meth:`Evaluation.as_dict`, the names the training loop logs):
+
+- ``R@k``: Recall@k, a fraction in [0, 1] (share of queries with a same-label item among their k
+  nearest candidates); higher is better.
+- ``MAP@R``: mean AP@R (Musgrave et al. 2020), a fraction in [0, 1]; higher is better.
+- ``OPIS``: mean over thresholds of the variance across classes of per-class utility; utilities lie
+  in [0, 1], so OPIS lies in [0, 0.25]; lower means one threshold suits all classes alike.
+- ``eps_OPIS``: mean over thresholds of the squared gap between the mean utility of the worst
+  ``ceil(eps T)`` classes and of the rest, in [0, 1]; lower is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tcmlib._checks import check_embeddings_labels
+from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE, SortedPairs, UtilityCurves, curves_and_extras
+from tcmlib.metrics.retrieval import RetrievalPass, _check_ks, _check_reference, average_retrieval
+
+__all__ = ["Evaluation", "evaluate"]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The metrics of one embedding set (units in the module docstring).
+
+    ``recall`` ``{k: R@k}``; ``map_at_r``; ``opis`` (in [0, 0.25]); ``eps_opis`` with its ``eps``;
+    ``curves`` the per-class utility curves behind OPIS (thresholds, TAR, TRR, utility);
+    ``hits`` (N, len(ks)) bool and ``ap_at_r`` (N,) float64 per query (NaN: no relevant candidate).
+    """
+
+    recall: dict[int, float]
+    map_at_r: float
+    opis: float
+    eps_opis: float
+    eps: float
+    curves: UtilityCurves
+    hits: torch.Tensor
+    ap_at_r: torch.Tensor
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        """``{"R@1": ..., "MAP@R": ..., "OPIS": ..., "eps_OPIS": ...}``, each key after ``prefix`` (e.g. ``"val_"``)."""
+        out = {f"{prefix}R@{k}": v for k, v in self.recall.items()}
+        out.update({f"{prefix}MAP@R": self.map_at_r, f"{prefix}OPIS": self.opis, f"{prefix}eps_OPIS": self.eps_opis})
+        return out
+
+    def __repr__(self) -> str:
+        r = ", ".join(f"R@{k} {v:.4f}" for k, v in self.recall.items())
+        lo, hi = self.curves.distance_range
+        return (f"Evaluation({r}, MAP@R {self.map_at_r:.4f}, OPIS {self.opis:.3g} (of at most 0.25), "
+                f"{100 * self.eps:g}%-OPIS {self.eps_opis:.3g}; {self.curves.num_eligible} classes, "
+                f"thresholds {lo:.4f}..{hi:.4f})")
+
+
+def evaluate(
+    embeddings: Any,
+    labels: Any,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    eps: float = 0.1,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int = 100,
+    beta: float = 1.0,
+    groups: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None,
+    reference_labels: Any = None,
+) -> Evaluation:
+    """Recall@k, MAP@R, OPIS and eps-OPIS of ``embeddings`` (N, D) with ``labels`` (N,), in one pass over
+    the pairs (two when the calibration range comes from the data, i.e. ``distance_range`` is None).
+
+    Args:
+        ks: the k of Recall@k, positive ints < N (<= M with a reference set).
+        eps: the worst share of classes in eps-OPIS, in (0, 1).
+        far_range, distance_range, num_thresholds, beta: OPIS's thresholds and utility, as
+            :func:`~tcmlib.metrics.utility_curves`.
+        groups: optional (N,) ids: OPIS per group instead of per class, and Recall@k / MAP@R averaged
+            over groups (as their functions' ``groups``).
+        chunk_size: rows per similarity tile.
+        reference, reference_labels: optional gallery (M, D), (M,): retrieval ranks the gallery for
+            every query (pml's ``get_accuracy`` with a separate reference), OPIS uses the query x
+            gallery pairs.
+
+    Returns:
+        An :class:`Evaluation`; ``.as_dict()`` gives ``{"R@k", "MAP@R", "OPIS", "eps_OPIS"}``.
+    """
+    x, _ = check_embeddings_labels(embeddings, labels)
+    n = x.shape[0]
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"eps = {eps} must lie strictly between 0 and 1 (eps = 0.1 is the 10%-OPIS)")
+    if reference is None:
+        if n < 2:
+            raise ValueError(f"need at least 2 samples (a query and one other), got N = {n}")
+        ks_list = _check_ks(ks, n - 1)
+    else:
+        reference, reference_labels = _check_reference(x, reference, reference_labels)
+        ks_list = _check_ks(ks, reference.shape[0], "reference items per query")
+    passes: dict[str, Any] = {}
+
+    def on_sorted(pairs: SortedPairs, _: list[float]) -> Any:
+        col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
+        count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
+        r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each (sorted) query
+        passes["order"] = pairs.order
+        passes["retrieval"] = RetrievalPass(pairs.lab, col_lab, r, ks_list, symmetric=pairs.symmetric,
+                                            dtype=pairs.rows.dtype)
+        return passes["retrieval"].add
+
+    curves, _ = curves_and_extras(
+        embeddings, labels, far_range=far_range, distance_range=distance_range, num_thresholds=num_thresholds,
+        beta=beta, groups=groups, chunk_size=chunk_size, reference=reference, reference_labels=reference_labels,
+        on_sorted=on_sorted,
+    )
+    hits_s, ap_s = passes["retrieval"].result()
+    order = passes["order"]
+    hits, ap = torch.empty_like(hits_s), torch.empty_like(ap_s)
+    hits[order], ap[order] = hits_s, ap_s  # back to the input order
+    recall, map_r = average_retrieval(hits, ap, ks_list, groups)
+    return Evaluation(recall=recall, map_at_r=map_r, opis=curves.opis, eps_opis=curves.eps_opis(eps), eps=float(eps),
+                      curves=curves, hits=hits, ap_at_r=ap)

@@ -1,0 +1,191 @@
+"""metrics.evaluate (one call, retrieval riding on OPIS's pass), query/gallery retrieval and OPIS, and the
+running top-k they share: against brute-force loops, pml's AccuracyCalculator and the separate functions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tcmlib.metrics import evaluate, map_at_r, per_query_retrieval, recall_and_map_at_r, recall_at_k, utility_curves
+from tcmlib.metrics._pairs import TopK, upper_tiles
+
+
+def clustered(n: int, classes: int, dim: int, seed: int, noise: float = 1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(classes, dim, generator=g, dtype=torch.float64)[y]
+    x = x + noise * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return x.to(dtype), y
+
+
+def brute_query_gallery(q, qy, g, gy, ks):
+    """Per query: rank every gallery item by cosine (float64), hits at each k, AP@R (R = same-label items)."""
+    qn = q.double() / q.double().norm(dim=1, keepdim=True)
+    gn = g.double() / g.double().norm(dim=1, keepdim=True)
+    hits, aps = [], []
+    for i in range(len(qy)):
+        ranked = sorted(range(len(gy)), key=lambda j: -float(qn[i] @ gn[j]))
+        rel = [int(gy[j]) == int(qy[i]) for j in ranked]
+        r = sum(rel)
+        hits.append([any(rel[:k]) for k in ks])
+        aps.append(float("nan") if r == 0 else sum(sum(rel[:i]) / i for i in range(1, r + 1) if rel[i - 1]) / r)
+    return hits, aps
+
+
+# ----------------------------------------------------------------------------- the running top-k
+@pytest.mark.parametrize("chunk,tile_cols", [(7, 5), (16, 40), (64, 64)])
+def test_topk_of_symmetric_tiles_equals_dense_topk(chunk, tile_cols):
+    """Rows and (transposed) columns of upper-triangle tiles give every row its exact top-k."""
+    x, y = clustered(150, 9, 6, seed=3, dtype=torch.float32)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    depth = torch.randint(1, 30, (150,), generator=torch.Generator().manual_seed(0))
+    top = TopK(depth, y, y, torch.float32)
+    for r0, c0, sim in upper_tiles(xn, chunk, tile_cols):
+        top.add(r0, c0, sim)
+        top.add(r0, c0, sim, columns=True)
+    full = (xn @ xn.T).fill_diagonal_(float("-inf"))
+    want = full.topk(int(depth.max()), dim=1)
+    for i in range(150):
+        d = int(depth[i])
+        torch.testing.assert_close(top.val[i, :d], want.values[i, :d], rtol=0, atol=1e-6)
+        assert top.rel[i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
+
+
+def test_topk_first_contact_is_seeded_and_exact():
+    """Long rows (a first tile with many candidates) go through the group-max seed; still exact."""
+    g = torch.Generator().manual_seed(1)
+    sim = torch.randn(40, 3000, generator=g)
+    depth = torch.full((40,), 25)
+    lab = torch.zeros(3000, dtype=torch.long)
+    top = TopK(depth, lab[:40], lab, torch.float32)
+    for c0 in range(0, 3000, 1000):
+        top.add(0, c0, sim[:, c0 : c0 + 1000])
+    torch.testing.assert_close(top.val, sim.topk(25, dim=1).values, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- query / gallery retrieval
+@pytest.mark.parametrize("chunk", [1, 13, None])
+def test_query_gallery_retrieval_matches_brute_force(chunk):
+    x, y = clustered(90, 8, 5, seed=4, noise=1.5)
+    q, qy, g, gy = x[:30], y[:30], x[30:], y[30:]
+    ks = [1, 2, 5, 60]
+    hits_ref, ap_ref = brute_query_gallery(q, qy, g, gy, ks)
+    hits, ap = per_query_retrieval(q, qy, ks, chunk_size=chunk, reference=g, reference_labels=gy)
+    assert hits.tolist() == hits_ref
+    np.testing.assert_allclose(ap.numpy(), np.array(ap_ref), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_query_gallery_matches_pml(seed):
+    pytest.importorskip("faiss")
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    x, y = clustered(1200, 150, 16, seed=seed, dtype=torch.float32)
+    x = torch.nn.functional.normalize(x, dim=1)
+    q, qy, g, gy = x[:400], y[:400], x[400:], y[400:]
+    qy = qy.clone()
+    qy[:5] = 1000 + torch.arange(5)  # queries whose label the gallery lacks: left out, as pml does
+    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
+                              device=torch.device("cpu"))
+    acc = calc.get_accuracy(q, qy, g, gy, ref_includes_query=False)
+    recall, m = recall_and_map_at_r(q, qy, (1,), chunk_size=97, reference=g, reference_labels=gy)
+    assert recall[1] == pytest.approx(acc["precision_at_1"], abs=1e-12)
+    assert m == pytest.approx(acc["mean_average_precision_at_r"], abs=1e-12)
+    ev = evaluate(q, qy, ks=(1,), reference=g, reference_labels=gy)
+    assert ev.recall == recall and ev.map_at_r == m
+
+
+def test_query_gallery_retrieval_bad_input():
+    x, y = clustered(40, 4, 3, seed=0)
+    with pytest.raises(ValueError, match="together"):
+        recall_at_k(x, y, (1,), reference=x)
+    with pytest.raises(ValueError, match="dimension"):
+        map_at_r(x, y, reference=x[:, :2], reference_labels=y)
+    with pytest.raises(ValueError, match="reference items"):
+        recall_at_k(x, y, (41,), reference=x, reference_labels=y)
+    with pytest.raises(ValueError, match="reference_labels"):
+        recall_at_k(x, y, (1,), reference=x, reference_labels=y[:3])
+    with pytest.raises(ValueError, match="no query has a relevant"):
+        recall_at_k(x, y, (1,), reference=x, reference_labels=y + 100)
+
+
+# ----------------------------------------------------------------------------- query / gallery OPIS
+def brute_query_gallery_curves(q, qy, g, gy, far_range, k_thr=100):
+    """Every query x gallery pair in a loop; a pair counts for the classes of both members (once if equal)."""
+    qn = q.double().numpy() / np.linalg.norm(q.double().numpy(), axis=1, keepdims=True)
+    gn = g.double().numpy() / np.linalg.norm(g.double().numpy(), axis=1, keepdims=True)
+    pairs = [(int(qy[i]), int(gy[j]), 1.0 - float(qn[i] @ gn[j])) for i in range(len(qy)) for j in range(len(gy))]
+    neg = np.array([d for a, b, d in pairs if a != b])
+    thr = np.linspace(*np.quantile(neg, far_range), k_thr)
+    tar, trr = [], []
+    for c in sorted(set(qy.tolist()) | set(gy.tolist())):
+        pos = np.array([d for a, b, d in pairs if a == b == c])
+        ng = np.array([d for a, b, d in pairs if a != b and c in (a, b)])
+        if len(pos) and len(ng):
+            tar.append((pos[:, None] <= thr).mean(0))
+            trr.append((ng[:, None] > thr).mean(0))
+    return thr, np.array(tar).T, np.array(trr).T
+
+
+def test_query_gallery_curves_match_brute_force():
+    x, y = clustered(70, 6, 4, seed=5, noise=0.8)
+    q, qy, g, gy = x[:25], y[:25], x[25:], y[25:]
+    res = utility_curves(q, qy, reference=g, reference_labels=gy, far_range=(0.05, 0.4), chunk_size=7)
+    thr, tar, trr = brute_query_gallery_curves(q, qy, g, gy, (0.05, 0.4))
+    np.testing.assert_allclose(res.thresholds.numpy(), thr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.tar.numpy(), tar, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.trr.numpy(), trr, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="groups are not supported"):
+        utility_curves(q, qy, reference=g, reference_labels=gy, groups=qy)
+
+
+# ----------------------------------------------------------------------------- evaluate
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("use_groups", [False, True])
+def test_evaluate_equals_the_separate_functions(dtype, use_groups):
+    x, y = clustered(300, 25, 8, seed=7, dtype=dtype)
+    groups = (y % 4) if use_groups else None
+    ev = evaluate(x, y, ks=(1, 3), groups=groups, chunk_size=64)
+    recall, m = recall_and_map_at_r(x, y, (1, 3), groups=groups, chunk_size=64)
+    curves = utility_curves(x, y, groups=groups, chunk_size=64)
+    assert ev.recall == recall and ev.map_at_r == m  # bit for bit: the same tiles
+    assert ev.opis == curves.opis and ev.eps_opis == curves.eps_opis(0.1)
+    hits, ap = per_query_retrieval(x, y, (1, 3), chunk_size=64)
+    assert torch.equal(ev.hits, hits) and torch.equal(ev.ap_at_r.isnan(), ap.isnan())
+    given = evaluate(x, y, distance_range=curves.distance_range, chunk_size=64, groups=groups)
+    assert given.opis == pytest.approx(curves.opis, abs=1e-15)
+
+
+def test_evaluation_keys_units_and_repr():
+    x, y = clustered(200, 20, 6, seed=2)
+    ev = evaluate(x, y, ks=(1, 2))
+    d = ev.as_dict("val_")
+    assert list(d) == ["val_R@1", "val_R@2", "val_MAP@R", "val_OPIS", "val_eps_OPIS"]
+    assert all(0.0 <= v <= 1.0 for v in d.values()) and 0.0 <= ev.opis <= 0.25
+    text = repr(ev)
+    assert len(text) < 250 and "OPIS" in text and "0.25" in text
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"eps": 0.0}, "eps"), ({"eps": 1.0}, "eps"), ({"ks": (0,)}, "positive"), ({"ks": (200,)}, "other samples"),
+    ({"far_range": (0.5, 0.1)}, "far_range"), ({"num_thresholds": 1}, "num_thresholds"),
+    ({"reference": np.zeros((3, 6))}, "together"),
+])
+def test_evaluate_bad_input(kw, match):
+    x, y = clustered(60, 6, 6, seed=0)
+    with pytest.raises(ValueError, match=match):
+        evaluate(x, y, **kw)
+
+
+def test_evaluate_has_no_var_keyword_arguments():
+    import inspect
+
+    from tcmlib.metrics import eps_opis, opis
+
+    for fn in (evaluate, opis, eps_opis, utility_curves, recall_at_k, map_at_r, recall_and_map_at_r):
+        kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds, fn.__name__
+    assert math.isfinite(opis(*clustered(60, 6, 6, seed=1), num_thresholds=5))
