@@ -61,7 +61,7 @@ def test_pml_ref_set_goes_to_both():
     x, y = _batch(4)
     r, ry = _batch(5, b=30)
     out = WithTCM(ContrastiveLoss())(x, y, ref_emb=r, ref_labels=ry)
-    expected = ContrastiveLoss()(x, y, ref_emb=r, ref_labels=ry) + tcm_loss(x, y, ref_embeddings=r, ref_labels=ry)
+    expected = ContrastiveLoss()(x, y, ref_emb=r, ref_labels=ry) + tcm_loss(x, y, ref_emb=r, ref_labels=ry)
     torch.testing.assert_close(out, expected)
 
 

@@ -270,3 +270,36 @@ def test_invariant_to_order_and_label_names(labels, seed, offset):
     renamed = (y * 7 + offset) % 1000
     torch.testing.assert_close(recall_surrogate_loss(x[perm], y[perm]), base, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(recall_surrogate_loss(x, renamed), base, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- pml's calling convention
+def test_pml_calling_convention_in_multiple_losses():
+    """Called as pml calls a loss; in MultipleLosses with a miner for the other loss only."""
+    from pytorch_metric_learning.losses import MultipleLosses, MultiSimilarityLoss
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 8, generator=g), torch.randint(0, 4, (24,), generator=g)
+    ours = RecallAtKSurrogateLoss()
+    assert ours(x, y, None, None, None).item() == recall_surrogate_loss(x, y).item()
+    assert ours(x, y, indices_tuple=None, ref_emb=x, ref_labels=y).item() == recall_surrogate_loss(x, y).item()
+    miner, ms = MultiSimilarityMiner(epsilon=0.1), MultiSimilarityLoss()
+    out = MultipleLosses([ms, ours], miners=[miner, None])(x, y)
+    torch.testing.assert_close(out, ms(x, y, miner(x, y)) + recall_surrogate_loss(x, y))
+
+
+def test_mined_pairs_or_a_reference_set_raise_clearly():
+    from pytorch_metric_learning.losses import MultipleLosses
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    idx = MultiSimilarityMiner()(x, y)
+    with pytest.raises(ValueError, match="whole batch.*indices_tuple"):
+        RecallAtKSurrogateLoss()(x, y, idx)
+    with pytest.raises(ValueError, match="whole batch.*indices_tuple"):
+        MultipleLosses([RecallAtKSurrogateLoss()])(x, y, idx)
+    with pytest.raises(ValueError, match="reference set.*torch.cat"):
+        RecallAtKSurrogateLoss()(x, y, ref_emb=x.clone(), ref_labels=y)
+    with pytest.raises(ValueError, match="reference set"):
+        RecallAtKSurrogateLoss()(x, y, ref_labels=y)

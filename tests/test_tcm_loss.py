@@ -109,20 +109,20 @@ def test_matches_brute_force(seed):
 def test_ref_set_matches_brute_force_and_finite_differences():
     x, y = _batch(7, 9, 5, 3)
     r, ry = _batch(8, 12, 5, 4)
-    ours = tcm_loss(x, y, ref_embeddings=r, ref_labels=ry, margin_neg=0.2)
+    ours = tcm_loss(x, y, ref_emb=r, ref_labels=ry, margin_neg=0.2)
     assert ours.item() == pytest.approx(brute_force_tcm(x, y, r, ry, m_neg=0.2), rel=1e-12)
     # gradient w.r.t. both sets, by finite differences (random points are far from the hinge kinks)
-    f = lambda a, b: tcm_loss(a, y, ref_embeddings=b, ref_labels=ry, margin_neg=0.2)  # noqa: E731
+    f = lambda a, b: tcm_loss(a, y, ref_emb=b, ref_labels=ry, margin_neg=0.2)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(), r.clone().requires_grad_()))
 
 
 def test_ref_same_object_excludes_self_pairs_but_a_copy_includes_them():
     x, y = _batch(3, 15, 4, 3)
     no_ref = tcm_loss(x, y, margin_neg=0.1)
-    assert tcm_loss(x, y, ref_embeddings=x, ref_labels=y, margin_neg=0.1).item() == no_ref.item()
+    assert tcm_loss(x, y, ref_emb=x, ref_labels=y, margin_neg=0.1).item() == no_ref.item()
     # a copy is a separate reference set: all B x B pairs, self pairs (s = 1) included;
     # they are never hard for m+ < 1, and each other pair appears twice, so the value is equal
-    copy = tcm_loss(x, y, ref_embeddings=x.clone(), ref_labels=y.clone(), margin_neg=0.1)
+    copy = tcm_loss(x, y, ref_emb=x.clone(), ref_labels=y.clone(), margin_neg=0.1)
     ordered = brute_force_tcm(x, y, x.clone(), y.clone(), m_neg=0.1)
     assert copy.item() == pytest.approx(ordered, rel=1e-12)
     assert copy.item() == pytest.approx(no_ref.item(), rel=1e-12)
@@ -141,7 +141,7 @@ def test_pml_ref_path_differs_and_ours_is_right():
     wrong = (sum(pos) / len(pos) if pos else 0.0) + (sum(neg) / len(neg) if neg else 0.0)
     assert pml == pytest.approx(wrong, rel=1e-12)
     right = brute_force_tcm(x, y, r, ry)
-    ours = tcm_loss(x, y, ref_embeddings=r, ref_labels=ry).item()
+    ours = tcm_loss(x, y, ref_emb=r, ref_labels=ry).item()
     assert ours == pytest.approx(right, rel=1e-12)
     assert abs(ours - pml) > 1e-3
 
@@ -240,11 +240,11 @@ Y4 = torch.tensor(EXAMPLE_Y)
         ((X4, Y4), {"margin_neg": -1.01}, "margin_neg"),
         ((X4, Y4), {"lambda_pos": -1.0}, "lambda_pos"),
         ((X4, Y4), {"lambda_neg": float("nan")}, "lambda_neg"),
-        ((X4, Y4), {"ref_embeddings": X4}, "together"),
+        ((X4, Y4), {"ref_emb": X4}, "together"),
         ((X4, Y4), {"ref_labels": Y4}, "together"),
-        ((X4, Y4), {"ref_embeddings": torch.ones(3, 5), "ref_labels": Y4[:3]}, "dimension"),
-        ((X4, Y4), {"ref_embeddings": torch.ones(3, 2), "ref_labels": Y4}, "ref_labels has 4"),
-        ((X4, Y4), {"ref_embeddings": torch.zeros(3, 2), "ref_labels": Y4[:3]}, "ref_embeddings has 3 all-zero"),
+        ((X4, Y4), {"ref_emb": torch.ones(3, 5), "ref_labels": Y4[:3]}, "dimension"),
+        ((X4, Y4), {"ref_emb": torch.ones(3, 2), "ref_labels": Y4}, "ref_labels has 4"),
+        ((X4, Y4), {"ref_emb": torch.zeros(3, 2), "ref_labels": Y4[:3]}, "ref_emb has 3 all-zero"),
     ],
 )
 def test_invalid_input_raises(args, kwargs, match):
@@ -303,7 +303,7 @@ def test_value_and_gradients_match_autograd_of_the_naive_form():
     r, ry = _batch(23, 11, 5, 4)
     for with_ref in (False, True):
         xa, xb, ra, rb = (t.clone().requires_grad_() for t in (x, x, r, r))
-        kw = {"ref_embeddings": ra, "ref_labels": ry} if with_ref else {}
+        kw = {"ref_emb": ra, "ref_labels": ry} if with_ref else {}
         ours = tcm_loss(xa, y, margin_neg=0.2, **kw)
         naive = _naive_autograd_tcm(xb, y, rb if with_ref else None, ry if with_ref else None)
         ours.backward()
@@ -336,3 +336,129 @@ def test_second_derivative_equals_autograd_of_the_naive_form() -> None:
         (hv,) = torch.autograd.grad((g * v).sum(), x)
         hvps.append(hv)
     torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- pml's calling convention, miners
+def _miners():
+    from pytorch_metric_learning import miners
+
+    return [miners.MultiSimilarityMiner(epsilon=0.1), miners.TripletMarginMiner(margin=0.2),
+            miners.PairMarginMiner(pos_margin=0.8, neg_margin=0.3),
+            miners.BatchEasyHardMiner(), miners.BatchHardMiner()]
+
+
+@pytest.mark.parametrize("miner", range(5))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mined_pairs_match_pml_value_and_gradient(miner, dtype):
+    """With a real pml miner's tuple (pairs or triplets) TCMLoss equals pml's TCM on the same tuple."""
+    for seed, (mp, mn) in enumerate([(0.9, 0.5), (0.6, 0.1)]):
+        x, y = _batch(40 + seed, 48, 16, 6, dtype)
+        idx = _miners()[miner](x, y)
+        assert sum(len(t) for t in idx) > 0
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = TCMLoss(margin_pos=mp, margin_neg=mn, lambda_neg=2.0)(x1, y, idx)
+        pml = ThresholdConsistentMarginLoss(margin_plus=mp, margin_minus=mn, lambda_minus=2.0)(x2, y, idx)
+        ours.backward()
+        pml.backward()
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ours, pml.to(ours.dtype), **tol)
+        torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    mined, every = lmu.convert_to_pairs(idx, y), lmu.get_all_pairs_indices(y)
+    key = lambda a, b: sorted(zip(a.tolist(), b.tolist()))  # noqa: E731
+    assert (key(*mined[:2]), key(*mined[2:])) != (key(*every[:2]), key(*every[2:]))  # not every pair
+
+
+def test_mined_pairs_match_brute_force_with_repeats_and_a_reference_set():
+    """Anchors index embeddings, partners index ref_emb; a repeated pair counts twice."""
+    x, y = _batch(7, 5, 3, 2)
+    r, ry = _batch(8, 4, 3, 2)
+    a1, p = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 1, 3, 0])
+    a2, n = torch.tensor([3, 4]), torch.tensor([2, 2])
+    cos = lambda u, v: float(torch.nn.functional.cosine_similarity(u, v, dim=0))  # noqa: E731
+    sp = [cos(x[i], r[j]) for i, j in zip(a1.tolist(), p.tolist())]
+    sn = [cos(x[i], r[j]) for i, j in zip(a2.tolist(), n.tolist())]
+    hp, hn = [0.95 - s for s in sp if s <= 0.95], [s + 0.9 for s in sn if s >= -0.9]
+    expected = sum(hp) / max(len(hp), 1) + sum(hn) / max(len(hn), 1)
+    out = tcm_loss(x, y, indices_tuple=(a1, p, a2, n), ref_emb=r, ref_labels=ry, margin_pos=0.95, margin_neg=-0.9)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+    f = lambda u, v: tcm_loss(u, y, indices_tuple=(a1, p, a2, n), ref_emb=v, ref_labels=ry,  # noqa: E731
+                              margin_pos=0.95, margin_neg=-0.9)
+    assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(), r.clone().requires_grad_()))
+
+
+def test_empty_mined_tuple_is_zero_like_pml():
+    x, y = _batch(3, 8, 4, 2)
+    e = torch.zeros(0, dtype=torch.long)
+    assert TCMLoss()(x, y, (e, e, e)).item() == 0.0
+    assert float(ThresholdConsistentMarginLoss()(x, y, (e, e, e))) == 0.0
+
+
+def test_in_pml_multiple_losses_with_miners():
+    from pytorch_metric_learning.losses import MultipleLosses, MultiSimilarityLoss
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    x, y = _batch(5, 32, 8, 4)
+    miner = MultiSimilarityMiner(epsilon=0.1)
+    idx = miner(x, y)
+    ms = MultiSimilarityLoss()
+    out = MultipleLosses([ms, TCMLoss()])(x, y, idx)  # pml passes indices_tuple third
+    torch.testing.assert_close(out, ms(x, y, idx) + ThresholdConsistentMarginLoss()(x, y, idx))
+    out = MultipleLosses([ms, TCMLoss()], miners=[miner, None])(x, y)
+    torch.testing.assert_close(out, ms(x, y, idx) + tcm_loss(x, y))
+
+
+def test_pml_keyword_names_and_the_deprecated_one():
+    x, y = _batch(6, 10, 4, 3)
+    r, ry = _batch(7, 6, 4, 3)
+    new = TCMLoss()(x, y, indices_tuple=None, ref_emb=r, ref_labels=ry)
+    with pytest.warns(DeprecationWarning, match="ref_emb"):
+        old = tcm_loss(x, y, ref_embeddings=r, ref_labels=ry)
+    assert new.item() == old.item()
+    assert new.item() == pytest.approx(brute_force_tcm(x, y, r, ry), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "idx, err, match",
+    [
+        (X4, TypeError, "third argument is indices_tuple"),  # the old positional ref_embeddings
+        ((torch.tensor([0]),) * 2, TypeError, "miner's output"),
+        ([torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])], TypeError, "integer"),
+        ((torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2])), ValueError, "2 anchors but 1 positive"),
+        ((torch.tensor([0]), torch.tensor([4]), torch.tensor([2])), ValueError, r"positive indices must lie in \[0, 3\]"),
+        ((torch.tensor([-1]), torch.tensor([1]), torch.tensor([2])), ValueError, "anchor indices"),
+    ],
+)
+def test_bad_indices_tuple_raises(idx, err, match):
+    with pytest.raises(err, match=match):
+        TCMLoss()(X4, Y4, idx)
+
+
+def test_distributed_loss_wrapper_accepts_the_adapted_loss():
+    """pml's DistributedLossWrapper takes only pml losses: as_pml_loss makes one, value unchanged."""
+    import os
+    import warnings
+
+    import torch.distributed as dist
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    from tcmlib.losses import as_pml_loss
+
+    x, y = _batch(9, 16, 8, 3)
+    with pytest.raises(TypeError, match="BaseMetricLossFunction"):
+        DistributedLossWrapper(TCMLoss())
+    wrapped = DistributedLossWrapper(as_pml_loss(TCMLoss(margin_neg=0.3)))
+    assert not dist.is_initialized()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "used in a non-distributed setting"
+        torch.testing.assert_close(wrapped(x, y), tcm_loss(x, y, margin_neg=0.3))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        idx = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([0]), torch.tensor([5]))
+        for efficient in (False, True):
+            out = DistributedLossWrapper(as_pml_loss(TCMLoss()), efficient=efficient)(x, y, idx)
+            torch.testing.assert_close(out, ThresholdConsistentMarginLoss()(x, y, idx))
+    finally:
+        dist.destroy_process_group()

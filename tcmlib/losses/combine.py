@@ -28,8 +28,9 @@ class WithTCM(nn.Module):
         margin_pos, margin_neg, lambda_pos, lambda_neg: TCM parameters, see :func:`tcm_loss`.
 
     ``forward(embeddings (B, D), labels (B,), indices_tuple=None, ref_emb (M, D)=None,
-    ref_labels (M,)=None)`` returns a 0-dim tensor.  ``indices_tuple`` (a pml miner's output) goes
-    to the base loss only: TCM always uses every pair of the batch.  ``ref_emb`` / ``ref_labels``
+    ref_labels (M,)=None)`` (pml's calling convention) returns a 0-dim tensor.  ``indices_tuple``
+    (a pml miner's output) goes to the base loss only: TCM, as in the paper, uses every pair of the
+    batch (for TCM on mined pairs too use pml's ``MultipleLosses([base, TCMLoss()], miners=[m, m])``).  ``ref_emb`` / ``ref_labels``
     go to both.  Arguments left as ``None`` are not passed to the base, so a plain
     ``base(embeddings, labels)`` callable works.
 
@@ -72,7 +73,7 @@ class WithTCM(nn.Module):
         base = self.base(embeddings, labels, **extra)
         if not isinstance(base, Tensor):  # e.g. a float 0 from a loss with nothing to do
             base = torch.as_tensor(base, dtype=embeddings.dtype, device=embeddings.device)
-        tcm = self.tcm(embeddings, labels, ref_emb, ref_labels)
+        tcm = self.tcm(embeddings, labels, ref_emb=ref_emb, ref_labels=ref_labels)
         self.last_base = base.detach()
         self.last_tcm = tcm.detach()
         return base + tcm

@@ -33,12 +33,14 @@ items to rank and extra queries; ``K`` is still clipped with the real batch size
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcmlib._checks import check_embeddings_labels
+from tcmlib.losses.pml_compat import check_whole_batch
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["RecallAtKSurrogateLoss", "recall_surrogate_loss", "simix_samples"]
@@ -153,7 +155,12 @@ def recall_surrogate_loss(
 
 
 class RecallAtKSurrogateLoss(nn.Module):
-    """Module form of :func:`recall_surrogate_loss`: ``RecallAtKSurrogateLoss()(emb (B, D), labels (B,))``."""
+    """Module form of :func:`recall_surrogate_loss`: ``RecallAtKSurrogateLoss()(emb (B, D), labels (B,))``.
+
+    ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``, pml's calling
+    convention, so it goes into pml's ``MultipleLosses``.  Recall@k ranks the whole batch for every
+    query, so a miner's ``indices_tuple`` or a separate reference set raise ``ValueError``.
+    """
 
     def __init__(
         self,
@@ -175,7 +182,16 @@ class RecallAtKSurrogateLoss(nn.Module):
         self.generator = generator
         self.chunk_size = chunk_size
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Any = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """pml's calling convention; a miner's pairs or a separate reference set raise (see module doc)."""
+        check_whole_batch(type(self).__name__, embeddings, indices_tuple, ref_emb, ref_labels)
         return recall_surrogate_loss(
             embeddings, labels, ks=self.ks, tau1=self.tau1, tau2=self.tau2,
             simix=self.simix, generator=self.generator, chunk_size=self.chunk_size,

@@ -32,11 +32,14 @@ but still counts in the mean (the original's behaviour; kept).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcmlib._checks import check_embeddings_labels
+from tcmlib.losses.pml_compat import check_whole_batch
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["SmoothAPLoss", "smooth_ap_loss"]
@@ -119,7 +122,13 @@ def smooth_ap_loss(
 
 
 class SmoothAPLoss(nn.Module):
-    """Module form of :func:`smooth_ap_loss`: ``loss = SmoothAPLoss()(embeddings (B, D), labels (B,))``."""
+    """Module form of :func:`smooth_ap_loss`: ``loss = SmoothAPLoss()(embeddings (B, D), labels (B,))``.
+
+    ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``, pml's calling
+    convention, so it goes into pml's ``MultipleLosses``.  AP ranks the whole batch for every query,
+    so a miner's ``indices_tuple`` or a separate reference set raise ``ValueError`` (in
+    ``MultipleLosses`` give this loss no miner; ``DistributedLossWrapper`` with ``efficient=False``).
+    """
 
     def __init__(self, temperature: float = 0.01, chunk_size: int | None = None) -> None:
         super().__init__()
@@ -128,7 +137,16 @@ class SmoothAPLoss(nn.Module):
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: Any = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """pml's calling convention; a miner's pairs or a separate reference set raise (see module doc)."""
+        check_whole_batch(type(self).__name__, embeddings, indices_tuple, ref_emb, ref_labels)
         return smooth_ap_loss(embeddings, labels, temperature=self.temperature, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ the count.  Differences from pml:
 * with a reference set pml pairs ``embeddings[i]`` with ``embeddings[j]`` (not ``ref_emb[j]``):
   wrong; we pair query i with reference j;
 * pml drops self pairs when ``ref_labels is labels``; we drop them when
-  ``ref_embeddings is embeddings`` (or no reference set is given): the pair (i, i) is a sample
+  ``ref_emb is embeddings`` (or no reference set is given): the pair (i, i) is a sample
   with itself, whatever the label tensors are.
 
 How it is computed.  The hinge is piecewise linear in s, so dL/ds is the constant W (B, M) of
@@ -40,6 +40,7 @@ Gathering the hard pairs synchronises with a GPU (as the input checks already do
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -59,29 +60,71 @@ def _check_weight(value: float, name: str) -> float:
     return v
 
 
+def _pairs(indices_tuple: Any, n_rows: int, n_ref: int, device: torch.device) -> tuple[Tensor, ...]:
+    """A miner's ``indices_tuple`` as pml's four pair index tensors ``(a1, p, a2, n)``, checked.
+
+    ``(a, p, n)`` (triplets) becomes ``(a, p, a, n)``, as pml's ``convert_to_pairs`` does.  Anchors
+    index ``embeddings`` (``n_rows``), positives / negatives index the reference set (``n_ref``).
+    """
+    if isinstance(indices_tuple, Tensor):
+        raise TypeError(
+            "the third argument is indices_tuple (a miner's output, pml's calling convention), got a "
+            "tensor; pass a reference set by keyword: loss(embeddings, labels, ref_emb=..., ref_labels=...)"
+        )
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise TypeError(
+            "indices_tuple must be a miner's output: a tuple (anchors, positives, negatives) or "
+            f"(anchors1, positives, anchors2, negatives) of 1-D index tensors, got {type(indices_tuple).__name__}"
+            + (f" of length {len(indices_tuple)}" if isinstance(indices_tuple, (tuple, list)) else "")
+        )
+    t = [torch.as_tensor(i, device=device) for i in indices_tuple]
+    if any(i.ndim != 1 or i.dtype.is_floating_point or i.dtype == torch.bool for i in t):
+        raise TypeError("indices_tuple must hold 1-D integer index tensors, got "
+                        + ", ".join(f"{tuple(i.shape)} {i.dtype}" for i in t))
+    a1, p, a2, n = (t[0], t[1], t[0], t[2]) if len(t) == 3 else t
+    for anchors, other, kind in ((a1, p, "positive"), (a2, n, "negative")):
+        if anchors.numel() != other.numel():
+            raise ValueError(f"indices_tuple: {anchors.numel()} anchors but {other.numel()} {kind}s; "
+                             "each anchor index needs one partner index")
+        if anchors.numel() and (int(anchors.min()) < 0 or int(anchors.max()) >= n_rows):
+            raise ValueError(f"indices_tuple: anchor indices must lie in [0, {n_rows - 1}] (rows of embeddings)")
+        if other.numel() and (int(other.min()) < 0 or int(other.max()) >= n_ref):
+            raise ValueError(f"indices_tuple: {kind} indices must lie in [0, {n_ref - 1}] "
+                             "(rows of ref_emb, or of embeddings without a reference set)")
+    return a1.long(), p.long(), a2.long(), n.long()
+
+
 def tcm_loss(
     embeddings: Tensor,
     labels: Tensor,
     *,
+    indices_tuple: Any = None,
     margin_pos: float = 0.9,
     margin_neg: float = 0.5,
     lambda_pos: float = 1.0,
     lambda_neg: float = 1.0,
-    ref_embeddings: Tensor | None = None,
+    ref_emb: Tensor | None = None,
     ref_labels: Tensor | None = None,
+    ref_embeddings: Tensor | None = None,
 ) -> Tensor:
     """TCM loss of a batch (paper eq. for L_TCM, see the module docstring).
 
     Args:
         embeddings: ``(B, D)`` float, not necessarily normalised (we L2-normalise rows).
         labels: ``(B,)`` integer class ids.
+        indices_tuple: optional pairs from a pml miner, ``(a, p, n)`` or ``(a1, p, a2, n)``
+            (1-D index tensors); then only those pairs count, as given (repeats count repeatedly,
+            labels are not re-checked), exactly as pml's ``ThresholdConsistentMarginLoss``.
         margin_pos: m+, a positive pair with cosine ``s <= m+`` is hard; in [-1, 1].
         margin_neg: m-, a negative pair with cosine ``s >= m-`` is hard; in [-1, 1].
         lambda_pos, lambda_neg: weights l+ and l- of the two terms.
-        ref_embeddings: optional ``(M, D)`` reference set; needs ``ref_labels`` ``(M,)``.
+        ref_emb: optional ``(M, D)`` reference set; needs ``ref_labels`` ``(M,)`` (pml's names).
+        ref_embeddings: deprecated name of ``ref_emb`` (DeprecationWarning).
 
     Which pairs count:
-        * no reference set (or ``ref_embeddings is embeddings``, the same tensor object):
+        * ``indices_tuple`` given: its pairs; anchors index ``embeddings``, positives and
+          negatives index ``ref_emb`` (or ``embeddings`` without a reference set);
+        * no reference set (or ``ref_emb is embeddings``, the same tensor object):
           all ordered pairs (i, j) of the batch with i != j; self pairs are excluded;
         * a separate reference set: every query x reference pair (i, j), B * M of them,
           including pairs whose rows happen to be equal.
@@ -102,49 +145,66 @@ def tcm_loss(
         With float16 autocast use a ``GradScaler`` as usual: the gradient entries are l/n (n up
         to ~B^2), below float16's range for large batches unless the loss is scaled.
     """
+    if ref_embeddings is not None:
+        warnings.warn("tcm_loss(ref_embeddings=) is deprecated: use ref_emb= (pml's name)",
+                      DeprecationWarning, stacklevel=2)
+        if ref_emb is not None:
+            raise ValueError("pass the reference set once, as ref_emb= (ref_embeddings is its old name)")
+        ref_emb = ref_embeddings
     x, y = check_embeddings_labels(embeddings, labels)
     m_pos = check_margin(margin_pos, "margin_pos")
     m_neg = check_margin(margin_neg, "margin_neg")
     l_pos = _check_weight(lambda_pos, "lambda_pos")
     l_neg = _check_weight(lambda_neg, "lambda_neg")
-    if (ref_embeddings is None) != (ref_labels is None):
-        raise ValueError("pass ref_embeddings and ref_labels together (or neither)")
-    exclude_self = ref_embeddings is None or ref_embeddings is embeddings
-    if ref_embeddings is None:
+    if (ref_emb is None) != (ref_labels is None):
+        raise ValueError("pass ref_emb and ref_labels together (or neither)")
+    exclude_self = ref_emb is None or ref_emb is embeddings
+    if ref_emb is None:
         r, ry = x, y
     else:
-        r, ry = check_embeddings_labels(
-            ref_embeddings, ref_labels, emb_name="ref_embeddings", label_name="ref_labels"
-        )
+        r, ry = check_embeddings_labels(ref_emb, ref_labels, emb_name="ref_emb", label_name="ref_labels")
         if r.shape[1] != x.shape[1]:
             raise ValueError(
-                f"ref_embeddings has dimension {r.shape[1]} but embeddings has {x.shape[1]}; "
+                f"ref_emb has dimension {r.shape[1]} but embeddings has {x.shape[1]}; "
                 "both must come from the same embedder"
             )
         if r.device != x.device:
-            raise ValueError(f"ref_embeddings is on {r.device} but embeddings on {x.device}; move one of them")
+            raise ValueError(f"ref_emb is on {r.device} but embeddings on {x.device}; move one of them")
         ry = ry.to(x.device)
+    pairs = None if indices_tuple is None else _pairs(indices_tuple, x.shape[0], r.shape[0], x.device)
 
     xn = l2_normalize(x, dim=1)  # (B, D)
     rn = xn if r is x else l2_normalize(r, dim=1)  # (M, D)
     acc = torch.promote_types(xn.dtype, torch.float32)  # masks, hinge and sums: at least float32
     with torch.no_grad():
         s = (xn @ rn.T).to(acc)  # (B, M) cosines; the GEMM runs in the input (or autocast) dtype
-        same = y[:, None] == ry[None, :]  # (B, M)
-        hard_pos = (s <= m_pos) & same  # (B, M), "<=" as pml
-        if exclude_self:
-            hard_pos.fill_diagonal_(False)  # the pairs (i, i)
-        hard_neg = (s >= m_neg) & ~same  # (B, M), ">=" as pml
-        s_pos, s_neg = s[hard_pos], s[hard_neg]  # (n+,), (n-,) the hard pairs' cosines
+        if pairs is None:
+            same = y[:, None] == ry[None, :]  # (B, M)
+            hard_pos = (s <= m_pos) & same  # (B, M), "<=" as pml
+            if exclude_self:
+                hard_pos.fill_diagonal_(False)  # the pairs (i, i)
+            hard_neg = (s >= m_neg) & ~same  # (B, M), ">=" as pml
+            s_pos, s_neg = s[hard_pos], s[hard_neg]  # (n+,), (n-,) the hard pairs' cosines
+        else:  # the miner's pairs, as given: (n_p,) and (n_n,) index pairs
+            a1, p, a2, n = pairs
+            hp, hn = s[a1, p] <= m_pos, s[a2, n] >= m_neg
+            (a1, p), (a2, n) = (a1[hp], p[hp]), (a2[hn], n[hn])  # the hard ones
+            s_pos, s_neg = s[a1, p], s[a2, n]  # (n+,), (n-,)
         a, b = l_pos / max(len(s_pos), 1), l_neg / max(len(s_neg), 1)  # an empty term: 0, not NaN
         loss = a * (m_pos - s_pos).sum() + b * (s_neg - m_neg).sum()
         # W = dL/ds (B, M): -l+/n+ on hard positives, +l-/n- on hard negatives, 0 elsewhere
-        w = s.zero_().masked_fill_(hard_neg, b).masked_fill_(hard_pos, -a)  # reuses s's memory
+        if pairs is None:
+            w = s.zero_().masked_fill_(hard_neg, b).masked_fill_(hard_pos, -a)  # reuses s's memory
+        else:  # a pair listed k times weighs k times (accumulate), as in pml's sums
+            w = s.zero_().index_put_((a2, n), s.new_full(n.shape, b), accumulate=True)
+            w.index_put_((a1, p), s.new_full(p.shape, -a), accumulate=True)
+            if rn is xn:
+                w = w + w.T  # s_ij = s_ji: both orders of a pair move xn the same way
     # s = xn rn^T, so dL/dxn = W rn and dL/drn = W^T xn: hand them to autograd (_Gradient adds 0 to
     # the value).  The GEMMs run in float32 even under autocast: the entries l/n of W underflow float16.
     with torch.autocast(xn.device.type, enabled=False):
-        if rn is xn and xn.requires_grad:  # W is symmetric (s_ij = s_ji): W xn + W^T xn = 2 W xn
-            loss = loss + _Gradient.apply(xn, 2 * (w @ xn.to(acc)))
+        if rn is xn and xn.requires_grad:  # W symmetric (W + W^T for mined pairs): W xn + W^T xn
+            loss = loss + _Gradient.apply(xn, (2 * w if pairs is None else w) @ xn.to(acc))
         if rn is not xn and xn.requires_grad:
             loss = loss + _Gradient.apply(xn, w @ rn.to(acc))
         if rn is not xn and rn.requires_grad:
@@ -174,8 +234,11 @@ class _Gradient(torch.autograd.Function):
 class TCMLoss(nn.Module):
     """Module form of :func:`tcm_loss`; same parameters, checked once at construction.
 
-    ``forward(embeddings (B, D), labels (B,), ref_embeddings (M, D) = None, ref_labels (M,) = None)``
-    returns a 0-dim tensor.  Add it to any base loss: ``loss = base(x, y) + TCMLoss()(x, y)``
+    ``forward(embeddings (B, D), labels (B,), indices_tuple=None, ref_emb (M, D)=None,
+    ref_labels (M,)=None)`` (pml's calling convention, so it works in pml's ``MultipleLosses``, with
+    its miners and, through :func:`tcmlib.losses.as_pml_loss`, in ``DistributedLossWrapper``)
+    returns a 0-dim tensor.  With a miner's ``indices_tuple`` only the mined pairs count and the
+    value and gradient equal pml's ``ThresholdConsistentMarginLoss`` given the same tuple.  Add it to any base loss: ``loss = base(x, y) + TCMLoss()(x, y)``
     (or use :class:`tcmlib.losses.combine.WithTCM`).
     """
 
@@ -196,17 +259,20 @@ class TCMLoss(nn.Module):
         self,
         embeddings: Tensor,
         labels: Tensor,
-        ref_embeddings: Tensor | None = None,
+        indices_tuple: Any = None,
+        ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
     ) -> Tensor:
+        """pml's calling convention; see :func:`tcm_loss` for the arguments."""
         return tcm_loss(
             embeddings,
             labels,
+            indices_tuple=indices_tuple,
             margin_pos=self.margin_pos,
             margin_neg=self.margin_neg,
             lambda_pos=self.lambda_pos,
             lambda_neg=self.lambda_neg,
-            ref_embeddings=ref_embeddings,
+            ref_emb=ref_emb,
             ref_labels=ref_labels,
         )
 
