@@ -63,3 +63,19 @@ def test_no_output_capturing_widgets_in_executed_chapters() -> None:
             if re.search(r"\b(interact|interactive|interact_manual|interactive_output)\s*\(|widgets\.Output\s*\(", code):
                 bad.append(f"{md.name}:{i}: {line.strip()}")
     assert not bad, "Output-capturing widgets stall the executed build:\n" + "\n".join(bad)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_test_runs_the_chapters_once_from_the_wheel_with_timeout_and_reruns() -> None:
+    """``make test`` runs the chapters only through the wheel-installed run, with hang protection."""
+    dry = subprocess.run(["make", "-n", "test", f"PY={sys.executable}"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    pytest_lines = [line for line in dry.splitlines() if " -m pytest " in line and "-m browser" not in line]
+    unit = [line for line in pytest_lines if "tests -q" in line]
+    chapters = [line for line in pytest_lines if "-m notebooks" in line]
+    assert len(unit) == 1 and "not notebooks" in unit[0], pytest_lines
+    assert len(chapters) == 1 and "tests/test_packaging.py" in chapters[0], pytest_lines
+    assert re.search(r"TCMLIB_NBMAKE_ARGS=\"[^\"]*--nbmake-timeout=300\b", chapters[0]), chapters[0]
+    assert "--reruns 2" in chapters[0], chapters[0]
+    assert not any("--nbmake" in line and "TCMLIB_NBMAKE_ARGS" not in line for line in pytest_lines), (
+        "the chapters run once, from the installed wheel, not also from the checkout")

@@ -6,6 +6,14 @@ working directory is outside the repository, site-packages are added to ``sys.pa
 their ``.pth`` files (so the editable install of the development venv is not active) and the
 checkout is on no path.  There every packaged config must load by name, ``py.typed`` must be
 there, and every ``tcmlib`` module must come from the installed copy.
+
+``test_every_chapter_runs_from_the_installed_wheel`` (marker ``notebooks``; ``make test`` runs it as
+its own step, the only run of the chapters there) goes as far as Colab: a fresh venv outside the
+checkout with the wheel installed in it (its other dependencies are the development venv's, reached
+through a ``.pth`` line, whose editable-install hook therefore never runs), every chapter's
+``.ipynb`` copied alone into its own empty directory, and nbmake running them all in smoke mode in a
+kernel of that venv.  A chapter's first cell pip-installs tcmlib only when ``import tcmlib`` fails
+(Colab), so here it imports the wheel.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from tcmlib.train import load_config
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "tcmlib" / "configs"
 PIP_ENV = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+# nbmake's options for the chapter run (make test passes its own through this variable): a smoke
+# chapter takes under a minute, so a cell past 300 s is a kernel-message hang, and it is rerun.
+NBMAKE_ARGS = os.environ.get("TCMLIB_NBMAKE_ARGS", "--nbmake-timeout=300 --reruns 2 --durations=5").split()
 
 pytestmark = pytest.mark.slow
 
@@ -129,8 +140,7 @@ def test_installed_wheel_loads_every_config_by_name_without_the_checkout(wheel: 
 
     # torch, yaml, ... come from the venv's site-packages, added by the child without running .pth files
     # (the development venv's editable install of tcmlib is a .pth hook); the checkout is never added.
-    site_dirs = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    extra = [d for d in sorted(site_dirs) if Path(d).is_dir() and not (Path(d) / "tcmlib").exists()]
+    extra = _site_dirs()
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", str(tmp_path)),
            "PYTHONPATH": str(target), "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "elsewhere"  # the working directory: outside the repository
@@ -151,3 +161,48 @@ def test_installed_wheel_loads_every_config_by_name_without_the_checkout(wheel: 
     for name in expected:  # the installed config is the checkout's, field for field
         mine = json.loads(json.dumps(dataclasses.asdict(load_config(name)), default=str))
         assert got["configs"][name] == mine, name
+
+
+def _site_dirs() -> list[str]:
+    """The development venv's site-packages (torch, yaml, ...) that hold no ``tcmlib`` folder."""
+    site_dirs = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    return [d for d in sorted(site_dirs) if Path(d).is_dir() and not (Path(d) / "tcmlib").exists()]
+
+
+@pytest.mark.notebooks
+def test_every_chapter_runs_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> None:
+    if importlib.util.find_spec("nbmake") is None:
+        pytest.skip("nbmake is not installed: cannot run the chapters (pip install -r requirements.txt)")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    py = venv / "bin" / "python"
+    purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    # one path per line: added to sys.path, but the .pth files inside (the editable hook) are not run
+    (purelib / "zz_dev_dependencies.pth").write_text("\n".join(_site_dirs()) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                           "--target", str(purelib), str(wheel)], capture_output=True, text=True, env=PIP_ENV,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(TCMLIB_SMOKE="1", OMP_WAIT_POLICY="PASSIVE", PYTHONNOUSERSITE="1")
+    run = tmp_path / "run"
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 14, notebooks
+    for nb in notebooks:  # each chapter alone in an empty directory, as in a Colab runtime
+        (run / nb.stem).mkdir(parents=True)
+        shutil.copy2(nb, run / nb.stem / nb.name)
+    where = subprocess.run([str(py), "-c", "import sys, tcmlib; print(tcmlib.__file__); "
+                            "print(sorted(m for m in sys.modules if 'editable' in m))"],
+                           capture_output=True, text=True, env=env, cwd=run, timeout=300)
+    assert where.returncode == 0, where.stderr[-3000:]
+    file, editable = where.stdout.strip().splitlines()
+    assert Path(file).resolve().is_relative_to(purelib.resolve()), f"tcmlib imported from {file}, not the wheel"
+    assert editable == "[]", f"the development venv's editable install is active: {editable}"
+
+    proc = subprocess.run([str(py), "-m", "pytest", "--nbmake", *NBMAKE_ARGS, "-q", "-p", "no:cacheprovider",
+                           str(run)], capture_output=True, text=True, env=env, cwd=run, timeout=4 * 3600)
+    print(proc.stdout[-4000:])
+    assert proc.returncode == 0, f"a chapter failed from the installed wheel:\n{(proc.stdout + proc.stderr)[-8000:]}"
+    assert f"{len(notebooks)} passed" in proc.stdout, proc.stdout[-3000:]
