@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install book test unit sync browser chromium benchmarks clean
+.PHONY: install book test unit lower-bounds sync browser chromium benchmarks clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,24 @@ chromium:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 	  echo "chromium could not be installed: the browser test will be skipped"
+
+# The lower bounds of pyproject.toml, proven: a separate venv with the oldest minor series of every
+# requirement (each "name>=X.Y", the [all] extra included, installed as "name==X.Y.*": torch 2.5.*,
+# torchvision 0.20.*, numpy 1.23.*, ...; tests/lower_bound_pins.py), tcmlib itself (not editable), and
+# the unit tests run there.  Left out: the book toolchain's tests (ipykernel pin, jupytext pairing,
+# mypy) and the wheel/notebook runs.  Not part of make test: it downloads a few GB once (PyPI's torch
+# 2.5 for Linux is a CUDA build) and takes ~15 min on 2 cores.
+LOWER_VENV ?= .venv-lower
+LOWER_IGNORE := --ignore=tests/test_build_config.py --ignore=tests/test_notebooks_sync.py \
+  --ignore=tests/test_typing.py --ignore=tests/test_packaging.py --ignore=tests/test_book_browser.py
+lower-bounds:
+	test -x $(LOWER_VENV)/bin/python || $(PYTHON) -m venv $(LOWER_VENV)
+	$(LOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWER_VENV)/bin/python -m pip install --quiet $$($(PYTHON) tests/lower_bound_pins.py)
+	$(LOWER_VENV)/bin/python -m pip install --quiet --no-deps .
+	$(LOWER_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|numpy|tqdm|matplotlib|pyyaml|pytorch-metric-learning|scikit-learn|fonttools|scipy|ipywidgets) "
+	cd $(LOWER_VENV) && OMP_WAIT_POLICY=PASSIVE bin/python -m pytest $(CURDIR)/tests -q -p no:cacheprovider \
+	  -m "not browser and not notebooks" $(subst tests/,$(CURDIR)/tests/,$(LOWER_IGNORE))
 
 # Regenerate every paired .ipynb from its MyST .md source (run after editing a chapter).
 sync: install
