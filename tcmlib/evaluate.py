@@ -92,9 +92,10 @@ def load_arrays(
     else:
         emb, lab = data, None
     if labels_path is not None:
-        lab = _read(labels_path, "labels")
-        if isinstance(lab, dict):
+        read = _read(labels_path, "labels")
+        if isinstance(read, dict):
             raise ValueError(f"labels file {labels_path} is an .npz archive; pass a .npy of shape (N,)")
+        lab = read
     if lab is None:
         raise ValueError(f"no labels for {embeddings_path}: pass a labels .npy after it")
     for arr, name, src in ((emb, what, embeddings_path), (lab, "labels", labels_path or embeddings_path)):
