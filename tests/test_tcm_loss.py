@@ -462,3 +462,43 @@ def test_distributed_loss_wrapper_accepts_the_adapted_loss():
             torch.testing.assert_close(out, ThresholdConsistentMarginLoss()(x, y, idx))
     finally:
         dist.destroy_process_group()
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    from tcmlib.losses import as_pml_loss
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, y = _batch(11, 24, 8, 4)
+        mine = slice(12 * rank, 12 * rank + 12)
+        local = x[mine].clone().requires_grad_()
+        loss = DistributedLossWrapper(as_pml_loss(TCMLoss(margin_neg=0.3)))(local, y[mine])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": local.grad}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_loss_wrapper_on_two_processes(tmp_path):
+    """Two gloo ranks, half a batch each: pml gathers the batch, TCM sees all of it (x world size, pml's scale)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    x, y = _batch(11, 24, 8, 4)
+    full = x.clone().requires_grad_()
+    expected = 2 * tcm_loss(full, y, margin_neg=0.3)
+    expected.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], expected.detach())
+        # all_gather passes no gradient back to other ranks: each rank's own rows get their own part
+        torch.testing.assert_close(got["grad"], full.grad[12 * rank:12 * rank + 12])
