@@ -108,3 +108,8 @@ def test_param_groups_train_the_proxies():
     loss(x, labels).backward()
     opt.step()
     assert not torch.equal(loss.base.proxies, before)
+
+
+def test_unknown_tcm_option_is_named() -> None:
+    with pytest.raises(ValueError, match=r"tcm has no option\(s\) \['margin'\]; valid: lambda_neg"):
+        make_loss("smooth_ap", tcm={"margin": 0.3})

@@ -79,6 +79,14 @@ class WithTCM(nn.Module):
         return base + tcm
 
 
-def add_tcm(base_loss: Callable[..., Tensor], **tcm_kwargs: float) -> WithTCM:
-    """``WithTCM(base_loss, **tcm_kwargs)``: e.g. ``add_tcm(ArcFaceLoss(10, 128), margin_neg=0.4)``."""
-    return WithTCM(base_loss, **tcm_kwargs)
+def add_tcm(
+    base_loss: Callable[..., Tensor],
+    *,
+    margin_pos: float = 0.9,
+    margin_neg: float = 0.5,
+    lambda_pos: float = 1.0,
+    lambda_neg: float = 1.0,
+) -> WithTCM:
+    """``WithTCM(base_loss, ...)``: e.g. ``add_tcm(ArcFaceLoss(10, 128), margin_neg=0.4)``."""
+    return WithTCM(base_loss, margin_pos=margin_pos, margin_neg=margin_neg, lambda_pos=lambda_pos,
+                   lambda_neg=lambda_neg)

@@ -43,6 +43,7 @@ __all__ = ["available_losses", "loss_kwarg_names", "loss_param_groups", "make_lo
 _ALIASES = {"rs@k": "recall_surrogate"}
 _NAMES = ["arcface", "contrastive", "multi_similarity", "ntxent", "proxy_anchor", "recall_surrogate", "smooth_ap"]
 _NEEDS_CLASSES = {"proxy_anchor", "arcface"}
+_TCM_OPTIONS = {"margin_pos", "margin_neg", "lambda_pos", "lambda_neg"}
 
 # Learning-rate multiplier for a loss's own parameters, by class name.  ProxyAnchor: x100, as in
 # the authors' code (Kim et al., CVPR 2020: proxies at lr * 100) and pml's docs; others: x1.
@@ -192,6 +193,9 @@ def make_loss(
     if tcm is True:
         return add_tcm(base)
     if isinstance(tcm, dict):
+        unknown_tcm = sorted(set(tcm) - _TCM_OPTIONS)
+        if unknown_tcm:
+            raise ValueError(f"tcm has no option(s) {unknown_tcm}; valid: {', '.join(sorted(_TCM_OPTIONS))}")
         return add_tcm(base, **tcm)
     raise TypeError(f"tcm must be a bool or a dict of TCM kwargs, got {type(tcm).__name__}")
 
