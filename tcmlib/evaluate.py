@@ -12,7 +12,7 @@ distance range (:mod:`tcmlib.metrics.opis`), OPIS with a bootstrap interval over
 global threshold that meets a false-accept target with the per-class (and per-group) FAR / FRR it
 gives (:mod:`tcmlib.report`); with ``--posthoc`` also per-class and per-cluster thresholds
 (:func:`tcmlib.posthoc.compare_thresholding`).  ``--json`` prints one JSON object instead,
-``--plot`` saves the utility-curve figure.  In Python: :func:`evaluate` returns an :class:`Evaluation`.
+``--plot`` saves the utility-curve figure.  In Python: :func:`evaluate` returns an :class:`EvalReport`.
 
 Units: distances are ``d = 1 - cosine`` in [0, 2], a pair is accepted when ``d <= threshold``;
 rates (FAR, FRR, R@k, MAP@R) are fractions in [0, 1] in JSON and percentages in the text; OPIS and
@@ -50,7 +50,7 @@ from tcmlib.report import (
     threshold_for_far,
 )
 
-__all__ = ["Evaluation", "evaluate", "load_arrays", "main"]
+__all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
 
 PROGRESS_MIN_N = 20_000  # show a progress bar (stderr) from this many samples on
 OPIS_SCALE = "variance of per-class utilities in [0, 1]: at most 0.25, lower is more consistent"
@@ -114,7 +114,7 @@ def load_arrays(
 
 # ----------------------------------------------------------------------------- the result
 @dataclass(repr=False)
-class Evaluation:
+class EvalReport:
     """What :func:`evaluate` found; ``to_text()``, ``to_dict()`` (the ``--json`` object), ``plot()``.
 
     ``retrieval`` maps ``"R@k"`` and ``"MAP@R"`` to fractions; ``report`` is the
@@ -136,7 +136,7 @@ class Evaluation:
     def __repr__(self) -> str:
         r = self.report
         g = "" if self.num_gallery is None else f", gallery={self.num_gallery}"
-        return (f"Evaluation(N={self.num_queries}{g}, D={self.dim}, R@1={self.retrieval.get('R@1', math.nan):.4f}, "
+        return (f"EvalReport(N={self.num_queries}{g}, D={self.dim}, R@1={self.retrieval.get('R@1', math.nan):.4f}, "
                 f"MAP@R={self.retrieval['MAP@R']:.4f}, OPIS={r.opis:.4g} [{r.opis_ci.lo:.4g}, {r.opis_ci.hi:.4g}], "
                 f"eps_OPIS={r.eps_opis:.4g}, threshold={r.threshold:.4f} for FAR {r.far_target:g})")
 
@@ -223,7 +223,7 @@ def evaluate(
     n_clusters: int = 8,
     chunk_size: int = 1024,
     progress: bool | None = None,
-) -> Evaluation:
+) -> EvalReport:
     """Retrieval, OPIS / eps-OPIS with a bootstrap CI, and the threshold for ``far_target``, in one call.
 
     Args:
@@ -305,7 +305,7 @@ def evaluate(
                                           chunk_size=chunk_size)
         bar.update()
     bar.close()
-    return Evaluation(num_queries=int(x.shape[0]), num_gallery=None if gal is None else int(gal[0].shape[0]),
+    return EvalReport(num_queries=int(x.shape[0]), num_gallery=None if gal is None else int(gal[0].shape[0]),
                       dim=int(x.shape[1]), retrieval=retrieval, report=report, posthoc=comparison)
 
 
