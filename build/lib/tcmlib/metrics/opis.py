@@ -1,0 +1,478 @@
+"""OPIS and eps-OPIS: exact per-class utility curves, streamed over row blocks of the similarity matrix.
+
+Definitions (our reading of Zhang et al., ICLR 2024; the book, chapter 4 "OPIS and eps-OPIS").
+Embeddings ``X`` (N, D), labels ``y`` (N,). Distance ``d(a, b) = 1 - cos(x_a, x_b)``; pairs are
+unordered, ``a != b``. A class is *eligible* when it has >= 2 samples; the others are excluded from
+every per-class quantity and counted in ``num_excluded`` (their samples still form negative pairs)::
+
+    TAR_i(t) = #{positive pairs of i with d <= t} / #{positive pairs of i}      (both members in i)
+    TRR_i(t) = #{negative pairs of i with d >  t} / #{negative pairs of i}      (exactly one member in i)
+    U_i(t)   = (1 + b^2) TAR TRR / (b^2 TRR + TAR),   0 where TAR = TRR = 0
+    OPIS     = (1/K) sum_k  (1/T) sum_i (U_i(t_k) - mean_i U_i(t_k))^2          (population variance)
+    eps-OPIS = (1/K) sum_k  (mean_{i in W} U_i(t_k) - mean_{i in R} U_i(t_k))^2
+               W = the ceil(eps T) classes of lowest mean utility over the K thresholds, R = the rest
+
+Thresholds ``t_k = linspace(t_min, t_max, K)``. By default ``[t_min, t_max]`` are the ``far_range``
+quantiles (linear interpolation, as ``numpy.quantile``) of the distances of ALL negative pairs, i.e. the
+thresholds where the global FAR (share of negative pairs with ``d <= t``) is ``far_range[0]`` and
+``far_range[1]``.
+
+Groups ("customers"). With ``groups`` (N,) given, the per-class quantities are computed per group
+instead: positive pairs (same label) with at least one member in group g, negative pairs (different
+labels) with at least one member in g; a pair whose members lie in two groups counts for both. With
+``groups = labels`` this is exactly the class definition above. A group is eligible when it has at
+least one positive and one negative pair.
+
+Algorithm (exact, memory O(chunk_size * N), no N x N matrix, no Python loop over pairs or classes).
+The samples are sorted by label once (results do not depend on the order). The cosine similarities of
+the pairs a < b are computed in tiles of ``chunk_size`` rows by ``TILE_COLS`` columns,
+``(B, D) @ (D, W)``; the same-label pairs of a row block lie in one band of columns, so only that band
+is compared to split positives from negatives. Two passes over the tiles:
+
+1. Calibration range: each quantile needs two order statistics of the M negative distances. A pilot
+   on ~1M / N random rows brackets them; the pass counts the negatives above each bracket and keeps
+   only the values inside it, which gives the order statistics exactly (a missed bracket is widened
+   and the pass repeated; with M <= ``COLLECT_ALL_MAX`` all values are kept, no pilot).
+2. Counting: only the pairs accepted at t_max matter (about ``far_range[1]`` of the negatives plus the
+   close positives; the totals per class are known in closed form). For each, the first accepting
+   threshold k0 (an arithmetic guess, searched exactly near a boundary) is scatter-added into
+   per-class histograms (2, T + 1, K); cumulative sums over k give the counts at every threshold.
+   A negative pair is added for both of its classes.
+
+Exactness: ``s`` is computed in the working dtype (float32, or float64 for float64 input) and
+``d = 1 - s`` is evaluated in float64, which is exact for float32 ``s``. Every comparison ``d <= t`` is
+made exactly through a per-threshold similarity boundary, so ties at a threshold are counted as
+accepted, and a quantile that lands on a pair's distance accepts that pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tcmlib._checks import check_embeddings_labels, check_labels
+
+__all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
+
+DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
+COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
+TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
+
+
+@dataclass
+class UtilityCurves:
+    """Per-class TAR / TRR / utility curves over K thresholds, for T eligible classes (or groups).
+
+    ``thresholds`` (K,) distances; ``tar``, ``trr``, ``utility`` (K, T) float64; ``class_ids`` (T,) the
+    labels (or group ids) of the eligible classes, ascending; ``num_pos`` / ``num_neg`` (T,) their
+    pair counts; ``distance_range = (t_min, t_max)``; ``far_range`` the global FAR bounds it came from,
+    or ``None`` when an explicit distance range was given.
+    """
+
+    thresholds: torch.Tensor  # (K,) float64
+    tar: torch.Tensor  # (K, T) float64
+    trr: torch.Tensor  # (K, T) float64
+    utility: torch.Tensor  # (K, T) float64
+    class_ids: torch.Tensor  # (T,) int64
+    num_pos: torch.Tensor  # (T,) int64
+    num_neg: torch.Tensor  # (T,) int64
+    num_eligible: int
+    num_excluded: int
+    distance_range: tuple[float, float]
+    far_range: tuple[float, float] | None
+    beta: float
+
+    @property
+    def opis(self) -> float:
+        """Mean over thresholds of the population variance of utility across classes."""
+        return float(self.utility.var(dim=1, unbiased=False).mean())
+
+    @property
+    def mean_utility(self) -> torch.Tensor:
+        """(T,) mean utility of each class over the K thresholds."""
+        return self.utility.mean(dim=0)
+
+    def worst_classes(self, eps: float = 0.1) -> torch.Tensor:
+        """Indices (into ``class_ids``) of the ceil(eps T) classes of lowest mean utility, worst first.
+
+        Ties are broken by class order (ascending ``class_ids``). ``eps`` must lie in (0, 1) and leave at
+        least one class outside the worst group.
+        """
+        t = self.num_eligible
+        eps = float(eps)
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps = {eps} must lie strictly between 0 and 1 (eps = 0.1 is the 10%-OPIS)")
+        w = math.ceil(round(eps * t, 9))  # round: 0.1 * 30 = 3.0000000000000004 must give 3, not 4
+        if w >= t:
+            raise ValueError(
+                f"eps = {eps} puts all {t} eligible classes in the worst group (ceil(eps * T) = {w}); "
+                "use a smaller eps or more classes"
+            )
+        return torch.sort(self.mean_utility, stable=True).indices[:w]
+
+    def eps_opis(self, eps: float = 0.1) -> float:
+        """Mean over thresholds of (mean utility of the worst ceil(eps T) classes - mean of the rest)^2."""
+        worst = torch.zeros(self.num_eligible, dtype=torch.bool)
+        worst[self.worst_classes(eps)] = True
+        gap = self.utility[:, worst].mean(dim=1) - self.utility[:, ~worst].mean(dim=1)  # (K,)
+        return float((gap**2).mean())
+
+
+def utility(tar: torch.Tensor, trr: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """Per-class utility ``U = (1 + b^2) TAR TRR / (b^2 TRR + TAR)``, 0 where TAR = TRR = 0 (any equal shapes).
+
+    The F-beta score of true-accept and true-reject rate (module docstring); ``beta`` weighs TRR.
+    """
+    b2 = beta * beta
+    den = b2 * trr + tar
+    return torch.where(den > 0, (1 + b2) * tar * trr / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
+def utility_curves(
+    embeddings: Any,
+    labels: Any,
+    *,
+    far_range: tuple[float, float] = (1e-2, 1e-1),
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int = 100,
+    beta: float = 1.0,
+    groups: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> UtilityCurves:
+    """Exact per-class TAR, TRR and utility curves of ``embeddings`` (N, D) with ``labels`` (N,).
+
+    The thresholds are ``linspace(t_min, t_max, num_thresholds)`` with ``(t_min, t_max)`` the
+    ``far_range`` quantiles of all negative-pair distances, or ``distance_range`` when given.
+    ``groups`` (N,) optional: compute the curves per group instead of per class (module docstring).
+    Computed ``chunk_size`` rows at a time on the embeddings' device; never forms the N x N matrix.
+    """
+    x, y = check_embeddings_labels(embeddings, labels)
+    n = x.shape[0]
+    g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
+    k_thr = int(num_thresholds)
+    if k_thr != num_thresholds or k_thr < 2:
+        raise ValueError(f"num_thresholds = {num_thresholds} must be an integer >= 2")
+    beta = float(beta)
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta = {beta} must be a finite number > 0 (1 gives the F1 / harmonic mean)")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
+    if distance_range is not None:
+        t_lo, t_hi = (float(v) for v in distance_range)
+        if not (math.isfinite(t_lo) and math.isfinite(t_hi) and t_lo < t_hi):
+            raise ValueError(f"distance_range = {distance_range} must be finite with lo < hi")
+        if not 0.0 <= t_lo < t_hi <= 2.0:
+            raise ValueError(f"distance_range = {distance_range} lies outside [0, 2]: cosine distances "
+                             "(1 - cos) of unit vectors range over [0, 2]; pass thresholds inside it")
+    else:
+        q_lo, q_hi = (float(v) for v in far_range)
+        if not 0.0 <= q_lo < q_hi <= 1.0:
+            raise ValueError(f"far_range = {far_range} must satisfy 0 <= lo < hi <= 1 (global FAR bounds)")
+
+    # Dense labels and units (classes, or groups) and their pair totals in closed form.
+    _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
+    unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
+    n_lab = torch.bincount(lab)  # (L,)
+    num_neg_all = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())  # M, all negative pairs
+    if num_neg_all == 0:
+        raise ValueError("there are no negative pairs: all samples share one label; OPIS needs >= 2 classes")
+    num_pos, num_neg = _pair_totals(lab, unit, n_lab, len(unit_ids))  # (U,), (U,)
+    eligible = (num_pos > 0) & (num_neg > 0)  # (U,)
+    t_cls = int(eligible.sum())
+    if t_cls < 2:
+        raise ValueError(
+            f"only {t_cls} eligible {'group' if g is not None else 'class'}(es) (>= 2 samples, with positive "
+            "and negative pairs); OPIS compares classes, so it needs at least 2"
+        )
+    unit_to_el = torch.full((len(unit_ids),), t_cls, dtype=torch.long, device=x.device)  # T = "excluded"
+    unit_to_el[eligible] = torch.arange(t_cls, device=x.device)
+    el = unit_to_el[unit]  # (N,) eligible index of each sample's unit, T if excluded
+
+    # Unit-normalised rows in the working dtype (normalised in float64, so scaling x changes nothing).
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x64 = x.detach().double()
+    xn = (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)  # (N, D)
+    order = torch.argsort(lab, stable=True)  # sort by label: positives of a row block form one band
+    xn, lab, el = xn[order].contiguous(), lab[order], el[order]
+
+    if distance_range is None:
+        t_lo, t_hi = _negative_distance_quantiles(xn, lab, (q_lo, q_hi), int(chunk_size), num_neg_all)
+        if not t_lo < t_hi:
+            raise ValueError(
+                f"the calibration range is empty: the far_range {far_range} quantiles of the negative "
+                f"distances are both {t_lo}; pass a wider far_range or an explicit distance_range"
+            )
+    thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
+
+    hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None)  # (2, T + 1, K)
+    acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
+    pos_t = num_pos[eligible].double().cpu()  # (T,)
+    neg_t = num_neg[eligible].double().cpu()  # (T,)
+    tar = acc[0] / pos_t  # (K, T)
+    trr = (neg_t - acc[1]) / neg_t  # (K, T)
+    util = utility(tar, trr, beta)  # (K, T)
+    return UtilityCurves(
+        thresholds=thresholds,
+        tar=tar,
+        trr=trr,
+        utility=util,
+        class_ids=unit_ids[eligible].cpu(),
+        num_pos=num_pos[eligible].cpu(),
+        num_neg=num_neg[eligible].cpu(),
+        num_eligible=t_cls,
+        num_excluded=len(unit_ids) - t_cls,
+        distance_range=(float(t_lo), float(t_hi)),
+        far_range=None if distance_range is not None else (q_lo, q_hi),
+        beta=beta,
+    )
+
+
+def opis(embeddings: Any, labels: Any, **kwargs: Any) -> float:
+    """OPIS of ``embeddings`` (N, D) with ``labels`` (N,); keywords as :func:`utility_curves`."""
+    return utility_curves(embeddings, labels, **kwargs).opis
+
+
+def eps_opis(embeddings: Any, labels: Any, *, eps: float = 0.1, **kwargs: Any) -> float:
+    """eps-OPIS (worst ceil(eps T) classes vs the rest); keywords as :func:`utility_curves`."""
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"eps = {eps} must lie strictly between 0 and 1 (eps = 0.1 is the 10%-OPIS)")
+    return utility_curves(embeddings, labels, **kwargs).eps_opis(eps)
+
+
+def _pair_totals(
+    lab: torch.Tensor, unit: torch.Tensor, n_lab: torch.Tensor, num_units: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive / negative pair counts (U,) per unit: pairs with at least one member in the unit.
+
+    pos_u = sum_l [C(n_l, 2) - C(n_l - n_ul, 2)]  over labels l present in u (n_ul samples of u with label l)
+    neg_u = [C(N, 2) - C(N - n_u, 2)] - pos_u     (all pairs touching u, minus the positive ones)
+    """
+    n = lab.shape[0]
+    num_lab = n_lab.shape[0]
+    key, n_ul = torch.unique(unit * num_lab + lab, return_counts=True)  # (P,) present (unit, label) cells
+    u_of, l_of = key // num_lab, key % num_lab
+    n_l = n_lab[l_of]
+    c2 = lambda m: m * (m - 1) // 2
+    pos = torch.zeros(num_units, dtype=torch.long, device=lab.device).index_add_(0, u_of, c2(n_l) - c2(n_l - n_ul))
+    n_u = torch.bincount(unit, minlength=num_units)  # (U,)
+    touching = n * (n - 1) // 2 - c2(n - n_u)  # (U,)
+    return pos, touching - pos
+
+
+def _tiles(xn: torch.Tensor, lab: torch.Tensor, chunk_size: int, want_positives: bool):  # type: ignore[no-untyped-def]
+    """Yield ``(r0, c0, sim, pos)`` over the upper triangle, ``chunk_size`` rows by ``TILE_COLS`` columns.
+
+    ``sim`` (B, W) = cosines of rows r0..r0+B-1 with columns c0..c0+W-1 (c0 >= r0), where the pairs
+    with column <= row and the same-label (positive) pairs are set to -inf, so ``sim`` holds negative
+    pairs only. ``pos`` = (rows, cols, s) of the positive pairs (column > row) of the tile, global
+    indices, or None when ``want_positives`` is False. ``lab`` must be sorted: then the positives of a
+    row block lie in one band of columns, and only that band is compared.
+    """
+    n = xn.shape[0]
+    assert bool((lab[1:] >= lab[:-1]).all()), "_tiles needs the samples sorted by label"
+    chunk_size = min(chunk_size, n)
+    tile_cols = max(TILE_COLS, chunk_size)  # the first tile holds the whole diagonal block
+    run_end = torch.cumsum(torch.bincount(lab), 0)[lab]  # (N,) one past the last sample of the same label
+    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
+    for r0 in range(0, n, chunk_size):
+        r1 = min(r0 + chunk_size, n)
+        b = r1 - r0
+        band_end = int(run_end[r1 - 1])  # same-label columns of these rows lie in [r0, band_end)
+        for c0 in range(r0, n, tile_cols):
+            sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
+            if c0 == r0:
+                sim[:, :b].masked_fill_(~upper[:b, :b], float("-inf"))
+            pos = None
+            w = min(sim.shape[1], band_end - c0)  # band columns in this tile: [c0, c0 + w)
+            if w > 0:
+                same = lab[r0:r1, None] == lab[None, c0 : c0 + w]  # (B, w)
+                if c0 == r0:  # (sorted labels: w >= b here)
+                    same[:, :b] &= upper[:b, :b]
+                band = sim[:, :w]
+                if want_positives:
+                    pr, pc = torch.nonzero(same, as_tuple=True)
+                    pos = (pr + r0, pc + c0, band[pr, pc])
+                band.masked_fill_(same, float("-inf"))
+            yield r0, c0, sim, pos
+
+
+def _accept_boundaries(thresholds: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """(K,) b_k = the smallest similarity s (in ``work``) with float64(1 - s) <= t_k.
+
+    Then ``s >= b_k``  <=>  ``d <= t_k`` exactly, so the counting pass can compare similarities.
+    """
+    t = thresholds.double().cpu().numpy()
+    npdt = np.float32 if work == torch.float32 else np.float64
+    b = (1.0 - t).astype(npdt)
+    for _ in range(64):  # b not accepted: step up
+        bad = (1.0 - b.astype(np.float64)) > t
+        if not bad.any():
+            break
+        b = np.where(bad, np.nextafter(b, npdt(np.inf)), b)
+    for _ in range(64):  # the next smaller value also accepted: step down
+        prev = np.nextafter(b, npdt(-np.inf))
+        ok = (1.0 - prev.astype(np.float64)) <= t
+        if not ok.any():
+            break
+        b = np.where(ok, prev, b)
+    return torch.from_numpy(b)
+
+
+def _first_accepting(s: torch.Tensor, bnd: torch.Tensor, step: float) -> torch.Tensor:
+    """(P,) int64 k0 = #{k : b_k > s}, the first threshold accepting each similarity s (P,).
+
+    ``bnd`` (K,) non-increasing, ``b_k ~ b_0 - k * step``: the arithmetic guess ceil((b_0 - s) / step)
+    is exact unless s lies within ``tol`` steps of a boundary; those few are searched exactly.
+    """
+    k_thr = bnd.shape[0]
+    asc = bnd.flip(0)  # (K,) ascending; #{b_k <= s} = bucketize(s, asc, right=True)
+    tol = 0.01 + 16 * torch.finfo(s.dtype).eps / step  # rounding of s, 1 - t_k and b_k, in steps
+    if tol >= 0.5:
+        return k_thr - torch.bucketize(s, asc, right=True)
+    f = (float(bnd[0]) - s) * (1.0 / step)  # (P,) fractional threshold index
+    k = f.ceil().clamp_(0, k_thr - 1).long()
+    near = torch.nonzero((f - f.round()).abs_() < tol).squeeze(1)
+    k[near] = k_thr - torch.bucketize(s[near], asc, right=True)
+    return k
+
+
+def _accept_histograms(
+    xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, t_cls: int, thresholds: torch.Tensor,
+    chunk_size: int, grouped: bool,
+) -> torch.Tensor:
+    """(2, T + 1, K) int64: [0] positive, [1] negative pairs per eligible unit (T = excluded) by the
+    first threshold index k0 that accepts them (``d <= t_k`` for all k >= k0). Pairs with d > t_max
+    are not counted (their totals are known in closed form). ``lab`` sorted, as for :func:`_tiles`."""
+    dev = xn.device
+    k_thr = thresholds.shape[0]
+    bnd = _accept_boundaries(thresholds, xn.dtype).to(dev)  # (K,) non-increasing
+    b_last = float(bnd[-1])
+    step = float(thresholds[1] - thresholds[0])
+    hist = torch.zeros(2, t_cls + 1, k_thr, dtype=torch.long, device=dev)
+    pos_h, neg_h = hist[0].view(-1), hist[1].view(-1)  # (T + 1) * K each, views into hist
+    one = torch.ones(1, dtype=torch.long, device=dev)
+    for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, want_positives=True):
+        if pos is not None:  # positives: few; a pair in two groups counts for both
+            keep = pos[2] >= b_last
+            pr, pc, ps = pos[0][keep], pos[1][keep], pos[2][keep]
+            k = _first_accepting(ps, bnd, step)
+            ur, uc = el[pr], el[pc]
+            pos_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
+            two = ur != uc
+            pos_h.index_add_(0, (uc * k_thr + k)[two], one.expand(int(two.sum())))
+        rows, cols = torch.nonzero(sim >= b_last, as_tuple=True)  # (P,) negatives accepted at t_max
+        k = _first_accepting(sim[rows, cols], bnd, step)  # (P,)
+        ur, uc = el[rows + r0], el[cols + c0]  # (P,) units of both members
+        neg_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
+        if grouped:  # both members in one group: count the pair once (for classes this cannot happen)
+            two = ur != uc
+            uc, k = uc[two], k[two]
+        neg_h.index_add_(0, uc * k_thr + k, one.expand(k.shape[0]))
+    return hist
+
+
+def _negative_distance_quantiles(
+    xn: torch.Tensor,
+    lab: torch.Tensor,
+    qs: tuple[float, ...],
+    chunk_size: int,
+    num_neg: int,
+    *,
+    collect_all_max: int | None = None,
+    slack: float = 6.0,
+    seed: int = 0,
+) -> list[float]:
+    """Exact ``numpy.quantile(d_neg, q, method="linear")`` for each q, d_neg = distances of all M
+    negative pairs, without storing them: only the values inside a bracket around the two order
+    statistics each quantile needs are kept (all values when ``M <= collect_all_max``)."""
+    m = num_neg
+    need = []  # (j, j + 1 clipped, gamma) per q: value = lerp(d_(j), d_(j+1), gamma), 0-based ascending
+    for q in qs:
+        h = (m - 1) * q
+        j = math.floor(h)
+        need.append((j, min(j + 1, m - 1), h - j))
+    inf = float("inf")
+    if m <= (COLLECT_ALL_MAX if collect_all_max is None else collect_all_max):
+        brackets = [(-inf, inf)] * len(qs)  # similarity brackets (s_lo, s_hi), inclusive
+    else:
+        brackets = _pilot_brackets(xn, lab, qs, slack, seed)
+    out: list[float | None] = [None] * len(qs)
+    pending = list(range(len(qs)))
+    while pending:
+        s_min = min(brackets[i][0] for i in pending)
+        above = {i: 0 for i in pending}  # negatives with s > s_hi (the smallest distances)
+        kept: dict[int, list[torch.Tensor]] = {i: [] for i in pending}
+        for _, _, sim, _ in _tiles(xn, lab, chunk_size, want_positives=False):
+            s = sim[sim > s_min if s_min == -inf else sim >= s_min]  # (P,) negatives only (the rest is -inf)
+            for i in pending:
+                lo, hi = brackets[i]
+                if lo == -inf and hi == inf:  # keep everything
+                    kept[i].append(s)
+                    continue
+                above[i] += int((s > hi).sum())
+                kept[i].append(s[(s >= lo) & (s <= hi)])
+        still = []
+        for i in pending:
+            vals = torch.cat(kept[i])  # (n_i,) the bracket's similarities
+            n_i = vals.shape[0]
+            j0, j1, gamma = need[i]
+            a, b = j0 - above[i], j1 - above[i]  # ranks inside the bracket (0 = largest s = smallest d)
+            if a >= 0 and b < n_i:
+                s0 = torch.kthvalue(vals, n_i - a).values  # the a-th largest similarity
+                s1 = s0  # the b-th (b = a or a + 1): s0 again, or the next smaller value
+                if b > a and int((vals >= s0).sum()) <= b:
+                    s1 = vals[vals < s0].max()
+                lo_v, hi_v = 1.0 - float(s0), 1.0 - float(s1)  # d_(j0), d_(j1) in float64
+                # numpy's _lerp, so that the result matches numpy.quantile to the last bit
+                out[i] = lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
+            else:
+                still.append(i)
+        if still:  # the pilot missed: widen those brackets and run the pass again
+            slack = max(slack, 0.5) * 8.0
+            wide = _pilot_brackets(xn, lab, qs, slack, seed)
+            for i in still:
+                # a superset of the old bracket; each miss widens 8x, so it ends at (-inf, inf) at worst
+                brackets[i] = (min(brackets[i][0], wide[i][0]), max(brackets[i][1], wide[i][1]))
+        pending = still
+    return [float(v) for v in out]  # type: ignore[arg-type]
+
+
+def _pilot_brackets(
+    xn: torch.Tensor, lab: torch.Tensor, qs: tuple[float, ...], slack: float, seed: int
+) -> list[tuple[float, float]]:
+    """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances,
+    from the negative pairs of ~1M / N random rows; width = slack x the estimated standard error in
+    probability (from the spread across 8 groups of rows, at least the binomial one)."""
+    n = xn.shape[0]
+    r = min(n, max(16, 1_000_000 // n))
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n, generator=gen)[:r].to(xn.device)  # (r,)
+    sim = xn[pick] @ xn.T  # (r, N)
+    neg = lab[pick][:, None] != lab[None, :]  # (r, N)
+    pooled = sim[neg]  # (n_p,)
+    n_p = pooled.shape[0]
+    groups = min(8, r)
+    row_group = torch.arange(r, device=xn.device) % groups  # (r,)
+    neg_per_group = torch.zeros(groups, device=xn.device).index_add_(0, row_group, neg.sum(dim=1).float())
+    inf = float("inf")
+
+    def s_at(p: float) -> float:  # the pilot's similarity with a share p of negatives at or above it
+        idx = min(n_p - 1, max(0, round((1.0 - p) * (n_p - 1))))
+        return float(torch.kthvalue(pooled, idx + 1).values)
+
+    out = []
+    for q in qs:
+        s_hat = s_at(q)
+        frac = ((sim >= s_hat) & neg).sum(dim=1).float()  # (r,) per row: negatives with d <= d_hat
+        f_g = torch.zeros(groups, device=xn.device).index_add_(0, row_group, frac) / neg_per_group.clamp_min(1)
+        se = float(f_g.std()) / math.sqrt(groups) if groups > 1 else 0.0
+        se = max(se, math.sqrt(max(q * (1 - q), 1.0 / n_p) / n_p))
+        delta = slack * se
+        s_hi = inf if q - delta <= 0 else s_at(q - delta)
+        s_lo = -inf if q + delta >= 1 else s_at(q + delta)
+        out.append((s_lo, s_hi))
+    return out

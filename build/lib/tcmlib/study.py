@@ -1,0 +1,688 @@
+"""Part II's protocol: does adding TCM to a base loss lower OPIS and keep accuracy?
+
+Written down before any test number is seen; chapter 7 states it, and
+``python -m tcmlib.experiments reproduce ch07`` carries it out.  Per *cell* (a backbone and a base
+loss), on the glyph benchmark:
+
+1. **Splits.**  ``val_fraction`` of the train classes are held out once (fixed by ``data_seed``) as
+   validation classes; models train on the rest.  Every choice below reads validation numbers
+   only; the test classes are scored once, after a run's last epoch, and only the *final* stage's
+   test scores are reported.
+2. **Training length** (stage ``curves``): the base loss and base + TCM (the paper's margins) train
+   for ``max_epochs`` with validation R@1 / OPIS after every epoch, ``curve_seeds`` seeds each.
+   The length is the first epoch at which the seed-mean validation R@1 of *both* variants is
+   within ``plateau_tol`` (absolute) of that variant's best epoch (:func:`plateau_epoch`).
+3. **Margins and weights** (stage ``tune``): the base loss and every setting of ``tcm_grid`` (two-
+   and one-sided TCM) train for that length with ``tune_seeds`` (seeds not used later).  The rule
+   (:func:`select_setting`): among settings whose mean validation R@1 is at least the base's minus
+   ``r1_tol``, the lowest mean validation OPIS; if none qualifies, the paper's default.
+4. **Final** (stage ``final``): base, base + TCM with the paper's margins, and base + TCM with the
+   selected setting, ``final_seeds`` seeds each; a base run and its TCM twins with one seed share
+   initial weights and batch order.  Per comparison :func:`tcmlib.stats.paired_comparison` and
+   Holm's correction across the comparisons of the study.
+
+Each finished run appends one JSON line to ``tcmlib/results/<study>/runs.jsonl`` (package data, so
+a plain ``pip install`` has the committed study too; :func:`run_record`):
+stage, cell, variant, seed, the full config and its key, per-epoch history, the test metrics, the
+test OPIS's bootstrap interval over classes, and provenance (commit, command, torch, device,
+threads, wall time, date).  A run already in the file is never retrained; the command can stop and
+continue later, on another machine.  ``scale`` (``cpu`` or ``gpu``, :func:`tcmlib.runtime.scale`)
+sizes the study; smoke mode shrinks it to seconds without changing the code path.
+
+Two more studies use the same machinery with a fixed training length (chapter 7's) and fewer stages:
+``ch08`` (the frontier: the paper's five base losses, each without and with TCM, one batch size,
+several seeds, stage ``final``) and ``ch10`` (the ablation of TCM's margins and weights, on
+validation classes, stage ``tune``).  Each reuses chapter 7's recorded runs where the config is the
+same (``reused_from`` in the record) instead of training them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from tcmlib.experiments import config_key, run_cached, run_name
+from tcmlib.runtime import is_smoke, scale as default_scale
+from tcmlib.train import TrainConfig, load_config
+
+__all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
+           "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
+           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap",
+           "load_study", "where_from", "run_costs", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
+
+PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
+STUDIES = ("ch07", "ch08", "ch10")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every choice of the study, fixed before training (see the module docstring)."""
+
+    backbones: tuple[str, ...]
+    losses: tuple[str, ...]
+    glyph_size: str  # glyph preset: its number of test classes sets how stable OPIS is
+    val_fraction: float  # share of the train classes held out for validation
+    max_epochs: int  # learning curves run this long
+    curve_seeds: tuple[int, ...]
+    tune_seeds: tuple[int, ...]
+    final_seeds: tuple[int, ...]
+    plateau_tol: float  # validation R@1 within this (absolute) of the best epoch counts as plateaued
+    r1_tol: float  # a TCM setting may cost at most this much validation R@1 (absolute)
+    tcm_grid: tuple[tuple[float, float, float, float], ...]  # (m+, m-, l+, l-); l = 0: one-sided
+    train: Mapping[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run
+    backbone_train: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per-backbone overrides
+    stages: tuple[str, ...] = ("curves", "tune", "final")  # the stages this study runs, in order
+    epochs: int | None = None  # a fixed training length (no ``curves`` stage); None: the plateau rule
+    reuse: tuple[str, ...] = ()  # studies whose recorded runs of the same stage and config key are reused
+    test: str = "wilcoxon"  # the paired test Holm's correction adjusts: "wilcoxon" (signed-rank) or "t"
+
+
+_TRAIN = {"dataset": "glyphs", "dim": 64, "batch_size": 128, "m": 4, "optimizer": "adam", "lr": 1e-3,
+          "weight_decay": 0.0, "milestones": [], "eval_ks": [1, 2, 4, 8], "data_seed": 0, "progress": False,
+          "checkpoint_every_steps": 0, "num_workers": 0}
+_GRID = ((0.9, 0.5, 1.0, 1.0),  # the paper's default
+         (0.8, 0.5, 1.0, 1.0), (0.9, 0.3, 1.0, 1.0),
+         (0.9, 0.5, 1.0, 0.0),  # positive term only
+         (0.8, 0.3, 1.0, 1.0),
+         (0.9, 0.5, 0.0, 1.0))  # negative term only
+_GRID_CPU = _GRID[:4]  # what two CPU cores afford: the default, one step in each margin, the positive term alone
+
+
+def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None = None) -> Protocol:
+    """The protocol of ``study`` at ``scale`` (``cpu`` | ``gpu``; default :func:`tcmlib.runtime.scale`).
+
+    ``cpu``: the glyph ``small`` preset (300 train / 300 test classes), the small CNN, 4 TCM
+    settings tuned on 2 seeds, 10 final seeds (fixed before the final stage ran: with 5 pairs the
+    signed-rank test cannot reach p < 0.05).  (A small ViT from scratch does not reach a useful
+    accuracy within a CPU budget: it is the GPU scale's second family.)  ``gpu``: the ``default`` preset (1,000 / 1,000), small CNN, small ViT
+    and ResNet-18 with its 32x32 stem, 6 TCM settings (two- and both one-sided) on 3 seeds, 10
+    final seeds.  Smoke mode: the ``tiny`` preset, a handful
+    of steps, 2 seeds, two grid settings; the same code path.
+    """
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    scale = scale or default_scale()
+    smoke = is_smoke() if smoke is None else smoke
+    if study == "ch08":
+        return _frontier_protocol(scale, smoke)
+    if study == "ch10":
+        return _ablation_protocol(scale, smoke)
+    losses = ("smooth_ap", "recall_surrogate")
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=losses[:1], glyph_size="tiny", val_fraction=0.25,
+                        max_epochs=2, curve_seeds=(0,), tune_seeds=(100,), final_seeds=(0, 1), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=_GRID[:2],
+                        train={**_TRAIN, "dim": 32, "batch_size": 32, "steps_per_epoch": 4})
+    if scale == "cpu":
+        # no small ViT at this scale: from scratch it stays far below the small CNN's validation R@1 after
+        # several times the CNN's training time (a probe on this CPU); it is the GPU scale's second family
+        return Protocol(backbones=("small_cnn",), losses=losses, glyph_size="small", val_fraction=0.25,
+                        max_epochs=8, curve_seeds=(0, 1), tune_seeds=(100, 101), final_seeds=tuple(range(10)),
+                        plateau_tol=0.01, r1_tol=0.005, tcm_grid=_GRID_CPU, train=_TRAIN)
+    if scale == "gpu":
+        return Protocol(backbones=("small_cnn", "vit_tiny", "resnet18"), losses=losses, glyph_size="default",
+                        val_fraction=0.2, max_epochs=20, curve_seeds=(0, 1, 2), tune_seeds=(100, 101, 102),
+                        final_seeds=tuple(range(10)), plateau_tol=0.01, r1_tol=0.005, tcm_grid=_GRID,
+                        train={**_TRAIN, "amp": "bf16", "channels_last": True},
+                        backbone_train={"vit_tiny": {"lr": 3e-4}, "resnet18": {"small_input": True, "lr": 3e-4}})
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+_SMOKE_TRAIN = {**_TRAIN, "dim": 32, "batch_size": 32, "steps_per_epoch": 4}
+FRONTIER_LOSSES = ("smooth_ap", "recall_surrogate", "proxy_anchor", "multi_similarity", "contrastive")
+
+
+def _frontier_protocol(scale: str, smoke: bool) -> Protocol:
+    """Chapter 8: the paper's five base losses, each without and with TCM at the paper's margins.
+
+    Five seeds a cell (what the CPU budget affords for 50 runs): the exact signed-rank test cannot
+    go below p = 1/16 with five pairs, so this study's Holm correction adjusts the paired t-test's p.
+    One batch size and one training length for every loss (the length chapter 7's learning curves
+    chose for its two losses), so no loss gets more steps or more images than another; the test
+    classes are scored once, after the last epoch, and validation after every epoch (the frontier
+    along training).  Runs with the same config as chapter 7's (Smooth-AP and RS@k, same seeds) are
+    reused from its results file, not retrained.
+    """
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap", "proxy_anchor", "contrastive"),
+                        glyph_size="tiny", val_fraction=0.25, max_epochs=2, curve_seeds=(), tune_seeds=(),
+                        final_seeds=(0, 1), plateau_tol=0.01, r1_tol=0.005, tcm_grid=(_GRID[0],),
+                        train=_SMOKE_TRAIN, stages=("final",), epochs=2, reuse=("ch07",), test="t")
+    if scale == "cpu":
+        return Protocol(backbones=("small_cnn",), losses=FRONTIER_LOSSES, glyph_size="small", val_fraction=0.25,
+                        max_epochs=5, curve_seeds=(), tune_seeds=(), final_seeds=tuple(range(5)), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=(_GRID[0],), train=_TRAIN, stages=("final",), epochs=5,
+                        reuse=("ch07",), test="t")
+    if scale == "gpu":
+        gpu = protocol("ch07", "gpu", smoke=False)
+        return dataclasses.replace(gpu, losses=FRONTIER_LOSSES, curve_seeds=(), tune_seeds=(), tcm_grid=(_GRID[0],),
+                                   stages=("final",), epochs=15, reuse=("ch07",))
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+ABLATION_MARGINS = tuple((mp, mn, 1.0, 1.0) for mp in (0.7, 0.8, 0.9) for mn in (0.3, 0.5, 0.7))
+ABLATION_WEIGHTS = tuple((0.9, 0.5, w, w) for w in (0.25, 0.5, 2.0, 4.0)) + ((0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0))
+
+
+def _ablation_protocol(scale: str, smoke: bool) -> Protocol:
+    """Chapter 10: TCM's margins (3 x 3 grid, both weights 1) and weights (lambda+ = lambda-, and each
+    term alone) around the paper's default, on Smooth-AP with the small CNN.
+
+    An exploration, so on the *validation* classes only (stage ``tune``), with chapter 7's tuning
+    seeds and training length; the settings chapter 7 already tuned are reused from its file.
+    """
+    grid = ABLATION_MARGINS + ABLATION_WEIGHTS
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="tiny", val_fraction=0.25,
+                        max_epochs=2, curve_seeds=(), tune_seeds=(100,), final_seeds=(), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=tuple((mp, mn, 1.0, 1.0) for mp in (0.8, 0.9) for mn in (0.3, 0.5))
+                        + ((0.9, 0.5, 2.0, 2.0), (0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0)),
+                        train=_SMOKE_TRAIN, stages=("tune",), epochs=2, reuse=("ch07",))
+    if scale == "cpu":
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="small", val_fraction=0.25,
+                        max_epochs=5, curve_seeds=(), tune_seeds=(100, 101), final_seeds=(), plateau_tol=0.01,
+                        r1_tol=0.005, tcm_grid=grid, train=_TRAIN, stages=("tune",), epochs=5, reuse=("ch07",))
+    if scale == "gpu":
+        gpu = protocol("ch07", "gpu", smoke=False)
+        return dataclasses.replace(gpu, backbones=("small_cnn",), losses=("smooth_ap",), curve_seeds=(),
+                                   final_seeds=(), tcm_grid=grid, stages=("tune",), epochs=15, reuse=("ch07",))
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+def cells(p: Protocol) -> list[tuple[str, str]]:
+    """``(backbone, loss)`` pairs in the order the study runs them (all losses of a backbone first)."""
+    return [(b, loss) for b in p.backbones for loss in p.losses]
+
+
+def variant_name(tcm: Mapping[str, float] | None) -> str:
+    """``"base"``, or ``"tcm(m+=0.9, m-=0.5, l+=1, l-=1)"`` for a TCM setting."""
+    if not tcm:
+        return "base"
+    return "tcm(m+={margin_pos:g}, m-={margin_neg:g}, l+={lambda_pos:g}, l-={lambda_neg:g})".format(**tcm)
+
+
+def _tcm(setting: Sequence[float]) -> dict[str, float]:
+    return dict(zip(("margin_pos", "margin_neg", "lambda_pos", "lambda_neg"), map(float, setting)))
+
+
+def make_config(p: Protocol, backbone: str, loss: str, tcm: Mapping[str, float] | None, seed: int,
+                epochs: int) -> TrainConfig:
+    """The :class:`TrainConfig` of one run of the study."""
+    values = {**p.train, **p.backbone_train.get(backbone, {}), "glyph_size": p.glyph_size,
+              "val_fraction": p.val_fraction, "backbone": backbone, "loss": loss,
+              "tcm": dict(tcm) if tcm else False, "seed": seed, "epochs": epochs, "eval_every": 1}
+    return load_config(None, **values)
+
+
+def plateau_epoch(curves: Mapping[str, Sequence[Sequence[float]]], tol: float) -> int:
+    """The training length: the first epoch (1-based) where every variant has plateaued.
+
+    ``curves[variant]`` holds one validation-R@1 curve per seed (equal lengths).  A variant has
+    plateaued at epoch e when its seed-mean R@1 at e is within ``tol`` of its best seed-mean epoch;
+    the length is the largest of those first epochs over the variants.
+    """
+    first = []
+    for variant, runs in curves.items():
+        t = torch.tensor([list(r) for r in runs], dtype=torch.float64)  # (seeds, epochs)
+        if t.ndim != 2 or t.numel() == 0:
+            raise ValueError(f"curves[{variant!r}] must be one non-empty R@1 list per seed, of equal length")
+        mean = t.mean(dim=0)  # (epochs,)
+        first.append(int((mean >= mean.max() - tol).nonzero()[0]) + 1)
+    return max(first)
+
+
+def select_setting(base_r1: float, settings: Mapping[str, tuple[float, float]], r1_tol: float,
+                   default: str) -> str:
+    """The tuning rule: among settings with mean val R@1 >= ``base_r1 - r1_tol``, the lowest mean val OPIS.
+
+    ``settings[name] = (mean val R@1, mean val OPIS)``.  Ties go to the earlier setting; when no
+    setting qualifies, ``default`` (the paper's margins).
+    """
+    ok = [(opis, i, name) for i, (name, (r1, opis)) in enumerate(settings.items()) if r1 >= base_r1 - r1_tol]
+    return min(ok)[2] if ok else default
+
+
+# ---- results files ---------------------------------------------------------------------------------------------
+
+def results_path(study: str, scale: str, root: str | os.PathLike | None = None, smoke: bool | None = None) -> Path:
+    """``<root>/<study>/runs.jsonl`` (cpu), ``runs-gpu.jsonl`` (gpu), ``runs-smoke.jsonl`` (smoke).
+
+    ``root`` defaults to ``tcmlib/results``, the committed results that ship with the package.
+    """
+    smoke = is_smoke() if smoke is None else smoke
+    suffix = "-smoke" if smoke else "" if scale == "cpu" else f"-{scale}"
+    base = Path(root) if root is not None else Path(__file__).resolve().parent / "results"
+    return base / study / f"runs{suffix}.jsonl"
+
+
+def load_runs(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every finished run in a ``runs.jsonl``; a torn last line (a killed writer) is skipped, others are errors."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    runs = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                continue  # interrupted while appending: that run is simply not finished
+            raise ValueError(f"{path}:{i + 1} is not valid JSON ({e}); fix or delete that line") from None
+    return runs
+
+
+def _append(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one line under an exclusive lock (several ``reproduce`` processes may share a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: one process at a time, please
+            pass
+        text = path.read_text() if path.exists() else ""
+        if text and not text.endswith("\n"):  # drop a torn line left by a kill
+            path.write_text(text[: text.rfind("\n") + 1])
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple[str | None, bool | None]:
+    """``(commit, tcmlib has uncommitted changes)`` of the checkout, read once per process.
+
+    Read when the process first asks (``reproduce`` asks before training), so a record names the
+    code the process loaded, even if the checkout moves on while a long study runs.
+    """
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "tcmlib"], cwd=_REPO,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, dirty
+
+
+def provenance(command: str | None = None) -> dict[str, Any]:
+    """Where and how a result was made: commit (of the code this process loaded), command, versions, device."""
+    commit, dirty = _code_version()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else (platform.processor() or platform.machine())
+    cpu_model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu_model)
+    except OSError:
+        pass
+    return {"commit": commit, "tcmlib_dirty": dirty, "command": command or shlex.join([Path(sys.executable).name,
+                                                                                          *sys.argv]),
+            "torch": torch.__version__, "python": platform.python_version(), "device": device,
+            "cpu_model": cpu_model, "isa": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def run_record(study: str, stage: str, backbone: str, loss: str, variant: str, cfg: TrainConfig,
+               *, cache_dir: str | os.PathLike | None = None, command: str | None = None,
+               n_boot: int = 1000) -> dict[str, Any]:
+    """Train (or load from the run cache) one run and return its results line."""
+    from tcmlib.report import opis_bootstrap_ci
+
+    t0 = time.perf_counter()
+    res = run_cached(cfg, cache_dir=cache_dir)
+    wall = time.perf_counter() - t0
+    record: dict[str, Any] = {"study": study, "stage": stage, "backbone": backbone, "loss": loss,
+                              "variant": variant, "seed": cfg.seed, "key": config_key(cfg), "name": run_name(cfg),
+                              "config": dataclasses.asdict(cfg), "history": res.history, "final": res.final}
+    if stage == "final":
+        emb, labels = res.test_embeddings()
+        ci = opis_bootstrap_ci(emb, labels, n_boot=n_boot, seed=cfg.seed)
+        record["test_opis_ci"] = [ci.lo, ci.hi]
+    record["wall_s"] = round(time.perf_counter() - t0, 2)
+    record["train_wall_s"] = round(wall, 2)
+    record["trained_now"] = res.trained
+    record["provenance"] = provenance(command)
+    return record
+
+
+def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, stage: str
+                  ) -> list[tuple[str, TrainConfig]] | None:
+    """``(variant, config)`` of every run of ``stage`` for one cell, or None while an earlier stage is unfinished.
+
+    The training length of ``tune`` and ``final`` comes from the recorded ``curves`` runs
+    (:func:`plateau_epoch`); the selected setting of ``final`` from the recorded ``tune`` runs.
+    """
+    paper = variant_name(PAPER_TCM)
+    if stage not in p.stages:
+        raise ValueError(f"this study has no stage {stage!r}; its stages: {', '.join(p.stages)}")
+    if stage == "curves":
+        return [(v, make_config(p, backbone, loss, t, s, p.max_epochs))
+                for s in p.curve_seeds for v, t in (("base", None), (paper, PAPER_TCM))]
+    epochs = p.epochs if p.epochs is not None else training_length(p, runs, backbone, loss)
+    if epochs is None:
+        return None
+    grid = {variant_name(_tcm(g)): _tcm(g) for g in p.tcm_grid}
+    if stage == "tune":
+        return [(v, make_config(p, backbone, loss, t, s, epochs))
+                for s in p.tune_seeds for v, t in (("base", None), *grid.items())]
+    if stage == "final":
+        chosen = selected_setting(p, runs, backbone, loss) if "tune" in p.stages else paper
+        if chosen is None:
+            return None
+        variants = [("base", None), (paper, PAPER_TCM)] + ([] if chosen == paper else [(chosen, grid[chosen])])
+        return [(v, make_config(p, backbone, loss, t, s, epochs)) for s in p.final_seeds for v, t in variants]
+    raise ValueError(f"unknown stage {stage!r}; choose curves, tune or final")
+
+
+def _complete(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, stage: str
+              ) -> list[Mapping[str, Any]] | None:
+    wanted = stage_configs(p, runs, backbone, loss, stage)
+    if wanted is None:
+        return None
+    have = {(r["stage"], r["key"]): r for r in runs}
+    found = [have.get((stage, config_key(cfg))) for _, cfg in wanted]
+    return None if any(f is None for f in found) else [f for f in found if f is not None]
+
+
+def training_length(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> int | None:
+    """The plateau epoch of a cell from its recorded learning curves (None until all are recorded)."""
+    if "curves" not in p.stages:
+        return p.epochs
+    curve_runs = _complete(p, runs, backbone, loss, "curves")
+    if curve_runs is None:
+        return None
+    curves: dict[str, list[list[float]]] = {}
+    for r in curve_runs:
+        curves.setdefault(r["variant"], []).append([h["val_R@1"] for h in r["history"]])
+    return plateau_epoch(curves, p.plateau_tol)
+
+
+def selected_setting(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> str | None:
+    """The TCM setting the rule picks from a cell's recorded tuning runs (None until all are recorded)."""
+    if "tune" not in p.stages or "final" not in p.stages:
+        return None  # this study selects nothing
+    tune_runs = _complete(p, runs, backbone, loss, "tune")
+    if tune_runs is None:
+        return None
+    means: dict[str, list[tuple[float, float]]] = {}
+    for r in tune_runs:
+        means.setdefault(r["variant"], []).append((r["final"]["val_R@1"], r["final"]["val_OPIS"]))
+
+    def avg(xs: list[tuple[float, float]]) -> tuple[float, float]:
+        return sum(x[0] for x in xs) / len(xs), sum(x[1] for x in xs) / len(xs)
+
+    base_r1 = avg(means.pop("base"))[0]
+    return select_setting(base_r1, {k: avg(v) for k, v in means.items()}, p.r1_tol, variant_name(PAPER_TCM))
+
+
+def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[str] = (), results_root: str |
+              os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, max_runs: int | None = None,
+              command: str | None = None, smoke: bool | None = None, progress: bool = True) -> Path:
+    """Train every run of ``study`` that ``runs.jsonl`` lacks, stage by stage, appending as each finishes.
+
+    ``only``: restrict to cells named ``backbone/loss`` or backbones (e.g. ``["small_cnn"]``).
+    ``max_runs``: stop after this many new runs (to work in pieces).  Returns the results file.
+    """
+    from tqdm.auto import tqdm
+
+    scale = scale or default_scale()
+    p = protocol(study, scale, smoke=smoke)
+    path = results_path(study, scale, results_root, smoke=smoke)
+    _code_version()  # pin the commit of the code this process runs
+    chosen = [c for c in cells(p) if not only or f"{c[0]}/{c[1]}" in only or c[0] in only]
+    if only and not chosen:
+        raise ValueError(f"--only {list(only)} matches no cell; cells: {[f'{b}/{loss}' for b, loss in cells(p)]}")
+    new = 0
+    donors = _donors(p, scale, results_root, smoke)
+    for backbone, loss in chosen:
+        for stage in p.stages:
+            runs = load_runs(path)
+            wanted = stage_configs(p, runs, backbone, loss, stage)
+            if wanted is None:
+                break
+            bar = tqdm(total=len(wanted), desc=f"{backbone}/{loss} {stage}", disable=not progress, dynamic_ncols=True)
+            while True:  # several processes may share a stage: each takes the runs no other has claimed
+                done = {r["key"] for r in load_runs(path) if r["stage"] == stage}
+                todo = [(v, c) for v, c in wanted if config_key(c) not in done]
+                bar.n = len(wanted) - len(todo)
+                bar.refresh()
+                if not todo:
+                    break
+                ran = False
+                for variant, cfg in todo:
+                    donor = donors.get((stage, config_key(cfg)))
+                    if donor is not None:  # the same run, recorded by another study: reuse it
+                        _append(path, {**donor, "study": study, "reused_from": donor["study"]})
+                        ran = True
+                        bar.update(1)
+                        continue
+                    if max_runs is not None and new >= max_runs:
+                        return path
+                    with _claim(path, stage, config_key(cfg)) as mine:
+                        if not mine or config_key(cfg) in {r["key"] for r in load_runs(path) if r["stage"] == stage}:
+                            continue
+                        bar.set_postfix_str(f"{variant} seed {cfg.seed}")
+                        _append(path, run_record(study, stage, backbone, loss, variant, cfg, cache_dir=cache_dir,
+                                                 command=command))
+                    new += 1
+                    ran = True
+                    bar.update(1)
+                if not ran:  # what is left is being trained by another process: wait for its records
+                    time.sleep(5)
+            bar.close()
+    return path
+
+
+def _donors(p: Protocol, scale: str, results_root: str | os.PathLike | None, smoke: bool | None
+            ) -> dict[tuple[str, str], dict[str, Any]]:
+    """``(stage, key) -> record`` of the runs this study may reuse from the studies it names."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for other in p.reuse:
+        for r in load_runs(results_path(other, scale, results_root, smoke=smoke)):
+            if "reused_from" not in r:
+                out.setdefault((r["stage"], r["key"]), r)
+    return out
+
+
+@contextlib.contextmanager
+def _claim(path: Path, stage: str, key: str) -> Iterator[bool]:
+    """A non-blocking exclusive claim on one run of a results file; yields whether this process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a single process, always its own claim
+        yield True
+        return
+    folder = path.parent / ".claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{stage}-{key}.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---- what the chapters show -------------------------------------------------------------------------------------
+
+def load_study(study: str, scale: str | None = None, *, retrain: bool = False, smoke: bool | None = None
+               ) -> tuple[Protocol, Path, list[dict[str, Any]]]:
+    """``(protocol, results file, runs)`` of a study, as the chapters load it.
+
+    The committed file by default; with ``retrain=True`` (or when the file is missing) the runs it
+    lacks are trained first through :func:`reproduce`; smoke mode always trains a tiny version live
+    into a temporary folder (the run cache still serves runs an earlier chapter trained).
+    """
+    scale = scale or default_scale()
+    smoke = is_smoke() if smoke is None else smoke
+    p = protocol(study, scale, smoke=smoke)
+    path = results_path(study, scale, root=_smoke_root() if smoke else None, smoke=smoke)
+    if smoke or retrain or not path.exists():
+        if not (smoke or retrain):
+            print(f"{path} is not here: training the study now")
+        reproduce(study, scale=scale, results_root=path.parents[1], smoke=smoke)
+    return p, path, load_runs(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _smoke_root() -> str:
+    """One temporary results root per process, so smoke studies in one kernel can reuse each other."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="tcmlib-smoke-results-")
+
+
+def where_from(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> str:
+    """Which file, commits and machines a study's numbers come from, and its recorded training time."""
+    prov = [r["provenance"] for r in runs if "reused_from" not in r]
+    reused = sorted({r["reused_from"] for r in runs if "reused_from" in r})
+    commits = sorted({(q["commit"] or "?")[:10] for q in prov})
+    machines = sorted({f'{q.get("cpu_model", q["device"])} ({q["cpus"]} CPUs), {q["threads"]} thread(s) a run, '
+                       f'torch {q["torch"]}' for q in prov})
+    own = [r for r in runs if "reused_from" not in r]
+    lines = [f"file: {path}", f"runs: {len(runs)} ({len(own)} trained for this study"
+             + (f", {len(runs) - len(own)} reused from {', '.join(reused)})" if reused else ")"),
+             f"commits: {', '.join(commits) or '-'}", f"machines: {'; '.join(machines) or '-'}",
+             f"training time recorded (this study's own runs): {total_cpu_hours(own):.2f} h"]
+    return "\n".join(lines)
+
+
+def status(p: Protocol, runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per cell: how many runs of each stage are recorded and wanted, and whether the cell is complete."""
+    rows = []
+    for backbone, loss in cells(p):
+        row: dict[str, Any] = {"backbone": backbone, "loss": loss}
+        for stage in p.stages:
+            wanted = stage_configs(p, runs, backbone, loss, stage)
+            have = {(r["stage"], r["key"]) for r in runs}
+            row[stage] = (f"{sum((stage, config_key(c)) in have for _, c in wanted)}/{len(wanted)}"
+                          if wanted is not None else "waits")
+        row["complete"] = _complete(p, runs, backbone, loss, p.stages[-1]) is not None
+        rows.append(row)
+    return rows
+
+
+def comparisons(p: Protocol, runs: Sequence[Mapping[str, Any]],
+                metrics: Sequence[str] = ("R@1", "MAP@R", "OPIS", "eps_OPIS")) -> list[dict[str, Any]]:
+    """Paired test-set comparisons of every TCM variant with its base, per complete cell and metric.
+
+    One row per (cell, variant, metric): :func:`tcmlib.stats.paired_comparison` over the final
+    seeds, plus ``p_holm``: the p of the protocol's test (``p.test``: Wilcoxon signed-rank, or the
+    paired t-test) adjusted by Holm over all rows of the same metric (the family of comparisons the
+    study makes for that metric).
+    """
+    from tcmlib.stats import holm, paired_comparison
+
+    if "final" not in p.stages:
+        raise ValueError("this study has no final stage: its runs are scored on validation classes only")
+    rows: list[dict[str, Any]] = []
+    for backbone, loss in cells(p):
+        final = _complete(p, runs, backbone, loss, "final")
+        if final is None:
+            continue
+        by = {(r["variant"], r["seed"]): r for r in final}
+        variants = list(dict.fromkeys(r["variant"] for r in final if r["variant"] != "base"))
+        selected = selected_setting(p, runs, backbone, loss)
+        for v in variants:
+            for m in metrics:
+                base = [by["base", s]["final"][m] for s in p.final_seeds]
+                treat = [by[v, s]["final"][m] for s in p.final_seeds]
+                rows.append({"backbone": backbone, "loss": loss, "variant": v,
+                             "role": ("paper" if v == variant_name(PAPER_TCM) else "") +
+                                     ("+selected" if v == selected else ""),
+                             "metric": m, **paired_comparison(base, treat)})
+    for m in metrics:
+        family = [r for r in rows if r["metric"] == m]
+        for r, adj in zip(family, holm([r["p_t" if p.test == "t" else "p_wilcoxon"] for r in family])):
+            r["p_holm"] = adj
+    return rows
+
+
+def frontier_gap(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, *, stage: str = "curves"
+                 ) -> tuple[float, dict[str, tuple[Any, Any]]]:
+    """Does TCM move the accuracy-consistency frontier?  ``(gap, paths)`` from a cell's learning curves.
+
+    ``paths[variant] = (val R@1, val OPIS)`` per epoch (seed means, sorted by R@1) for the base loss
+    and base + TCM (paper).  ``gap`` is the mean over 50 evenly spaced R@1 values in the range both
+    paths cover of ``OPIS_tcm(R@1) - OPIS_base(R@1)`` (linear interpolation): negative when TCM is
+    more consistent at equal accuracy, NaN when the paths share no R@1 range.  ``stage``: whose
+    per-epoch validation records to use (the learning curves, or e.g. chapter 8's ``final`` runs).
+    """
+    import numpy as np
+
+    paths = {}
+    for variant in ("base", variant_name(PAPER_TCM)):
+        rs = [r for r in runs if (r["stage"], r["backbone"], r["loss"], r["variant"]) == (stage, backbone, loss, variant)]
+        if not rs:
+            raise ValueError(f"no recorded {stage!r} runs of {backbone} x {loss} ({variant})")
+        r1 = np.mean([[h["val_R@1"] for h in r["history"]] for r in rs], axis=0)
+        op = np.mean([[h["val_OPIS"] for h in r["history"]] for r in rs], axis=0)
+        order = np.argsort(r1, kind="stable")
+        paths[variant] = (r1[order], op[order])
+    (rb, ob), (rt, ot) = paths.values()
+    lo, hi = max(rb[0], rt[0]), min(rb[-1], rt[-1])
+    if hi <= lo:
+        return float("nan"), paths
+    grid = np.linspace(lo, hi, 50)
+    return float(np.mean(np.interp(grid, rt, ot) - np.interp(grid, rb, ob))), paths
+
+
+def run_costs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What a run costs, per stage and base loss: medians over the study's own (not reused) runs.
+
+    ``train_s`` (optimisation), ``eval_s`` (validation after every epoch, test at the end),
+    ``other_s`` (the rest of the run's wall time: start-up, data, the bootstrap interval),
+    ``images_per_s`` (training images per second of ``train_s``; images = steps x batch size).
+    """
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in runs:
+        if "reused_from" not in r:
+            groups.setdefault((r["stage"], r["loss"]), []).append(r)
+    rows = []
+    for (stage, loss), rs in groups.items():
+        train = np.array([sum(h["train_time_s"] for h in r["history"]) for r in rs])
+        ev = np.array([sum(h.get("eval_time_s", 0.0) for h in r["history"]) for r in rs])
+        wall = np.array([r["wall_s"] for r in rs])
+        images = np.array([r["history"][-1]["step"] * r["config"]["batch_size"] for r in rs])
+        rows.append({"stage": stage, "loss": loss, "runs": len(rs), "train_s": float(np.median(train)),
+                     "eval_s": float(np.median(ev)), "other_s": float(np.median(wall - train - ev)),
+                     "images_per_s": float(np.median(images / train))})
+    return rows
+
+
+def total_cpu_hours(runs: Sequence[Mapping[str, Any]]) -> float:
+    """Training + evaluation time of the runs (hours), from their per-epoch records, each run once.
+
+    Per-epoch times survive a resume (they are checkpointed), so an interrupted run counts fully;
+    start-up (data loading, model building, under a few seconds a run) is not included.
+    """
+    seen: dict[str, float] = {}
+    for r in runs:
+        seen[r["key"]] = sum(float(h.get("train_time_s", 0.0)) + float(h.get("eval_time_s", 0.0)) for h in r["history"])
+    return sum(seen.values()) / 3600
