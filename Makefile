@@ -53,8 +53,8 @@ chromium:
 
 # The lower bounds of pyproject.toml, proven: a separate venv with the oldest minor series of every
 # requirement (each "name>=X.Y", the [all] extra included, installed as "name==X.Y.*": torch 2.5.*,
-# torchvision 0.20.*, numpy 1.23.*, ...; tests/lower_bound_pins.py), tcmlib itself (not editable), and
-# the unit tests run there.  Left out: the book toolchain's tests (ipykernel pin, jupytext pairing,
+# torchvision 0.20.*, numpy 1.25.*, ...; tests/lower_bound_pins.py), this checkout installed editable,
+# and the unit tests run there.  Left out: the book toolchain's tests (ipykernel pin, jupytext pairing,
 # mypy) and the wheel/notebook runs.  Not part of make test: it downloads a few GB once (PyPI's torch
 # 2.5 for Linux is a CUDA build) and takes ~15 min on 2 cores.
 LOWER_VENV ?= .venv-lower
@@ -64,7 +64,7 @@ lower-bounds:
 	test -x $(LOWER_VENV)/bin/python || $(PYTHON) -m venv $(LOWER_VENV)
 	$(LOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(LOWER_VENV)/bin/python -m pip install --quiet $$($(PYTHON) tests/lower_bound_pins.py)
-	$(LOWER_VENV)/bin/python -m pip install --quiet --no-deps .
+	$(LOWER_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(LOWER_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|numpy|tqdm|matplotlib|pyyaml|pytorch-metric-learning|scikit-learn|fonttools|scipy|ipywidgets) "
 	cd $(LOWER_VENV) && OMP_WAIT_POLICY=PASSIVE bin/python -m pytest $(CURDIR)/tests -q -p no:cacheprovider \
 	  -m "not browser and not notebooks" $(subst tests/,$(CURDIR)/tests/,$(LOWER_IGNORE))

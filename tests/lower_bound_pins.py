@@ -2,7 +2,7 @@
 
 Every ``name>=X.Y`` of pyproject.toml (the dependencies and the ``all`` extra) becomes
 ``name==X.Y.*``: the oldest minor series the bounds admit, at its last patch release (torch 2.5.*,
-torchvision 0.20.*, numpy 1.23.*, ...).  The test tools (pytest, hypothesis, pytest-rerunfailures)
+torchvision 0.20.*, numpy 1.25.*, ...).  The test tools (pytest, hypothesis, pytest-rerunfailures)
 keep their requirements.txt pins.  Not a test module (pytest collects only ``test_*.py``).
 """
 

@@ -16,8 +16,9 @@ tcmlib                              pytorch-metric-learning (v2.9)
                                     ``embeddings`` with ``embeddings``; we pair them with ``ref_emb``)
 ``margin_pos`` / ``margin_neg``     ``margin_plus`` / ``margin_minus`` (defaults 0.9 / 0.5)
 ``lambda_pos`` / ``lambda_neg``     ``lambda_plus`` / ``lambda_minus`` (defaults 1 / 1)
-``SmoothAPLoss(temperature=0.01)``  ``SmoothAPLoss(temperature=0.01)``; pml needs equal class sizes
-                                    in a class-sorted batch, ours takes any batch
+``SmoothAPLoss(temperature=0.01)``  ``SmoothAPLoss(temperature=0.01)`` (not in pml 2.7); pml needs equal
+                                    class sizes and groups positives by batch position (equal to ours
+                                    only when #classes = samples per class); ours takes any batch
 ``RecallAtKSurrogateLoss``          no pml equivalent
 ``WithTCM(base)``, ``add_tcm``      ``MultipleLosses([base, ThresholdConsistentMarginLoss()],
                                     miners=[miner, None])`` (TCM on every pair, as in the paper)
