@@ -60,6 +60,9 @@ chromium:
 LOWER_VENV ?= .venv-lower
 LOWER_IGNORE := --ignore=tests/test_build_config.py --ignore=tests/test_notebooks_sync.py \
   --ignore=tests/test_typing.py --ignore=tests/test_packaging.py --ignore=tests/test_book_browser.py
+# The committed Part II runs were trained with requirements.txt's pins; reproducing one to float32
+# rounding is a check of that environment, not of the bounds (torch 2.5.1 gave a 1 % different loss).
+LOWER_DESELECT := --deselect tests/test_study.py::test_a_committed_run_reproduces
 lower-bounds:
 	test -x $(LOWER_VENV)/bin/python || $(PYTHON) -m venv $(LOWER_VENV)
 	$(LOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
@@ -67,7 +70,7 @@ lower-bounds:
 	$(LOWER_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(LOWER_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|numpy|tqdm|matplotlib|pyyaml|pytorch-metric-learning|scikit-learn|fonttools|scipy|ipywidgets) "
 	cd $(LOWER_VENV) && OMP_WAIT_POLICY=PASSIVE bin/python -m pytest $(CURDIR)/tests -q -p no:cacheprovider \
-	  -m "not browser and not notebooks" $(subst tests/,$(CURDIR)/tests/,$(LOWER_IGNORE))
+	  -m "not browser and not notebooks" $(subst tests/,$(CURDIR)/tests/,$(LOWER_IGNORE)) $(LOWER_DESELECT)
 
 # Regenerate every paired .ipynb from its MyST .md source (run after editing a chapter).
 sync: install
