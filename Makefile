@@ -55,8 +55,8 @@ chromium:
 # requirement (each "name>=X.Y", the [all] extra included, installed as "name==X.Y.*": torch 2.5.*,
 # torchvision 0.20.*, numpy 1.25.*, ...; tests/lower_bound_pins.py), this checkout installed editable,
 # and the unit tests run there.  Left out: the book toolchain's tests (ipykernel pin, jupytext pairing,
-# mypy), the wheel run, a committed run's exact reproduction.  Not part of make test: it downloads a few GB once (PyPI's torch
-# 2.5 for Linux is a CUDA build) and takes ~15 min on 2 cores.
+# mypy), the wheel run, a committed run's exact reproduction.  Not part of make test: it downloads
+# a few GB once (PyPI's torch 2.5 for Linux is a CUDA build); then its tests take ~7 min on 2 cores.
 LOWER_VENV ?= .venv-lower
 LOWER_IGNORE := --ignore=tests/test_build_config.py --ignore=tests/test_notebooks_sync.py \
   --ignore=tests/test_typing.py --ignore=tests/test_packaging.py --ignore=tests/test_book_browser.py
