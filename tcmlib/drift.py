@@ -177,7 +177,7 @@ class GroupDrift:
         return self.ratio[~torch.eye(g, dtype=torch.bool)]
 
     def summary(self) -> dict[str, float]:
-        """Off-diagonal FAR ratios: min, median, max, |log2| mean, share > 2x; and the worst move."""
+        """Off-diagonal FAR ratios: min, median, max, mean of ``abs(log2(ratio))``, share > 2x; and the worst move."""
         r = self.off_diagonal()
         g = self.far.shape[0]
         worst = int(torch.argmax(torch.where(torch.eye(g, dtype=torch.bool), -math.inf, self.ratio)))

@@ -62,7 +62,7 @@ from tcmlib.train import TrainConfig, load_config
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
            "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
            "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap",
-           "load_study", "where_from", "run_costs", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
+           "load_study", "where_from", "run_costs", "run_as_recorded", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07", "ch08", "ch10")
@@ -562,6 +562,23 @@ def _smoke_root() -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix="tcmlib-smoke-results-")
+
+
+def run_as_recorded(cfg: TrainConfig, runs: Sequence[Mapping[str, Any]], *,
+                    cache_dir: str | os.PathLike | None = None) -> Any:
+    """:func:`~tcmlib.experiments.run_cached` with torch's thread count set to the one the recorded run of
+    ``cfg`` used (its ``provenance["threads"]``), so that on the recording CPU the run is the recorded
+    one bit for bit (CPU kernels round differently with another thread count, and training amplifies
+    that).  Without a record of ``cfg`` in ``runs`` the thread count is left alone."""
+    key = config_key(cfg)
+    threads = next((r["provenance"]["threads"] for r in runs if r["key"] == key), None)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return run_cached(cfg, cache_dir=cache_dir)
+    finally:
+        torch.set_num_threads(before)
 
 
 def where_from(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> str:

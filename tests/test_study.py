@@ -235,3 +235,18 @@ def test_load_runs_counts_a_run_recorded_twice_once(tmp_path: Path) -> None:
     path = tmp_path / "runs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (a, b, again, tune)))
     assert load_runs(path) == [a, b, tune]
+
+
+def test_run_as_recorded_trains_with_the_records_thread_count(monkeypatch) -> None:
+    import tcmlib.study as st
+
+    cfg = load_config(None, dataset="glyphs", glyph_size="tiny", seed=3)
+    seen = []
+    monkeypatch.setattr(st, "run_cached", lambda c, cache_dir=None: seen.append(torch.get_num_threads()) or c)
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    record = {"key": config_key(cfg), "provenance": {"threads": want}}
+    assert st.run_as_recorded(cfg, [record]) is cfg
+    assert seen == [want] and torch.get_num_threads() == before   # set for the run, restored after
+    st.run_as_recorded(cfg, [{"key": "other", "provenance": {"threads": want}}])
+    assert seen[-1] == before                                      # no record of cfg: left alone
