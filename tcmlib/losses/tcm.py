@@ -236,7 +236,7 @@ class TCMLoss(nn.Module):
 
     ``forward(embeddings (B, D), labels (B,), indices_tuple=None, ref_emb (M, D)=None,
     ref_labels (M,)=None)`` (pml's calling convention, so it works in pml's ``MultipleLosses``, with
-    its miners and, through :func:`tcmlib.losses.as_pml_loss`, in ``DistributedLossWrapper``)
+    its miners and, through :func:`tcmlib.losses.pml_compat.as_pml_loss`, in ``DistributedLossWrapper``)
     returns a 0-dim tensor.  With a miner's ``indices_tuple`` only the mined pairs count and the
     value and gradient equal pml's ``ThresholdConsistentMarginLoss`` given the same tuple.  Add it to any base loss: ``loss = base(x, y) + TCMLoss()(x, y)``
     (or use :class:`tcmlib.losses.combine.WithTCM`).

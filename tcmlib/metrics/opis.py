@@ -226,7 +226,7 @@ def curves_and_extras(
     extra_quantiles: tuple[float, ...] = (),
     on_sorted: Any = None,
 ) -> tuple[UtilityCurves, list[float]]:
-    """:func:`utility_curves` plus what may ride on its passes (for :func:`tcmlib.metrics.evaluate` and
+    """:func:`utility_curves` plus what may ride on its passes (for :func:`tcmlib.metrics.evaluation.evaluate` and
     :func:`tcmlib.report.threshold_report`).
 
     ``extra_quantiles``: further exact ``numpy.quantile`` values of the negative-pair distances, computed

@@ -33,7 +33,7 @@ reference items (none is removed: the sets are disjoint), R = the number of refe
 query's label, and queries with R = 0 are left out.  This is pml's ``AccuracyCalculator.get_accuracy(
 query, query_labels, reference, reference_labels, ref_includes_query=False)``.
 
-Cost: one pass over the pairs (:mod:`tcmlib.metrics._pairs`).  Without a reference set the
+Cost: one pass over the pairs (``tcmlib.metrics._pairs``).  Without a reference set the
 similarity matrix is symmetric and only its upper triangle is computed: half a full GEMM,
 ``chunk_size`` rows by 4096 columns at a time, each tile serving its rows and (transposed) its
 columns.  A running top-k per query (k = max(ks) and the query's R) is merged exactly; once it has
@@ -109,9 +109,9 @@ class RetrievalPass:
     """Hits at each k and AP@R of every query, from tiles of similarities fed in any order.
 
     ``row_labels`` (N,) of the queries, ``col_labels`` (M,) of the candidates, ``r`` (N,) each query's
-    R (relevant candidates).  ``symmetric``: the tiles come from :func:`~tcmlib.metrics._pairs.upper_tiles`
+    R (relevant candidates).  ``symmetric``: the tiles come from ``tcmlib.metrics._pairs.upper_tiles``
     (queries = candidates) and each also serves its columns.  :func:`per_query_retrieval` drives one
-    pass; :func:`tcmlib.metrics.evaluate` lets it ride on OPIS's counting pass.
+    pass; :func:`tcmlib.metrics.evaluation.evaluate` lets it ride on OPIS's counting pass.
     """
 
     def __init__(self, row_labels: torch.Tensor, col_labels: torch.Tensor, r: torch.Tensor, ks: list[int],
