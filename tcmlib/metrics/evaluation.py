@@ -1,8 +1,8 @@
 """One call for every metric of the book: Recall@k, MAP@R, OPIS and eps-OPIS, from one set of passes.
 
 ``evaluate(embeddings, labels)`` returns an :class:`Evaluation`.  Its numbers are those of
-:func:`~tcmlib.metrics.recall_at_k`, :func:`~tcmlib.metrics.map_at_r`, :func:`~tcmlib.metrics.opis`
-and :func:`~tcmlib.metrics.eps_opis` with the same arguments, bit for bit, but the pairs are visited
+:func:`~tcmlib.metrics.retrieval.recall_at_k`, :func:`~tcmlib.metrics.retrieval.map_at_r`, :func:`~tcmlib.metrics.opis.opis`
+and :func:`~tcmlib.metrics.opis.eps_opis` with the same arguments, bit for bit, but the pairs are visited
 only as often as OPIS needs: the calibration-range pass (skipped when ``distance_range`` is given),
 then the counting pass, on which the retrieval rides (each tile of the similarity matrix, computed
 once, feeds the running top-k of its rows and columns before OPIS counts it).
@@ -87,7 +87,7 @@ def evaluate(
         ks: the k of Recall@k, positive ints < N (<= M with a reference set).
         eps: the worst share of classes in eps-OPIS, in (0, 1).
         far_range, distance_range, num_thresholds, beta: OPIS's thresholds and utility, as
-            :func:`~tcmlib.metrics.utility_curves`.
+            :func:`~tcmlib.metrics.opis.utility_curves`.
         groups: optional (N,) ids: OPIS per group instead of per class, and Recall@k / MAP@R averaged
             over groups (as their functions' ``groups``).
         chunk_size: rows per similarity tile.
