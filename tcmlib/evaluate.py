@@ -37,16 +37,9 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
-from tcmlib.metrics.opis import UtilityCurves, utility_curves
+from tcmlib.metrics.opis import UtilityCurves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
-from tcmlib.report import (
-    BootstrapCI,
-    ThresholdRates,
-    ThresholdReport,
-    opis_bootstrap_ci,
-    rates_at_threshold,
-    threshold_for_far,
-)
+from tcmlib.report import ThresholdReport, threshold_report
 
 __all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
 
@@ -250,8 +243,7 @@ def evaluate(
                              f"{x.shape[1]}: both must come from the same model")
     if progress is None:
         progress = x.shape[0] >= PROGRESS_MIN_N
-    stages = ["retrieval", "threshold", "per-class rates"] + (["per-group rates"] if g is not None else []) + [
-        "utility curves", "bootstrap"] + (["post-hoc"] if posthoc else [])
+    stages = ["retrieval", "threshold report"] + (["post-hoc"] if posthoc else [])
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(stages), desc="tcmlib-eval", unit="stage", disable=not progress, file=sys.stderr)
@@ -259,37 +251,14 @@ def evaluate(
     def step(name: str) -> None:
         bar.set_postfix_str(name)
 
-    step("retrieval")
+    step("retrieval")  # one symmetric pass over the pairs (or queries x gallery)
     retrieval = _retrieval(x, y, gal, ks, g, None)
     bar.update()
-    step("threshold")
-    cx, cy = cal if cal is not None else (x, y)
-    t = threshold_for_far(cx, cy, far_target, chunk_size=chunk_size)
-    cal_far = None if cal is None else rates_at_threshold(cx, cy, t, chunk_size=chunk_size).global_far
+    step("threshold report")  # threshold, per-class / per-group rates, curves, R@1: two passes
+    report = threshold_report(x, y, far_target=far_target, groups=g, calibration=cal, far_range=far_range,
+                              num_thresholds=num_thresholds, n_boot=n_boot, alpha=alpha, eps=eps, seed=seed,
+                              name="embeddings", chunk_size=chunk_size)
     bar.update()
-    step("per-class rates")
-    class_rates: ThresholdRates = rates_at_threshold(x, y, t, chunk_size=chunk_size)
-    bar.update()
-    group_rates = None
-    if g is not None:
-        step("per-group rates")
-        group_rates = rates_at_threshold(x, y, t, groups=g, chunk_size=chunk_size)
-        bar.update()
-    step("utility curves")
-    curves = utility_curves(x, y, far_range=far_range, num_thresholds=num_thresholds, chunk_size=chunk_size)
-    bar.update()
-    step("bootstrap")
-    ci: BootstrapCI = opis_bootstrap_ci(curves, n_boot=n_boot, alpha=alpha, seed=seed)
-    eps_value = curves.eps_opis(eps)
-    bar.update()
-    report = ThresholdReport(
-        name="embeddings", threshold=t, far_target=float(far_target),
-        threshold_source="calibration set" if cal is not None else "evaluation set itself",
-        calibration_far=cal_far, class_rates=class_rates, group_rates=group_rates, curves=curves,
-        opis_ci=ci, alpha=float(alpha), eps=float(eps), eps_opis=eps_value,
-        recall_at_1=retrieval.get("R@1", math.nan), num_samples=int(x.shape[0]),
-        num_classes=int(torch.unique(y).numel()),
-    )
     comparison = None
     if posthoc:
         step("post-hoc")

@@ -608,6 +608,7 @@ def threshold_report(
     groups: Any = None,
     calibration: tuple[Any, Any] | None = None,
     far_range: tuple[float, float] = (1e-2, 1e-1),
+    num_thresholds: int = 100,
     n_boot: int = 1000,
     alpha: float = 0.05,
     eps: float = 0.1,
@@ -620,7 +621,8 @@ def threshold_report(
     The threshold meets ``far_target`` (global FAR) on ``calibration = (emb, labels)`` when given (the
     honest choice: held-out data), else on the evaluation data itself. Then, on the evaluation data:
     global / per-class (and per-group with ``groups`` (N,)) FAR and FRR at that threshold, OPIS over
-    ``far_range`` with a bootstrap CI over classes (``n_boot``, ``alpha``, ``seed``), eps-OPIS and R@1.
+    ``far_range`` (``num_thresholds`` thresholds) with a bootstrap CI over classes (``n_boot``,
+    ``alpha``, ``seed``), eps-OPIS and R@1.
     """
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
@@ -652,7 +654,8 @@ def threshold_report(
 
         return on_tile
 
-    curves, _ = curves_and_extras(x, y, far_range=far_range, chunk_size=chunk, on_sorted=on_sorted,
+    curves, _ = curves_and_extras(x, y, far_range=far_range, num_thresholds=num_thresholds, chunk_size=chunk,
+                                  on_sorted=on_sorted,
                                   extra_quantiles=(far,) if calibration is None else ())
     class_rates = riders["class"].result()
     group_rates = riders["group"].result() if groups is not None else None
