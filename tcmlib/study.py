@@ -692,7 +692,7 @@ def frontier_gap(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, *,
 
 
 def run_costs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """What a run costs, per stage and base loss: medians over the study's own (not reused) runs.
+    """What a run costs, per stage, backbone and base loss: medians over the study's own (not reused) runs.
 
     ``train_s`` (optimisation), ``eval_s`` (validation after every epoch, test at the end),
     ``other_s`` (the rest of the run's wall time: start-up, data, the bootstrap interval),
@@ -700,17 +700,17 @@ def run_costs(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """
     import numpy as np
 
-    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in runs:
         if "reused_from" not in r:
-            groups.setdefault((r["stage"], r["loss"]), []).append(r)
+            groups.setdefault((r["stage"], r.get("backbone", "?"), r["loss"]), []).append(r)
     rows = []
-    for (stage, loss), rs in groups.items():
+    for (stage, backbone, loss), rs in groups.items():
         train = np.array([sum(h["train_time_s"] for h in r["history"]) for r in rs])
         ev = np.array([sum(h.get("eval_time_s", 0.0) for h in r["history"]) for r in rs])
         wall = np.array([r["wall_s"] for r in rs])
         images = np.array([r["history"][-1]["step"] * r["config"]["batch_size"] for r in rs])
-        rows.append({"stage": stage, "loss": loss, "runs": len(rs), "train_s": float(np.median(train)),
+        rows.append({"stage": stage, "backbone": backbone, "loss": loss, "runs": len(rs), "train_s": float(np.median(train)),
                      "eval_s": float(np.median(ev)), "other_s": float(np.median(wall - train - ev)),
                      "images_per_s": float(np.median(images / train))})
     return rows

@@ -215,7 +215,7 @@ def test_run_costs_hand_case() -> None:
     from tcmlib.study import run_costs
 
     def run(loss, train, ev, wall, steps, reused=False):
-        r = {"stage": "final", "loss": loss, "wall_s": wall, "config": {"batch_size": 10},
+        r = {"stage": "final", "backbone": "cnn", "loss": loss, "wall_s": wall, "config": {"batch_size": 10},
              "history": [{"train_time_s": t, "eval_time_s": e, "step": s} for t, e, s in zip(train, ev, steps)]}
         return {**r, "reused_from": "ch07"} if reused else r
 
@@ -223,7 +223,7 @@ def test_run_costs_hand_case() -> None:
             run("a", [2.0, 2.0], [1.0, 1.0], 7.0, [10, 20]),     # 200 images in 4 s; other 1 s
             run("a", [9.0], [9.0], 99.0, [5], reused=True)]      # another study's run: not counted
     (row,) = run_costs(runs)
-    assert row == {"stage": "final", "loss": "a", "runs": 2, "train_s": 4.0, "eval_s": 1.5, "other_s": 1.0,
+    assert row == {"stage": "final", "backbone": "cnn", "loss": "a", "runs": 2, "train_s": 4.0, "eval_s": 1.5, "other_s": 1.0,
                    "images_per_s": 50.0}
 
 
@@ -250,3 +250,36 @@ def test_run_as_recorded_trains_with_the_records_thread_count(monkeypatch) -> No
     assert seen == [want] and torch.get_num_threads() == before   # set for the run, restored after
     st.run_as_recorded(cfg, [{"key": "other", "provenance": {"threads": want}}])
     assert seen[-1] == before                                      # no record of cfg: left alone
+
+
+def test_backbone_protocol_sets_a_backbones_losses_seeds_and_test() -> None:
+    import numpy as np
+    from scipy import stats
+
+    from tcmlib.stats import holm
+    from tcmlib.study import cells, comparisons, for_backbone, protocol, stage_configs
+
+    p = dataclasses.replace(protocol("ch08", "cpu", smoke=False), backbones=("small_cnn", "conv_vit_tiny"),
+                            losses=("smooth_ap", "contrastive"), final_seeds=tuple(range(6)), test="wilcoxon",
+                            backbone_protocol={"conv_vit_tiny": {"losses": ("smooth_ap",), "final_seeds": (0, 1, 2),
+                                                                 "test": "t"}})
+    assert cells(p) == [("small_cnn", "smooth_ap"), ("small_cnn", "contrastive"), ("conv_vit_tiny", "smooth_ap")]
+    assert for_backbone(p, "small_cnn") == p
+    vit = stage_configs(p, [], "conv_vit_tiny", "smooth_ap", "final")
+    assert sorted({c.seed for _, c in vit}) == [0, 1, 2] and {c.backbone for _, c in vit} == {"conv_vit_tiny"}
+    rng = np.random.default_rng(0)
+    runs = []
+    for backbone, loss in cells(p):
+        for variant, cfg in stage_configs(p, [], backbone, loss, "final"):
+            runs.append({"stage": "final", "backbone": backbone, "loss": loss, "variant": variant, "seed": cfg.seed,
+                         "key": config_key(cfg), "final": {"OPIS": float(rng.normal(1.0 if variant == "base" else 0.9,
+                                                                                        0.01))}})
+    rows = comparisons(p, runs, metrics=("OPIS",))
+    assert [(r["backbone"], r["loss"], r["test"], r["n"]) for r in rows] == [
+        ("small_cnn", "smooth_ap", "wilcoxon", 6), ("small_cnn", "contrastive", "wilcoxon", 6),
+        ("conv_vit_tiny", "smooth_ap", "t", 3)]
+    vit_base = [r["final"]["OPIS"] for r in runs if r["backbone"] == "conv_vit_tiny" and r["variant"] == "base"]
+    vit_tcm = [r["final"]["OPIS"] for r in runs if r["backbone"] == "conv_vit_tiny" and r["variant"] != "base"]
+    assert rows[2]["p_t"] == pytest.approx(stats.ttest_rel(vit_tcm, vit_base).pvalue)
+    raw = [rows[0]["p_wilcoxon"], rows[1]["p_wilcoxon"], rows[2]["p_t"]]   # each cell's own test, one Holm family
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm(raw))
