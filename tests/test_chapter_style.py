@@ -4,7 +4,8 @@ The built page shows a code cell in a column of about 88 characters; longer line
 sideways and their comments are cut off.  Every chapter (Part I, 0-6, and Part II, 8-13)
 keeps every code-cell line (comments included) within ``MAX_LINE``.  Each of its exercises
 ends in a collapsed hint or solution (a ``dropdown`` admonition, sphinx-togglebutton), so a
-reader can check an answer.  Chapters in ``EXEMPT`` are not yet held to this.
+reader can check an answer.  Chapters in ``EXEMPT`` (for now chapter 7 only, while it is
+being rewritten) are not yet held to this.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ MAX_LINE = 88
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PART_ONE = sorted(p for p in NOTEBOOKS.glob("0[0-6]_*.md"))
 # Chapter 7 is being edited on its own; remove it from EXEMPT once it is reformatted.
-EXEMPT = {"07_offline_benchmark.md",
-          "11_gpu_experiments.md", "12_deploying_a_threshold.md"}
+EXEMPT = {"07_offline_benchmark.md"}
 CHAPTERS = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.md") if p.name not in EXEMPT)
 
 
