@@ -104,7 +104,22 @@ def test_gallery(files, capsys, tmp_path) -> None:
     x, y, _ = _data()
     recall, mapr = recall_and_map_at_r(x, y, (1, 2, 4, 8), reference=gx, reference_labels=gy)
     assert got["retrieval"] == {**{f"R@{k}": v for k, v in recall.items()}, "MAP@R": mapr}
-    assert got["num_gallery"] == 80 and got["pairs"] == "pairs within the query set"
+    assert got["num_gallery"] == 80 and got["pairs"].startswith("query x gallery pairs")
+    # every pair-based number: query x gallery pairs (the library's own oracle: tests/test_report.py)
+    t = threshold_for_far(x, y, 0.01, reference=gx, reference_labels=gy)
+    rates = rates_at_threshold(x, y, t, reference=gx, reference_labels=gy)
+    assert got["threshold"] == t and (got["global_FAR"], got["global_FRR"]) == (rates.global_far, rates.global_frr)
+    assert got["per_class"] == {"count": rates.far.numel(), **rates.summary(0.01)}
+    curves = utility_curves(x, y, reference=gx, reference_labels=gy)
+    ci = opis_bootstrap_ci(curves, n_boot=200)
+    assert (got["OPIS"], got["OPIS_CI"], got["eps_OPIS"]) == (curves.opis, [ci.lo, ci.hi], curves.eps_opis(0.1))
+    grp = tmp_path / "g.npy"
+    np.save(grp, np.arange(150) % 3)  # groups of the queries
+    got = _run_json(capsys, *argv, "--groups", str(grp))
+    g_rates = rates_at_threshold(x, y, t, groups=np.arange(150) % 3, reference=gx, reference_labels=gy)
+    assert got["per_group"] == {"count": 3, **g_rates.summary(0.01)}
+    assert main([*argv, "--posthoc", "--no-progress"]) == 2
+    assert "posthoc" in capsys.readouterr().err
 
 
 def _bad(tmp_path: Path, case: str) -> tuple[list[str], str]:
