@@ -47,7 +47,7 @@ import torch
 from tcmlib._checks import check_embeddings_labels, check_labels
 from tcmlib.metrics.opis import UtilityCurves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
-from tcmlib.report import ThresholdReport, threshold_report
+from tcmlib.report import ThresholdReport, _check_calibration, threshold_report
 
 __all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
 
@@ -246,12 +246,7 @@ def evaluate(
             raise ValueError(f"gallery embeddings have dimension {gx.shape[1]}, the queries {x.shape[1]}: "
                              "both must come from the same model")
         gal = (gx, gy)
-    cal = None
-    if calibration is not None:
-        cal = check_embeddings_labels(*calibration, emb_name="calibration embeddings", label_name="calibration labels")
-        if cal[0].shape[1] != x.shape[1]:
-            raise ValueError(f"calibration embeddings have dimension {cal[0].shape[1]}, the evaluation ones "
-                             f"{x.shape[1]}: both must come from the same model")
+    cal = None if calibration is None else _check_calibration(calibration, x.shape[1])  # the report's own check
     if posthoc and gal is not None:
         raise ValueError("posthoc thresholds are compared on the pairs of one set; run without the gallery "
                          "(or without posthoc)")
