@@ -47,12 +47,11 @@ import torch
 from tcmlib._checks import check_embeddings_labels, check_labels
 from tcmlib.metrics.opis import UtilityCurves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
-from tcmlib.report import ThresholdReport, _check_calibration, threshold_report
+from tcmlib.report import OPIS_SCALE, ThresholdReport, _check_calibration, threshold_report
 
 __all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
 
 PROGRESS_MIN_N = 20_000  # show a progress bar (stderr) from this many samples on
-OPIS_SCALE = "variance of per-class utilities in [0, 1]: at most 0.25, lower is more consistent"
 
 
 # ----------------------------------------------------------------------------- files
@@ -167,7 +166,6 @@ class EvalReport:
         """The report a person reads (rates in %)."""
         r = self.report
         lo, hi = r.curves.distance_range
-        far_lo, far_hi = r.curves.far_range or (math.nan, math.nan)
         proto = ("leave-one-out: each sample queries all others" if self.num_gallery is None
                  else f"each of {self.num_queries} queries ranks a gallery of {self.num_gallery}")
         ret = "  ".join(f"{k} {100 * v:.2f} %" for k, v in self.retrieval.items())
@@ -176,9 +174,8 @@ class EvalReport:
             lines += ["Pair-based numbers below: query x gallery pairs, each counted for its query's class "
                       "(or group).", ""]
         lines += [r.to_text(),
-                  f"  OPIS scale: {OPIS_SCALE}",
-                  f"  OPIS / eps-OPIS distance range: d in [{lo:.4f}, {hi:.4f}] (global FAR {100 * far_lo:g} % .. "
-                  f"{100 * far_hi:g} %), {r.curves.thresholds.numel()} thresholds"]
+                  f"  OPIS / eps-OPIS distance range: d in [{lo:.4f}, {hi:.4f}], {r.curves.thresholds.numel()} "
+                  "thresholds"]
         if self.posthoc is not None:
             lines += ["", "Post-hoc thresholds (tcmlib.posthoc.compare_thresholding)", self.posthoc.to_text()]
         return "\n".join(lines)

@@ -78,6 +78,8 @@ __all__ = [
 
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block (as tcmlib.metrics.opis)
+OPIS_SCALE = ("OPIS is a variance of per-class utilities in [0, 1], so at most 0.25; eps-OPIS a squared gap "
+              "of mean utilities, at most 1; lower is more consistent")
 
 
 def _accept_boundary(threshold: float, work: torch.dtype) -> float:
@@ -178,7 +180,7 @@ def threshold_for_far(
 class ThresholdRates:
     """False-accept and false-reject rates at one threshold, globally and per eligible class (or group).
 
-    ``unit_ids`` (T,) the eligible class labels (or group ids), ascending; ``far``, ``frr`` (T,) float64;
+    Rates are fractions in [0, 1] (the text reports print them in %).  ``unit_ids`` (T,) the eligible class labels (or group ids), ascending; ``far``, ``frr`` (T,) float64;
     ``false_accepts`` / ``num_neg`` and ``false_rejects`` / ``num_pos`` (T,) int64 the counts behind them
     (pairs touching the unit). ``global_far`` / ``global_frr`` over all pairs (each pair counted once).
     """
@@ -199,7 +201,8 @@ class ThresholdRates:
     by: str  # "class" or "group"
 
     def summary(self, far_target: float | None = None) -> dict[str, float]:
-        """min / median / max of per-unit FAR and FRR; with ``far_target``, the share of units over 2x it."""
+        """min / median / max of per-unit FAR and FRR (keys ``"FAR_min"`` ... ``"FRR_max"``, fractions);
+        with ``far_target``, ``"share_FAR_over_2x"``: the share of units over 2x it."""
         out: dict[str, float] = {}
         for name, v in (("FAR", self.far), ("FRR", self.frr)):
             out[f"{name}_min"] = float(v.min())
@@ -354,17 +357,28 @@ def opis_bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
-    **curve_kwargs: Any,
+    far_range: tuple[float, float] | None = None,
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int | None = None,
+    beta: float | None = None,
+    groups: Any = None,
+    chunk_size: int | None = None,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> BootstrapCI:
     """OPIS with a percentile bootstrap interval over classes (or groups): ``(opis, lo, hi)``.
 
     Pass :class:`~tcmlib.metrics.UtilityCurves` (computed once, reused), or embeddings (N, D) and
-    ``labels`` (N,) plus any :func:`~tcmlib.metrics.opis.utility_curves` keyword (``groups=``, ``far_range=``,
-    ...). Each of ``n_boot`` replicates draws T of the T eligible classes with replacement and
+    ``labels`` (N,) plus any :func:`~tcmlib.metrics.opis.utility_curves` keyword (``far_range`` ...
+    ``reference_labels``; None: its default). Each of ``n_boot`` replicates draws T of the T eligible classes with replacement and
     recomputes OPIS from their curves (the thresholds stay fixed: the interval is about which
     classes the test set happened to contain, not about the pairs within a class). ``lo`` / ``hi``
     are the ``alpha / 2`` and ``1 - alpha / 2`` quantiles of the replicates (``numpy.quantile``).
     """
+    given = {"far_range": far_range, "distance_range": distance_range, "num_thresholds": num_thresholds,
+             "beta": beta, "groups": groups, "chunk_size": chunk_size, "reference": reference,
+             "reference_labels": reference_labels}
+    curve_kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if isinstance(curves_or_embeddings, UtilityCurves):
         if labels is not None or curve_kwargs:
             raise ValueError("pass either UtilityCurves alone, or embeddings with labels (and utility_curves keywords)")
@@ -528,7 +542,11 @@ class ThresholdReport:
         return self.opis_ci.opis
 
     def row(self) -> dict[str, Any]:
-        """One flat row (a dict) for tables: the numbers of :meth:`to_text`."""
+        """One flat row (a dict) for tables: the numbers of :meth:`to_text`, rates and R@1 as fractions.
+
+        Keys follow the library's scheme (:mod:`tcmlib.metrics.evaluation`): the metric's own name
+        (``"R@1"``, ``"OPIS"``, ``"eps_OPIS"``, ``"FAR"``, ``"FRR"``) with snake_case qualifiers
+        (``"global_FAR"``, ``"class_FAR_median"``, ``"OPIS_lo"``)."""
         s = self.class_rates.summary(self.far_target)
         row: dict[str, Any] = {
             "name": self.name, "threshold": self.threshold, "FAR_target": self.far_target,
@@ -574,8 +592,9 @@ class ThresholdReport:
         lines += [
             (f"  OPIS {self.opis:.3g} ({100 * (1 - self.alpha):.0f} % bootstrap CI over classes "
             f"{self.opis_ci.lo:.3g} .. {self.opis_ci.hi:.3g}); {100 * self.eps:.0f}%-OPIS {self.eps_opis:.3g}; "
-            f"calibration range global FAR {lo_f:g} .. {hi_f:g}"),
-            f"  R@1 {self.recall_at_1:.4f}",
+            f"thresholds at global FAR {100 * lo_f:g} % .. {100 * hi_f:g} %"),
+            f"  ({OPIS_SCALE})",
+            f"  R@1 {pct(self.recall_at_1)}",
         ]
         return "\n".join(lines)
 
@@ -739,10 +758,10 @@ class ReportComparison:
             ("per-class FRR, max", "class_FRR_max", fmt_pct),
             ("group FAR, min .. max", ("group_FAR_min", "group_FAR_max"), None),
             ("group FRR, min .. max", ("group_FRR_min", "group_FRR_max"), None),
-            ("OPIS", "OPIS", lambda v: f"{v:.3g}"),
+            ("OPIS (at most 0.25, lower is better)", "OPIS", lambda v: f"{v:.3g}"),
             ("OPIS, bootstrap CI", ("OPIS_lo", "OPIS_hi"), None),
-            ("eps-OPIS", "eps_OPIS", lambda v: f"{v:.3g}"),
-            ("R@1", "R@1", lambda v: f"{v:.4f}"),
+            ("eps-OPIS (in [0, 1], lower is better)", "eps_OPIS", lambda v: f"{v:.3g}"),
+            ("R@1", "R@1", fmt_pct),
         ]
         out = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for label, key, fmt in lines_spec:

@@ -424,3 +424,23 @@ def test_query_gallery_bad_input():
         rates_at_threshold(q, qy, 0.3, reference=g[:, :2], reference_labels=gy)
     with pytest.raises(ValueError, match="eligible"):
         threshold_report(q, qy, reference=g, reference_labels=gy + 1000)
+
+
+def test_report_units_are_stated_and_signatures_explicit():
+    import inspect
+    import re
+
+    from tcmlib import report
+
+    x, y = toy(n=60)
+    rep = threshold_report(x, y, n_boot=20)
+    text = rep.to_text()
+    assert re.search(r"R@1 \d+\.\d\d %", text) and "at most 0.25" in text  # rates in %, OPIS's scale
+    table = compare_reports({"a": rep}).to_text()
+    assert f"| R@1 | {100 * rep.recall_at_1:.2f} % |" in table and "at most 0.25" in table
+    assert rep.row()["R@1"] == rep.recall_at_1 <= 1.0  # fractions in rows
+    for name in report.__all__:
+        fn = getattr(report, name)
+        if inspect.isfunction(fn):
+            kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+            assert inspect.Parameter.VAR_KEYWORD not in kinds, name
