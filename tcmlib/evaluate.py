@@ -18,8 +18,16 @@ Units: distances are ``d = 1 - cosine`` in [0, 2], a pair is accepted when ``d <
 rates (FAR, FRR, R@k, MAP@R) are fractions in [0, 1] in JSON and percentages in the text; OPIS and
 eps-OPIS are variances of per-class utilities in [0, 1] (so at most 0.25; lower is more consistent).
 
-With a gallery (``--gallery``): Recall@k and MAP@R rank the gallery for each query; the pair-based
-numbers (threshold, FAR / FRR, OPIS) use the pairs within the query set, and the output says so.
+With a gallery (``--gallery``), the deployment reading (a probe is compared against an enrolled
+gallery): Recall@k and MAP@R rank the gallery for each query, and every pair-based number (the
+threshold for the FAR target, global / per-class / per-group FAR and FRR, OPIS, eps-OPIS and the
+bootstrap) uses the query x gallery pairs, each counted for its query's class (or group; ``--groups``
+are per query): a class's FAR is the share of its queries' pairs with other-class gallery items that
+are accepted (:mod:`tcmlib.metrics.opis`, "Query / reference").  The two sets are taken as disjoint:
+an item in both meets itself (distance ~0, an accepted positive pair and its own nearest neighbour),
+so passing the queries again as the gallery inflates R@k and TAR; to evaluate one set, omit
+``--gallery`` (each sample then queries all others).  A ``--calibration`` set chooses the threshold on
+its own pairs; ``--posthoc`` needs one set (no gallery).
 """
 
 from __future__ import annotations
@@ -39,12 +47,11 @@ import torch
 from tcmlib._checks import check_embeddings_labels, check_labels
 from tcmlib.metrics.opis import UtilityCurves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
-from tcmlib.report import ThresholdReport, threshold_report
+from tcmlib.report import OPIS_SCALE, ThresholdReport, _check_calibration, threshold_report
 
 __all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
 
 PROGRESS_MIN_N = 20_000  # show a progress bar (stderr) from this many samples on
-OPIS_SCALE = "variance of per-class utilities in [0, 1]: at most 0.25, lower is more consistent"
 
 
 # ----------------------------------------------------------------------------- files
@@ -138,7 +145,8 @@ class EvalReport:
             "num_queries": self.num_queries, "num_gallery": self.num_gallery, "dim": self.dim,
             "num_classes": r.num_classes, "retrieval": dict(self.retrieval),
             "retrieval_protocol": "leave-one-out" if self.num_gallery is None else "query vs gallery",
-            "pairs": "all pairs of the set" if self.num_gallery is None else "pairs within the query set",
+            "pairs": "all pairs of the set" if self.num_gallery is None
+            else "query x gallery pairs, each counted for its query's class / group",
             "OPIS": r.opis, "OPIS_CI": [r.opis_ci.lo, r.opis_ci.hi], "CI_level": 1 - r.alpha,
             "eps": r.eps, "eps_OPIS": r.eps_opis,
             "distance_range": list(r.curves.distance_range), "FAR_range": list(r.curves.far_range or ()),
@@ -158,17 +166,16 @@ class EvalReport:
         """The report a person reads (rates in %)."""
         r = self.report
         lo, hi = r.curves.distance_range
-        far_lo, far_hi = r.curves.far_range or (math.nan, math.nan)
         proto = ("leave-one-out: each sample queries all others" if self.num_gallery is None
                  else f"each of {self.num_queries} queries ranks a gallery of {self.num_gallery}")
         ret = "  ".join(f"{k} {100 * v:.2f} %" for k, v in self.retrieval.items())
         lines = [f"Retrieval ({proto}; cosine similarity)", f"  {ret}", ""]
         if self.num_gallery is not None:
-            lines += ["Pair-based numbers below: pairs within the query set.", ""]
+            lines += ["Pair-based numbers below: query x gallery pairs, each counted for its query's class "
+                      "(or group).", ""]
         lines += [r.to_text(),
-                  f"  OPIS scale: {OPIS_SCALE}",
-                  f"  OPIS / eps-OPIS distance range: d in [{lo:.4f}, {hi:.4f}] (global FAR {100 * far_lo:g} % .. "
-                  f"{100 * far_hi:g} %), {r.curves.thresholds.numel()} thresholds"]
+                  f"  OPIS / eps-OPIS distance range: d in [{lo:.4f}, {hi:.4f}], {r.curves.thresholds.numel()} "
+                  "thresholds"]
         if self.posthoc is not None:
             lines += ["", "Post-hoc thresholds (tcmlib.posthoc.compare_thresholding)", self.posthoc.to_text()]
         return "\n".join(lines)
@@ -216,7 +223,8 @@ def evaluate(
     Args:
         embeddings: (N, D) floats; labels: (N,) integer class ids.  groups: optional (N,) ids
             (customers, domains): FAR / FRR per group too, and R@k / MAP@R averaged per group.
-        gallery: optional ``(embeddings (M, D), labels (M,))``: queries rank it for R@k / MAP@R.
+        gallery: optional ``(embeddings (M, D), labels (M,))``: queries rank it for R@k / MAP@R and every
+            pair-based number uses the query x gallery pairs (module docstring).
         calibration: optional held-out ``(embeddings, labels)`` on which the threshold is chosen.
         far_target: global false-accept rate the threshold meets.  ks: the k of Recall@k.
         far_range, num_thresholds: OPIS's thresholds span these global FAR quantiles.
@@ -235,12 +243,10 @@ def evaluate(
             raise ValueError(f"gallery embeddings have dimension {gx.shape[1]}, the queries {x.shape[1]}: "
                              "both must come from the same model")
         gal = (gx, gy)
-    cal = None
-    if calibration is not None:
-        cal = check_embeddings_labels(*calibration, emb_name="calibration embeddings", label_name="calibration labels")
-        if cal[0].shape[1] != x.shape[1]:
-            raise ValueError(f"calibration embeddings have dimension {cal[0].shape[1]}, the evaluation ones "
-                             f"{x.shape[1]}: both must come from the same model")
+    cal = None if calibration is None else _check_calibration(calibration, x.shape[1])  # the report's own check
+    if posthoc and gal is not None:
+        raise ValueError("posthoc thresholds are compared on the pairs of one set; run without the gallery "
+                         "(or without posthoc)")
     if progress is None:
         progress = x.shape[0] >= PROGRESS_MIN_N
     stages = ["retrieval", "threshold report"] + (["post-hoc"] if posthoc else [])
@@ -254,10 +260,11 @@ def evaluate(
     step("retrieval")  # one symmetric pass over the pairs (or queries x gallery)
     retrieval = _retrieval(x, y, gal, ks, g, None)
     bar.update()
-    step("threshold report")  # threshold, per-class / per-group rates, curves, R@1: two passes
+    step("threshold report")  # threshold, per-class / per-group rates, curves, R@1: two passes (query x gallery)
     report = threshold_report(x, y, far_target=far_target, groups=g, calibration=cal, far_range=far_range,
                               num_thresholds=num_thresholds, n_boot=n_boot, alpha=alpha, eps=eps, seed=seed,
-                              name="embeddings", chunk_size=chunk_size)
+                              name="embeddings", chunk_size=chunk_size, reference=None if gal is None else gal[0],
+                              reference_labels=None if gal is None else gal[1])
     bar.update()
     comparison = None
     if posthoc:
@@ -284,7 +291,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("labels", nargs="?", help="(N,) integer class ids .npy (not needed for an .npz)")
     p.add_argument("--groups", metavar="NPY", help="(N,) group ids (customers, domains): rates per group too")
     p.add_argument("--gallery", nargs="+", metavar="FILE",
-                   help="gallery embeddings .npy and labels .npy (or one .npz): queries rank the gallery")
+                   help="gallery embeddings .npy and labels .npy (or one .npz): queries rank the gallery; "
+                        "threshold, FAR / FRR and OPIS use the query x gallery pairs")
     p.add_argument("--calibration", nargs="+", metavar="FILE",
                    help="held-out embeddings .npy and labels .npy (or one .npz) to choose the threshold on")
     p.add_argument("--far", type=float, default=1e-2, help="global false-accept target (default 0.01)")

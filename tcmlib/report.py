@@ -28,6 +28,12 @@ Definitions (those of :mod:`tcmlib.metrics.opis`; pairs are unordered, ``a != b`
 - :func:`paired_bootstrap_difference`: two models on the same test set, the difference in OPIS,
   eps-OPIS or per-class FAR spread with a paired bootstrap over the shared classes.
 
+Query / gallery: :func:`threshold_for_far`, :func:`rates_at_threshold` and :func:`threshold_report` take
+``reference`` (M, D) and ``reference_labels`` (M,): then the pairs are the query x gallery pairs, each
+counted for its query's class (or group), as in :mod:`tcmlib.metrics.opis` ("Query / reference"): a
+class's FAR is the share of its queries' pairs with other-class gallery items that are accepted, its FRR
+the share of its queries' pairs with its own gallery items that are rejected.
+
 Inputs may be torch tensors or NumPy arrays; bad input raises ``ValueError`` with what to do.
 """
 
@@ -43,16 +49,17 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings, check_embeddings_labels, check_labels
-from tcmlib.metrics._pairs import unit_rows, upper_tiles
-from tcmlib.metrics.opis import (  # the one exact quantile and the closed-form pair counts are shared
+from tcmlib.metrics._pairs import cross_tiles, unit_rows, upper_tiles
+from tcmlib.metrics.opis import (  # the one exact quantile, sorted order and closed-form pair counts are shared
     SortedPairs,
     UtilityCurves,
     _negative_distance_quantiles,
-    _pair_totals,
+    _sort_pairs,
+    _unit_totals,
     curves_and_extras,
     utility_curves,
 )
-from tcmlib.metrics.retrieval import RetrievalPass, average_retrieval
+from tcmlib.metrics.retrieval import RetrievalPass, _check_reference, average_retrieval
 
 __all__ = [
     "BootstrapCI",
@@ -71,6 +78,8 @@ __all__ = [
 
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block (as tcmlib.metrics.opis)
+OPIS_SCALE = ("OPIS is a variance of per-class utilities in [0, 1], so at most 0.25; eps-OPIS a squared gap "
+              "of mean utilities, at most 1; lower is more consistent")
 
 
 def _accept_boundary(threshold: float, work: torch.dtype) -> float:
@@ -118,14 +127,13 @@ def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return xn, lab, n_lab, num_neg
 
 
-def _prepare_sorted(
-    x: torch.Tensor, y: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """:func:`_prepare` with rows and labels sorted by label (the order of the shared passes), plus the
-    sorting ``order`` (N,)."""
-    xn, lab, n_lab, num_neg = _prepare(x, y)
-    order = torch.argsort(lab, stable=True)
-    return xn[order].contiguous(), lab[order], n_lab, num_neg, order
+def _sorted_sides(x: torch.Tensor, reference: Any, reference_labels: Any, y: torch.Tensor) -> SortedPairs:
+    """The pairs' sorted sides (:func:`~tcmlib.metrics.opis._sort_pairs`); with ``reference`` (M, D) and
+    ``reference_labels`` (M,), checked, the query x reference pairs."""
+    if reference is None and reference_labels is None:
+        return _sort_pairs(x, y)
+    rx, ry = _check_reference(x, reference, reference_labels)
+    return _sort_pairs(x, y, rx, ry)
 
 
 def _check_far(far_target: float) -> float:
@@ -142,23 +150,29 @@ def _check_chunk(chunk_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the threshold
-def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> float:
+def threshold_for_far(
+    embeddings: Any, labels: Any, far_target: float, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None, reference_labels: Any = None,
+) -> float:
     """The global distance threshold with false-accept rate ``far_target`` on ``embeddings`` (N, D).
 
     Exactly ``numpy.quantile(d_neg, far_target)`` (linear interpolation) over the distances
     ``d = 1 - cos`` of all negative pairs (different labels), streamed ``chunk_size`` rows at a time.
     Accepting ``d <= t`` then accepts a share of the negatives that is ``far_target`` up to ties and
     one pair in #negatives. Pick it on held-out (calibration) data, deploy it on new data.
+    With ``reference`` (M, D) and ``reference_labels`` (M,): the negative query x reference pairs
+    (:mod:`tcmlib.metrics.opis`, "Query / reference").
 
     Raises ``ValueError`` for bad input, a ``far_target`` outside [0, 1], or no negative pairs.
     """
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
     chunk = _check_chunk(chunk_size)
-    xn, lab, _, num_neg, _ = _prepare_sorted(x, y)
+    pairs = _sorted_sides(x, reference, reference_labels, y)
+    num_neg = _unit_totals(pairs, y)[4]
     if num_neg == 0:
         raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
-    return _negative_distance_quantiles(xn, lab.to(xn.device), (far,), chunk, num_neg)[0]
+    return _negative_distance_quantiles(pairs.rows, pairs.lab, (far,), chunk, num_neg, **pairs.tile_kwargs())[0]
 
 
 # ----------------------------------------------------------------------------- rates at one threshold
@@ -166,7 +180,7 @@ def threshold_for_far(embeddings: Any, labels: Any, far_target: float, *, chunk_
 class ThresholdRates:
     """False-accept and false-reject rates at one threshold, globally and per eligible class (or group).
 
-    ``unit_ids`` (T,) the eligible class labels (or group ids), ascending; ``far``, ``frr`` (T,) float64;
+    Rates are fractions in [0, 1] (the text reports print them in %).  ``unit_ids`` (T,) the eligible class labels (or group ids), ascending; ``far``, ``frr`` (T,) float64;
     ``false_accepts`` / ``num_neg`` and ``false_rejects`` / ``num_pos`` (T,) int64 the counts behind them
     (pairs touching the unit). ``global_far`` / ``global_frr`` over all pairs (each pair counted once).
     """
@@ -187,7 +201,8 @@ class ThresholdRates:
     by: str  # "class" or "group"
 
     def summary(self, far_target: float | None = None) -> dict[str, float]:
-        """min / median / max of per-unit FAR and FRR; with ``far_target``, the share of units over 2x it."""
+        """min / median / max of per-unit FAR and FRR (keys ``"FAR_min"`` ... ``"FRR_max"``, fractions);
+        with ``far_target``, ``"share_FAR_over_2x"``: the share of units over 2x it."""
         out: dict[str, float] = {}
         for name, v in (("FAR", self.far), ("FRR", self.frr)):
             out[f"{name}_min"] = float(v.min())
@@ -199,7 +214,8 @@ class ThresholdRates:
 
 
 def rates_at_threshold(
-    embeddings: Any, labels: Any, threshold: float, *, groups: Any = None, chunk_size: int = DEFAULT_CHUNK_SIZE
+    embeddings: Any, labels: Any, threshold: float, *, groups: Any = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None, reference_labels: Any = None,
 ) -> ThresholdRates:
     """Global and per-class (per-group with ``groups`` (N,)) FAR and FRR when ``d <= threshold`` is accepted.
 
@@ -208,11 +224,19 @@ def rates_at_threshold(
     With ``groups``, a unit's pairs are those with at least one member in it (a pair spanning two groups
     counts for both), as in :func:`~tcmlib.metrics.opis.utility_curves`. Eligible units only (>= 1 positive
     and >= 1 negative pair); ``FRR_i = 1 - TAR_i(t)``, ``FAR_i = 1 - TRR_i(t)``.
+
+    With ``reference`` (M, D) and ``reference_labels`` (M,): the query x reference pairs, each counted for
+    its query's class (or group: ``groups`` are per query), e.g. ``FAR_i`` = the share of class i's
+    queries' pairs with other-class reference items that are accepted (:mod:`tcmlib.metrics.opis`,
+    "Query / reference"; an item in both sets meets itself, an accepted positive pair).
     """
     x, y = check_embeddings_labels(embeddings, labels)
     chunk = _check_chunk(chunk_size)
-    counter = _RatesCounter(x, y, threshold, groups)
-    for r0, c0, sim in upper_tiles(counter.xn, chunk):
+    ids = y if groups is None else check_labels(groups, x.shape[0], "groups")
+    pairs = _sorted_sides(x, reference, reference_labels, y)
+    counter = _RatesCounter(pairs, ids, threshold, "class" if groups is None else "group")
+    tiles = upper_tiles(pairs.rows, chunk) if pairs.cols is None else cross_tiles(pairs.rows, pairs.cols, chunk)
+    for r0, c0, sim in tiles:
         counter.add(r0, c0, sim)
     return counter.result()
 
@@ -220,34 +244,35 @@ def rates_at_threshold(
 class _RatesCounter:
     """Counts the accepted pairs (``d <= t``) per unit, tile by tile, for :func:`rates_at_threshold`.
 
-    Works on the samples sorted by label (``xn``, ``lab``, ``unit``): :meth:`add` takes tiles of
-    :func:`~tcmlib.metrics._pairs.upper_tiles` over ``xn``, so it can also ride on the counting pass
-    of :func:`~tcmlib.metrics.opis.curves_and_extras` (the same sorted order).
+    Works on the sides of ``pairs`` (sorted by label, :func:`~tcmlib.metrics.opis._sort_pairs`); ``ids``
+    (N,) the rows' class labels or group ids in input order.  :meth:`add` takes tiles of
+    :func:`~tcmlib.metrics._pairs.upper_tiles` (one set) or :func:`~tcmlib.metrics._pairs.cross_tiles`
+    (query x reference) over them, so it can also ride on the counting pass of
+    :func:`~tcmlib.metrics.opis.curves_and_extras` (the same sorted order).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, threshold: float, groups: Any) -> None:
-        n = x.shape[0]
+    def __init__(self, pairs: SortedPairs, ids: Any, threshold: float, by: str) -> None:
         t = float(threshold)
         if not math.isfinite(t):
             raise ValueError(f"threshold = {threshold} must be a finite distance (1 - cosine, in [0, 2])")
-        g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
-        xn, lab, n_lab, num_neg_all, order = _prepare_sorted(x, y)
+        ids = torch.as_tensor(ids)
+        unit_ids, unit, num_pos, num_neg, num_neg_all, num_pos_all = _unit_totals(pairs, ids)
         if num_neg_all == 0:
             raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
-        unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
-        self.unit = unit[order].to(xn.device)  # sorted like xn
-        self.num_pos, self.num_neg = _pair_totals(lab, self.unit, n_lab, len(unit_ids))  # (U,)
+        self.unit, self.num_pos, self.num_neg = unit, num_pos, num_neg  # unit: sorted like the rows
         self.eligible = (self.num_pos > 0) & (self.num_neg > 0)
         if int(self.eligible.sum()) == 0:
             raise ValueError(
-                f"no eligible {'group' if g is not None else 'class'}: each needs >= 2 samples of one label "
-                "(a positive pair) and a negative pair"
+                f"no eligible {by}: each needs a positive pair (>= 2 samples of one label; with a reference "
+                "set, a query with a same-label reference item) and a negative pair"
             )
-        self.xn, self.lab, self.unit_ids, self.t = xn, lab.to(xn.device), unit_ids, t
-        self.num_pos_all, self.num_neg_all = int((n_lab * (n_lab - 1) // 2).sum()), num_neg_all
-        self.by = "class" if g is None else "group"
-        self.bnd = _accept_boundary(t, xn.dtype)
-        self.acc = torch.zeros(2, len(unit_ids), dtype=torch.long, device=xn.device)  # [0] pos, [1] neg accepted
+        self.symmetric = pairs.symmetric
+        self.lab = pairs.lab
+        self.col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
+        self.unit_ids, self.t, self.by = unit_ids, t, by
+        self.num_pos_all, self.num_neg_all = num_pos_all, num_neg_all
+        self.bnd = _accept_boundary(t, pairs.rows.dtype)
+        self.acc = torch.zeros(2, len(unit_ids), dtype=torch.long, device=unit.device)  # [0] pos, [1] neg accepted
         self.acc_neg = self.acc_all = 0  # accepted negative / all pairs, each pair once
 
     def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
@@ -255,13 +280,15 @@ class _RatesCounter:
         rows, cols = torch.nonzero(sim >= self.bnd, as_tuple=True)  # (P,) accepted pairs, row < col
         rows += r0
         cols += c0
-        neg = (self.lab[rows] != self.lab[cols]).long()  # (P,) 0 positive, 1 negative
+        neg = (self.lab[rows] != self.col_lab[cols]).long()  # (P,) 0 positive, 1 negative
         u = self.acc.shape[1]
-        ur, uc = self.unit[rows], self.unit[cols]
+        ur = self.unit[rows]
         flat = self.acc.view(-1)
         flat += torch.bincount(neg * u + ur, minlength=2 * u)
-        two = ur != uc  # the pair touches two units: count it for the second one too
-        flat += torch.bincount((neg * u + uc)[two], minlength=2 * u)
+        if self.symmetric:  # within one set a pair counts for both members' units (query x reference: the query's)
+            uc = self.unit[cols]
+            two = ur != uc  # the pair touches two units: count it for the second one too
+            flat += torch.bincount((neg * u + uc)[two], minlength=2 * u)
         self.acc_neg += int(neg.sum())
         self.acc_all += rows.shape[0]
 
@@ -330,17 +357,28 @@ def opis_bootstrap_ci(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
-    **curve_kwargs: Any,
+    far_range: tuple[float, float] | None = None,
+    distance_range: tuple[float, float] | None = None,
+    num_thresholds: int | None = None,
+    beta: float | None = None,
+    groups: Any = None,
+    chunk_size: int | None = None,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> BootstrapCI:
     """OPIS with a percentile bootstrap interval over classes (or groups): ``(opis, lo, hi)``.
 
     Pass :class:`~tcmlib.metrics.UtilityCurves` (computed once, reused), or embeddings (N, D) and
-    ``labels`` (N,) plus any :func:`~tcmlib.metrics.opis.utility_curves` keyword (``groups=``, ``far_range=``,
-    ...). Each of ``n_boot`` replicates draws T of the T eligible classes with replacement and
+    ``labels`` (N,) plus any :func:`~tcmlib.metrics.opis.utility_curves` keyword (``far_range`` ...
+    ``reference_labels``; None: its default). Each of ``n_boot`` replicates draws T of the T eligible classes with replacement and
     recomputes OPIS from their curves (the thresholds stay fixed: the interval is about which
     classes the test set happened to contain, not about the pairs within a class). ``lo`` / ``hi``
     are the ``alpha / 2`` and ``1 - alpha / 2`` quantiles of the replicates (``numpy.quantile``).
     """
+    given = {"far_range": far_range, "distance_range": distance_range, "num_thresholds": num_thresholds,
+             "beta": beta, "groups": groups, "chunk_size": chunk_size, "reference": reference,
+             "reference_labels": reference_labels}
+    curve_kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if isinstance(curves_or_embeddings, UtilityCurves):
         if labels is not None or curve_kwargs:
             raise ValueError("pass either UtilityCurves alone, or embeddings with labels (and utility_curves keywords)")
@@ -489,6 +527,7 @@ class ThresholdReport:
     num_samples: int
     num_classes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    num_reference: int | None = None  # gallery size when the pairs are query x gallery (None: pairs of one set)
 
     @property
     def global_far(self) -> float:
@@ -503,7 +542,11 @@ class ThresholdReport:
         return self.opis_ci.opis
 
     def row(self) -> dict[str, Any]:
-        """One flat row (a dict) for tables: the numbers of :meth:`to_text`."""
+        """One flat row (a dict) for tables: the numbers of :meth:`to_text`, rates and R@1 as fractions.
+
+        Keys follow the library's scheme (:mod:`tcmlib.metrics.evaluation`): the metric's own name
+        (``"R@1"``, ``"OPIS"``, ``"eps_OPIS"``, ``"FAR"``, ``"FRR"``) with snake_case qualifiers
+        (``"global_FAR"``, ``"class_FAR_median"``, ``"OPIS_lo"``)."""
         s = self.class_rates.summary(self.far_target)
         row: dict[str, Any] = {
             "name": self.name, "threshold": self.threshold, "FAR_target": self.far_target,
@@ -527,7 +570,10 @@ class ThresholdReport:
         pct = lambda v: f"{100 * v:.2f} %"
         lines = [
             f"Threshold report: {self.name}",
-            f"  data: {self.num_samples} samples, {self.num_classes} classes ({c.far.numel()} with positive pairs)",
+            (f"  data: {self.num_samples} samples, {self.num_classes} classes ({c.far.numel()} with positive pairs)"
+             if self.num_reference is None else
+             f"  data: {self.num_samples} queries x a gallery of {self.num_reference} (each pair counted for its "
+             f"query's class), {self.num_classes} query classes ({c.far.numel()} with positive pairs)"),
             f"  threshold d <= {self.threshold:.4f} (1 - cosine), chosen for global FAR {pct(self.far_target)} "
             f"on the {self.threshold_source}"
             + (f" (FAR there: {pct(self.calibration_far)})" if self.calibration_far is not None else ""),
@@ -546,8 +592,9 @@ class ThresholdReport:
         lines += [
             (f"  OPIS {self.opis:.3g} ({100 * (1 - self.alpha):.0f} % bootstrap CI over classes "
             f"{self.opis_ci.lo:.3g} .. {self.opis_ci.hi:.3g}); {100 * self.eps:.0f}%-OPIS {self.eps_opis:.3g}; "
-            f"calibration range global FAR {lo_f:g} .. {hi_f:g}"),
-            f"  R@1 {self.recall_at_1:.4f}",
+            f"thresholds at global FAR {100 * lo_f:g} % .. {100 * hi_f:g} %"),
+            f"  ({OPIS_SCALE})",
+            f"  R@1 {pct(self.recall_at_1)}",
         ]
         return "\n".join(lines)
 
@@ -615,6 +662,8 @@ def threshold_report(
     seed: int = 0,
     name: str = "model",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference: Any = None,
+    reference_labels: Any = None,
 ) -> ThresholdReport:
     """Everything about deploying one threshold on ``embeddings`` (N, D) with ``labels`` (N,), in one call.
 
@@ -623,12 +672,20 @@ def threshold_report(
     global / per-class (and per-group with ``groups`` (N,)) FAR and FRR at that threshold, OPIS over
     ``far_range`` (``num_thresholds`` thresholds) with a bootstrap CI over classes (``n_boot``,
     ``alpha``, ``seed``), eps-OPIS and R@1.
+
+    With ``reference`` (M, D) and ``reference_labels`` (M,), a gallery: every pair-based number uses the
+    query x gallery pairs, each counted for its query's class (or group; ``groups`` are per query), the
+    threshold without ``calibration`` too, and R@1 ranks the gallery (:func:`rates_at_threshold`,
+    :func:`~tcmlib.metrics.opis.utility_curves`).  A calibration set still chooses the threshold on its
+    own pairs.  An item in both sets meets itself (an accepted positive pair, its own nearest neighbour):
+    to evaluate one set, pass no reference.
     """
     x, y = check_embeddings_labels(embeddings, labels)
     far = _check_far(far_target)
     chunk = _check_chunk(chunk_size)
-    if groups is not None:
-        check_labels(groups, x.shape[0], "groups")
+    g = None if groups is None else check_labels(groups, x.shape[0], "groups")
+    if reference is not None or reference_labels is not None:
+        reference, reference_labels = _check_reference(x, reference, reference_labels)
     if calibration is not None:
         cx, cy = _check_calibration(calibration, x.shape[1])
         t_cal = threshold_for_far(cx, cy, far, chunk_size=chunk)
@@ -641,11 +698,14 @@ def threshold_report(
     def on_sorted(pairs: SortedPairs, extras: list[float]) -> Any:
         """The rates at the threshold and R@1 ride on the curves' counting pass (same sorted order)."""
         t = t_cal if calibration is not None else extras[0]  # without calibration: from the curves' first pass
-        riders["class"] = _RatesCounter(x, y, t, None)
-        if groups is not None:
-            riders["group"] = _RatesCounter(x, y, t, groups)
-        r = torch.bincount(pairs.lab)[pairs.lab] - 1  # (N,) R of each sorted sample
-        riders["R@1"] = RetrievalPass(pairs.lab, pairs.lab, r, [1], symmetric=True, dtype=pairs.rows.dtype)
+        riders["class"] = _RatesCounter(pairs, y, t, "class")
+        if g is not None:
+            riders["group"] = _RatesCounter(pairs, g, t, "group")
+        col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
+        count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
+        r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each sorted query
+        riders["R@1"] = RetrievalPass(pairs.lab, col_lab, r, [1], symmetric=pairs.symmetric,
+                                      dtype=pairs.rows.dtype)
         adders = [c.add for c in riders.values()]
 
         def on_tile(r0: int, c0: int, sim: torch.Tensor) -> None:
@@ -655,10 +715,10 @@ def threshold_report(
         return on_tile
 
     curves, _ = curves_and_extras(x, y, far_range=far_range, num_thresholds=num_thresholds, chunk_size=chunk,
-                                  on_sorted=on_sorted,
+                                  on_sorted=on_sorted, reference=reference, reference_labels=reference_labels,
                                   extra_quantiles=(far,) if calibration is None else ())
     class_rates = riders["class"].result()
-    group_rates = riders["group"].result() if groups is not None else None
+    group_rates = riders["group"].result() if g is not None else None
     hits, ap = riders["R@1"].result()
     ci = opis_bootstrap_ci(curves, n_boot=n_boot, alpha=alpha, seed=seed)
     return ThresholdReport(
@@ -667,6 +727,7 @@ def threshold_report(
         alpha=float(alpha), eps=float(eps), eps_opis=curves.eps_opis(eps),
         recall_at_1=average_retrieval(hits, ap, [1])[0][1],
         num_samples=int(x.shape[0]), num_classes=int(torch.unique(y).numel()),
+        num_reference=None if reference is None else int(reference.shape[0]),
     )
 
 
@@ -697,10 +758,10 @@ class ReportComparison:
             ("per-class FRR, max", "class_FRR_max", fmt_pct),
             ("group FAR, min .. max", ("group_FAR_min", "group_FAR_max"), None),
             ("group FRR, min .. max", ("group_FRR_min", "group_FRR_max"), None),
-            ("OPIS", "OPIS", lambda v: f"{v:.3g}"),
+            ("OPIS (at most 0.25, lower is better)", "OPIS", lambda v: f"{v:.3g}"),
             ("OPIS, bootstrap CI", ("OPIS_lo", "OPIS_hi"), None),
-            ("eps-OPIS", "eps_OPIS", lambda v: f"{v:.3g}"),
-            ("R@1", "R@1", lambda v: f"{v:.4f}"),
+            ("eps-OPIS (in [0, 1], lower is better)", "eps_OPIS", lambda v: f"{v:.3g}"),
+            ("R@1", "R@1", fmt_pct),
         ]
         out = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for label, key, fmt in lines_spec:

@@ -104,7 +104,22 @@ def test_gallery(files, capsys, tmp_path) -> None:
     x, y, _ = _data()
     recall, mapr = recall_and_map_at_r(x, y, (1, 2, 4, 8), reference=gx, reference_labels=gy)
     assert got["retrieval"] == {**{f"R@{k}": v for k, v in recall.items()}, "MAP@R": mapr}
-    assert got["num_gallery"] == 80 and got["pairs"] == "pairs within the query set"
+    assert got["num_gallery"] == 80 and got["pairs"].startswith("query x gallery pairs")
+    # every pair-based number: query x gallery pairs (the library's own oracle: tests/test_report.py)
+    t = threshold_for_far(x, y, 0.01, reference=gx, reference_labels=gy)
+    rates = rates_at_threshold(x, y, t, reference=gx, reference_labels=gy)
+    assert got["threshold"] == t and (got["global_FAR"], got["global_FRR"]) == (rates.global_far, rates.global_frr)
+    assert got["per_class"] == {"count": rates.far.numel(), **rates.summary(0.01)}
+    curves = utility_curves(x, y, reference=gx, reference_labels=gy)
+    ci = opis_bootstrap_ci(curves, n_boot=200)
+    assert (got["OPIS"], got["OPIS_CI"], got["eps_OPIS"]) == (curves.opis, [ci.lo, ci.hi], curves.eps_opis(0.1))
+    grp = tmp_path / "g.npy"
+    np.save(grp, np.arange(150) % 3)  # groups of the queries
+    got = _run_json(capsys, *argv, "--groups", str(grp))
+    g_rates = rates_at_threshold(x, y, t, groups=np.arange(150) % 3, reference=gx, reference_labels=gy)
+    assert got["per_group"] == {"count": 3, **g_rates.summary(0.01)}
+    assert main([*argv, "--posthoc", "--no-progress"]) == 2
+    assert "posthoc" in capsys.readouterr().err
 
 
 def _bad(tmp_path: Path, case: str) -> tuple[list[str], str]:
@@ -146,13 +161,17 @@ def _bad(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return [str(e), str(lab), "--groups", str(tmp_path / "g.npy")], r"shape \(20,\)"
     if case == "gallery_files":
         return [str(e), str(lab), "--gallery", str(e), str(lab), str(lab)], "one .npz or two .npy"
+    if case == "calibration_dim":  # the library's check (tcmlib.report), reached through the command
+        np.save(tmp_path / "c.npy", x[:, :5])
+        return [str(e), str(lab), "--calibration", str(tmp_path / "c.npy"), str(lab)], \
+            "calibration embeddings have dimension 5, the evaluation ones 8: both must come from the same model"
     if case == "far":
         return [str(e), str(lab), "--far", "1.5"], "far"
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("case", ["missing", "3d", "length", "nan", "float_labels", "strings", "pickle", "not_npy",
-                                  "npz_keys", "no_labels", "groups", "gallery_files", "far"])
+                                  "npz_keys", "no_labels", "groups", "gallery_files", "calibration_dim", "far"])
 def test_bad_files_exit_2_with_one_clear_line(case, tmp_path, capsys) -> None:
     argv, match = _bad(tmp_path, case)
     assert main([*argv, "--no-progress"]) == 2
@@ -185,3 +204,12 @@ def test_console_script_and_module_entry_point(files) -> None:
     proc = subprocess.run([sys.executable, "-m", "tcmlib.evaluate", str(files["emb"]) + ".missing"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+    bad_cal = files["emb"].parent / "cal8x3.npy"
+    np.save(bad_cal, np.ones((8, 3), dtype=np.float32))
+    np.save(files["emb"].parent / "cal_lab.npy", np.arange(8) % 2)
+    proc = subprocess.run([sys.executable, "-m", "tcmlib.evaluate", str(files["emb"]), str(files["lab"]), "--calibration",
+                           str(bad_cal), str(files["emb"].parent / "cal_lab.npy")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("tcmlib-eval: error: calibration embeddings have dimension 3, the evaluation ones "
+                                   "8: both must come from the same model")

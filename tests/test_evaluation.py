@@ -113,33 +113,36 @@ def test_query_gallery_retrieval_bad_input():
 
 
 # ----------------------------------------------------------------------------- query / gallery OPIS
-def brute_query_gallery_curves(q, qy, g, gy, far_range, k_thr=100):
-    """Every query x gallery pair in a loop; a pair counts for the classes of both members (once if equal)."""
+def brute_query_gallery_curves(q, qy, g, gy, far_range, k_thr=100, groups=None):
+    """Every query x gallery pair in a loop; a pair counts for its query's class (or group) only."""
     qn = q.double().numpy() / np.linalg.norm(q.double().numpy(), axis=1, keepdims=True)
     gn = g.double().numpy() / np.linalg.norm(g.double().numpy(), axis=1, keepdims=True)
-    pairs = [(int(qy[i]), int(gy[j]), 1.0 - float(qn[i] @ gn[j])) for i in range(len(qy)) for j in range(len(gy))]
-    neg = np.array([d for a, b, d in pairs if a != b])
+    units = (qy if groups is None else groups).tolist()
+    pairs = [(units[i], int(qy[i]) == int(gy[j]), 1.0 - float(qn[i] @ gn[j]))
+             for i in range(len(qy)) for j in range(len(gy))]
+    neg = np.array([d for _, p, d in pairs if not p])
     thr = np.linspace(*np.quantile(neg, far_range), k_thr)
     tar, trr = [], []
-    for c in sorted(set(qy.tolist()) | set(gy.tolist())):
-        pos = np.array([d for a, b, d in pairs if a == b == c])
-        ng = np.array([d for a, b, d in pairs if a != b and c in (a, b)])
+    for c in sorted(set(units)):
+        pos = np.array([d for u, p, d in pairs if u == c and p])
+        ng = np.array([d for u, p, d in pairs if u == c and not p])
         if len(pos) and len(ng):
             tar.append((pos[:, None] <= thr).mean(0))
             trr.append((ng[:, None] > thr).mean(0))
     return thr, np.array(tar).T, np.array(trr).T
 
 
-def test_query_gallery_curves_match_brute_force():
+@pytest.mark.parametrize("use_groups", [False, True])
+def test_query_gallery_curves_match_brute_force(use_groups):
     x, y = clustered(70, 6, 4, seed=5, noise=0.8)
     q, qy, g, gy = x[:25], y[:25], x[25:], y[25:]
-    res = utility_curves(q, qy, reference=g, reference_labels=gy, far_range=(0.05, 0.4), chunk_size=7)
-    thr, tar, trr = brute_query_gallery_curves(q, qy, g, gy, (0.05, 0.4))
+    groups = qy % 3 if use_groups else None
+    res = utility_curves(q, qy, reference=g, reference_labels=gy, far_range=(0.05, 0.4), chunk_size=7,
+                         groups=groups)
+    thr, tar, trr = brute_query_gallery_curves(q, qy, g, gy, (0.05, 0.4), groups=groups)
     np.testing.assert_allclose(res.thresholds.numpy(), thr, rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.tar.numpy(), tar, rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.trr.numpy(), trr, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="groups are not supported"):
-        utility_curves(q, qy, reference=g, reference_labels=gy, groups=qy)
 
 
 # ----------------------------------------------------------------------------- evaluate

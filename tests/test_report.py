@@ -324,3 +324,123 @@ def test_accept_boundary_is_the_smallest_accepted_similarity(dtype):
         prev = np.nextafter(b, dtype(-np.inf))
         assert (1.0 - np.float64(b)) <= t or b == 3.0
         assert (1.0 - np.float64(prev)) > t or b == -3.0
+
+
+# ----------------------------------------------------------------------------- query x gallery pairs
+def brute_gallery(q, qy, g, gy, far, far_range=(0.05, 0.4), k_thr=30, eps=0.25, groups=None):
+    """Every query x gallery pair in a loop (float64 NumPy), each counted for its query's class (group).
+
+    Returns the threshold for ``far``, {unit: (FAR, FRR)} there, global (FAR, FRR), and OPIS / eps-OPIS
+    by hand over the ``far_range`` quantile thresholds, and R@1 (queries with a same-label gallery item).
+    """
+    qn = np.asarray(q, dtype=np.float64)
+    qn = qn / np.linalg.norm(qn, axis=1, keepdims=True)
+    gn = np.asarray(g, dtype=np.float64)
+    gn = gn / np.linalg.norm(gn, axis=1, keepdims=True)
+    qy, gy = np.asarray(qy), np.asarray(gy)
+    units = qy if groups is None else np.asarray(groups)
+    pairs = [(i, j, 1.0 - float(qn[i] @ gn[j]), bool(qy[i] == gy[j])) for i in range(len(qy)) for j in range(len(gy))]
+    neg_all = np.array([d for i, j, d, p in pairs if not p])
+    pos_all = np.array([d for i, j, d, p in pairs if p])
+    t = float(np.quantile(neg_all, far))
+    thr = np.linspace(*np.quantile(neg_all, far_range), k_thr)
+    rates, util = {}, []
+    for u in sorted(set(units.tolist())):
+        pos = np.array([d for i, j, d, p in pairs if units[i] == u and p])
+        neg = np.array([d for i, j, d, p in pairs if units[i] == u and not p])
+        if len(pos) and len(neg):
+            rates[u] = (float(np.mean(neg <= t)), float(np.mean(pos > t)))
+            tar, trr = (pos[:, None] <= thr).mean(0), (neg[:, None] > thr).mean(0)
+            util.append(np.where(tar + trr > 0, 2 * tar * trr / np.maximum(tar + trr, 1e-300), 0.0))
+    util = np.array(util)  # (T, K)
+    opis_v = float(util.var(axis=0).mean())
+    w = math.ceil(round(eps * len(util), 9))
+    worst = np.argsort(util.mean(axis=1), kind="stable")[:w]
+    rest = np.setdiff1d(np.arange(len(util)), worst)
+    eps_v = float(((util[worst].mean(0) - util[rest].mean(0)) ** 2).mean())
+    hit = [gy[np.argmax(gn @ qn[i])] == qy[i] for i in range(len(qy)) if (gy == qy[i]).any()]
+    return t, rates, (float(np.mean(neg_all <= t)), float(np.mean(pos_all > t))), opis_v, eps_v, float(np.mean(hit))
+
+
+def gallery_toy(dtype=torch.float64):
+    x, y = toy(n=110, c=9, seed=4, dtype=dtype)
+    y[:3] = 50  # a query class the gallery lacks (not eligible) ...
+    y[-2:] = 60  # ... and a gallery-only class (a distractor)
+    return x[:45], y[:45], x[45:], y[45:]
+
+
+@pytest.mark.parametrize("chunk", [4, 1024])
+def test_query_gallery_report_matches_brute_force(chunk):
+    q, qy, g, gy = gallery_toy()
+    groups = torch.arange(45) % 3
+    kw = dict(far_range=(0.05, 0.4), num_thresholds=30, eps=0.25, n_boot=50)
+    rep = threshold_report(q, qy, far_target=0.03, groups=groups, reference=g, reference_labels=gy,
+                           chunk_size=chunk, **kw)
+    t, rates, glob, opis_v, eps_v, r1 = brute_gallery(q, qy, g, gy, 0.03)
+    assert rep.threshold == pytest.approx(t, abs=1e-12)
+    assert rep.threshold == threshold_for_far(q, qy, 0.03, reference=g, reference_labels=gy, chunk_size=chunk)
+    c = rep.class_rates
+    assert c.unit_ids.tolist() == list(rates)  # class 50 (no gallery item) is not eligible, 60 is no unit
+    assert 50 not in c.unit_ids.tolist() and c.num_excluded == 1
+    np.testing.assert_allclose(c.far.numpy(), [v[0] for v in rates.values()], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(c.frr.numpy(), [v[1] for v in rates.values()], rtol=0, atol=1e-15)
+    assert (c.global_far, c.global_frr) == pytest.approx(glob, abs=1e-15)
+    assert c.total_neg + c.total_pos == 45 * 65
+    _, g_rates, *_ = brute_gallery(q, qy, g, gy, 0.03, groups=groups.numpy())
+    gr = rep.group_rates
+    assert gr is not None and gr.unit_ids.tolist() == list(g_rates)
+    np.testing.assert_allclose(gr.far.numpy(), [v[0] for v in g_rates.values()], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(gr.frr.numpy(), [v[1] for v in g_rates.values()], rtol=0, atol=1e-15)
+    assert rep.opis == pytest.approx(opis_v, abs=1e-14) and rep.eps_opis == pytest.approx(eps_v, abs=1e-14)
+    assert rep.opis_ci.opis == rep.opis and rep.opis_ci.lo <= rep.opis <= rep.opis_ci.hi
+    assert rep.recall_at_1 == pytest.approx(r1, abs=1e-15)
+    alone = rates_at_threshold(q, qy, rep.threshold, reference=g, reference_labels=gy, chunk_size=chunk)
+    assert torch.equal(alone.far, c.far) and torch.equal(alone.frr, c.frr)
+    assert "queries x a gallery of 65" in rep.to_text()
+
+
+def test_gallery_equal_to_the_queries_adds_only_self_pairs():
+    """reference = embeddings: per-class FAR / TRR as leave-one-out exactly; TAR over n_i^2 ordered pairs
+    with the n_i self-pairs accepted (n_i^2 TAR' = 2 C(n_i, 2) TAR + n_i), as the docstrings say."""
+    x, y = toy(n=70, c=6, seed=2)
+    one = utility_curves(x, y, distance_range=(0.05, 0.6), num_thresholds=12)
+    both = utility_curves(x, y, distance_range=(0.05, 0.6), num_thresholds=12, reference=x, reference_labels=y)
+    assert torch.equal(one.class_ids, both.class_ids)
+    torch.testing.assert_close(both.trr, one.trr, rtol=0, atol=1e-15)
+    n_i = torch.bincount(y)[one.class_ids].double()
+    torch.testing.assert_close(n_i**2 * both.tar, n_i * (n_i - 1) * one.tar + n_i, rtol=0, atol=1e-9)
+    t = threshold_for_far(x, y, 0.05)
+    r1, r2 = rates_at_threshold(x, y, t), rates_at_threshold(x, y, t, reference=x, reference_labels=y)
+    torch.testing.assert_close(r2.far, r1.far, rtol=0, atol=1e-15)
+    n_i = torch.bincount(y)[r1.unit_ids].double()  # the self-pairs are accepted positives: rejects x 2 of n_i^2
+    torch.testing.assert_close(n_i**2 * r2.frr, n_i * (n_i - 1) * r1.frr, rtol=0, atol=1e-9)
+
+
+def test_query_gallery_bad_input():
+    q, qy, g, gy = gallery_toy()
+    with pytest.raises(ValueError, match="together"):
+        threshold_report(q, qy, reference=g)
+    with pytest.raises(ValueError, match="dimension"):
+        rates_at_threshold(q, qy, 0.3, reference=g[:, :2], reference_labels=gy)
+    with pytest.raises(ValueError, match="eligible"):
+        threshold_report(q, qy, reference=g, reference_labels=gy + 1000)
+
+
+def test_report_units_are_stated_and_signatures_explicit():
+    import inspect
+    import re
+
+    from tcmlib import report
+
+    x, y = toy(n=60)
+    rep = threshold_report(x, y, n_boot=20)
+    text = rep.to_text()
+    assert re.search(r"R@1 \d+\.\d\d %", text) and "at most 0.25" in text  # rates in %, OPIS's scale
+    table = compare_reports({"a": rep}).to_text()
+    assert f"| R@1 | {100 * rep.recall_at_1:.2f} % |" in table and "at most 0.25" in table
+    assert rep.row()["R@1"] == rep.recall_at_1 <= 1.0  # fractions in rows
+    for name in report.__all__:
+        fn = getattr(report, name)
+        if inspect.isfunction(fn):
+            kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
+            assert inspect.Parameter.VAR_KEYWORD not in kinds, name

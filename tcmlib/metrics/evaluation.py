@@ -16,6 +16,17 @@ Keys and units (:meth:`Evaluation.as_dict`, the names the training loop logs):
   in [0, 1], so OPIS lies in [0, 0.25]; lower means one threshold suits all classes alike.
 - ``eps_OPIS``: mean over thresholds of the squared gap between the mean utility of the worst
   ``ceil(eps T)`` classes and of the rest, in [0, 1]; lower is better.
+
+These are the library's one naming scheme for metric keys: a metric's own name (``"R@1"``,
+``"MAP@R"``, ``"OPIS"``, ``"eps_OPIS"``, ``"FAR"``, ``"FRR"``), with snake_case qualifiers around it
+(``"val_R@1"``, ``"global_FAR"``, ``"FAR_median"``, ``"OPIS_lo"``): :meth:`Evaluation.as_dict`, the
+training history of :func:`tcmlib.train.fit`, :meth:`tcmlib.report.ThresholdReport.row`,
+:meth:`tcmlib.report.ThresholdRates.summary` and ``tcmlib.evaluate.EvalReport.to_dict`` use it.
+The one exception is deliberate: functions *of k* (:func:`~tcmlib.metrics.retrieval.recall_at_k`,
+:func:`~tcmlib.metrics.retrieval.recall_and_map_at_r`, ``Evaluation.recall``) return ``{k: value}``
+keyed by the int k you passed (``recall_at_k(x, y, ks=(1,))[1]``, as pml's ``k``), and ``as_dict``
+names them ``"R@k"``.  Values are fractions everywhere; text reports print rates and R@k in %, and
+state OPIS's scale.
 """
 
 from __future__ import annotations

@@ -23,6 +23,23 @@ labels) with at least one member in g; a pair whose members lie in two groups co
 ``groups = labels`` this is exactly the class definition above. A group is eligible when it has at
 least one positive and one negative pair.
 
+Query / reference (gallery). With ``reference`` (M, D) and ``reference_labels`` (M,), the pairs are
+the N M query x reference pairs ``(q, r)``, the deployment reading: a probe is compared against an
+enrolled gallery.  A pair counts for its *query's* class (or group; ``groups`` are then per query)
+only, so class i's utility uses its queries' pairs with every reference item::
+
+    TAR_i(t) = #{(q, r): y_q = y_r = i, d <= t} / (n_i m_i)          n_i queries, m_i reference items of i
+    TRR_i(t) = #{(q, r): y_q = i != y_r, d > t} / (n_i (M - m_i))
+
+and the thresholds are quantiles of the distances of all query x reference negative pairs.  A class
+(group) is eligible when it has a query with a same-label reference item and a negative pair; classes
+present only in the reference set are distractors, not units.  The two sets are taken as disjoint: an
+item present in both meets itself, a positive pair at distance ~0, accepted at every threshold.  So
+``reference = embeddings`` gives every per-class TRR of the one-set definition exactly (each negative
+pair {a, b} appears once with a and once with b as the query), but TAR over ``n_i^2`` ordered pairs
+including the ``n_i`` self-pairs (``n_i^2 TAR' = 2 C(n_i, 2) TAR + n_i``) and thresholds from every
+negative distance taken twice; to evaluate one set, pass no reference.
+
 Algorithm (exact, memory O(chunk_size * N), no N x N matrix, no Python loop over pairs or classes).
 The samples are sorted by label once (results do not depend on the order). The cosine similarities of
 the pairs a < b are computed in tiles of ``chunk_size`` rows by ``TILE_COLS`` columns,
@@ -151,9 +168,9 @@ def utility_curves(
     ``far_range`` quantiles of all negative-pair distances, or ``distance_range`` when given.
     ``groups`` (N,) optional: compute the curves per group instead of per class (module docstring).
     ``reference`` (M, D) and ``reference_labels`` (M,) optional: the pairs are then all query x
-    reference pairs (N M of them; a pair counts for the classes of both members), not the pairs
-    within ``embeddings``.  Computed ``chunk_size`` rows at a time on the embeddings' device; never
-    forms the N x N matrix.
+    reference pairs (N M of them), each counted for its query's class (or group), not the pairs
+    within ``embeddings``; an item in both sets meets itself (module docstring).  Computed
+    ``chunk_size`` rows at a time on the embeddings' device; never forms the N x N matrix.
     """
     return curves_and_extras(
         embeddings, labels, far_range=far_range, distance_range=distance_range, num_thresholds=num_thresholds,
@@ -182,6 +199,57 @@ class SortedPairs:
 
     def tile_kwargs(self) -> dict[str, Any]:
         return {} if self.cols is None else {"cols": self.cols, "col_lab": self.col_lab}
+
+
+def _sort_pairs(
+    x: torch.Tensor, y: torch.Tensor, rx: torch.Tensor | None = None, ry: torch.Tensor | None = None
+) -> SortedPairs:
+    """The :class:`SortedPairs` of checked ``x`` (N, D), ``y`` (N,) (and a reference ``rx`` (M, D), ``ry`` (M,)).
+
+    Unit rows (:func:`~tcmlib.metrics._pairs.unit_rows`) sorted by label, stably; with a reference, the
+    labels of both sides are indexed densely together and both sides are cast to the wider dtype.
+    Every pass of :mod:`tcmlib.metrics.opis` and :mod:`tcmlib.report` uses this one order.
+    """
+    if rx is None or ry is None:
+        _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
+        order = torch.argsort(lab, stable=True)
+        return SortedPairs(unit_rows(x)[order].contiguous(), lab[order], order, None, None, None)
+    n = x.shape[0]
+    _, both = torch.unique(torch.cat([y, ry]), return_inverse=True)  # dense labels, shared by both sides
+    lab, r_lab = both[:n], both[n:]
+    order, r_order = torch.argsort(lab, stable=True), torch.argsort(r_lab, stable=True)
+    rows, cols = unit_rows(x)[order], unit_rows(rx)[r_order]
+    work = torch.promote_types(rows.dtype, cols.dtype)  # float64 when either side is float64
+    return SortedPairs(rows.to(work).contiguous(), lab[order], order, cols.to(work).contiguous(), r_lab[r_order],
+                       r_order)
+
+
+def _unit_totals(
+    pairs: SortedPairs, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """``(unit_ids (U,), unit (N,), num_pos (U,), num_neg (U,), num_neg_all, num_pos_all)``.
+
+    ``ids`` (N,) in input order: the class labels, or group ids, of the rows; ``unit`` is each sorted
+    row's unit index.  Within one set a pair counts for the units of both members (:func:`_pair_totals`);
+    with a reference set a query x reference pair counts for its query's unit only: per query q,
+    ``#pos_q = #{reference items with q's label}``, ``#neg_q = M - #pos_q``, summed over the unit's queries.
+    ``num_neg_all`` / ``num_pos_all``: all negative / positive pairs, each once.
+    """
+    unit_ids, unit = torch.unique(ids.to(pairs.lab.device), return_inverse=True)  # (U,), (N,)
+    unit = unit[pairs.order]
+    n = pairs.lab.shape[0]
+    if pairs.col_lab is None:
+        n_lab = torch.bincount(pairs.lab)  # (L,)
+        num_pos_all = int((n_lab * (n_lab - 1) // 2).sum())
+        num_pos, num_neg = _pair_totals(pairs.lab, unit, n_lab, len(unit_ids))
+        return unit_ids, unit, num_pos, num_neg, n * (n - 1) // 2 - num_pos_all, num_pos_all
+    m = pairs.col_lab.shape[0]
+    size = max(int(pairs.lab.max()), int(pairs.col_lab.max())) + 1
+    pos_q = torch.bincount(pairs.col_lab, minlength=size)[pairs.lab]  # (N,) reference items of q's label
+    num_pos = torch.zeros(len(unit_ids), dtype=torch.long, device=unit.device).index_add_(0, unit, pos_q)
+    num_neg = torch.bincount(unit, minlength=len(unit_ids)) * m - num_pos
+    num_pos_all = int(pos_q.sum())
+    return unit_ids, unit, num_pos, num_neg, n * m - num_pos_all, num_pos_all
 
 
 def _check_range_args(
@@ -238,12 +306,10 @@ def curves_and_extras(
     n = x.shape[0]
     g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
     lo, hi, k_thr, beta = _check_range_args(far_range, distance_range, num_thresholds, beta, chunk_size)
+    rx = ry = None
     if reference is not None or reference_labels is not None:
         if reference is None or reference_labels is None:
             raise ValueError("pass reference and reference_labels together (or neither)")
-        if g is not None:
-            raise ValueError("groups are not supported with a reference set; evaluate per class, or pass the "
-                             "groups' samples as embeddings without a reference set")
         rx, ry = check_embeddings_labels(reference, reference_labels, emb_name="reference",
                                          label_name="reference_labels")
         if rx.shape[1] != x.shape[1]:
@@ -254,51 +320,27 @@ def curves_and_extras(
         if not 0.0 <= float(q) <= 1.0:
             raise ValueError(f"quantile {q} must lie in [0, 1]")
 
-    # Dense labels and units (classes, or groups) and their pair totals in closed form.
-    if reference is None:
-        _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
-        unit_ids, unit = torch.unique(y if g is None else g, return_inverse=True)  # (U,), (N,)
-        n_lab = torch.bincount(lab)  # (L,)
-        num_neg_all = n * (n - 1) // 2 - int((n_lab * (n_lab - 1) // 2).sum())  # M, all negative pairs
-        if num_neg_all == 0:
-            raise ValueError("there are no negative pairs: all samples share one label; OPIS needs >= 2 classes")
-        num_pos, num_neg = _pair_totals(lab, unit, n_lab, len(unit_ids))  # (U,), (U,)
-    else:
-        both_ids, both = torch.unique(torch.cat([y, ry]), return_inverse=True)
-        lab, r_lab = both[:n], both[n:]  # dense labels, shared by both sides
-        unit_ids, unit, r_unit = both_ids, lab, r_lab
-        nq = torch.bincount(lab, minlength=len(both_ids))  # (L,)
-        ng = torch.bincount(r_lab, minlength=len(both_ids))  # (L,)
-        num_pos = nq * ng  # (L,) query x reference pairs of one class
-        num_neg = nq * (ry.shape[0] - ng) + ng * (n - nq)  # (L,) pairs with one member in the class
-        num_neg_all = n * ry.shape[0] - int(num_pos.sum())
-        if num_neg_all == 0:
-            raise ValueError("there are no negative query x reference pairs (all share one label); OPIS "
-                             "needs >= 2 classes")
+    # Unit rows sorted by label (the positives of a row block then form one band of columns), the units
+    # (classes, or groups) and their pair totals in closed form.
+    pairs = _sort_pairs(x, y, rx, ry)
+    unit_ids, unit, num_pos, num_neg, num_neg_all, _ = _unit_totals(pairs, y if g is None else g)  # unit sorted
+    if num_neg_all == 0:
+        raise ValueError(f"there are no negative {'pairs' if pairs.symmetric else 'query x reference pairs'}: all "
+                         "samples share one label; OPIS needs >= 2 classes")
     eligible = (num_pos > 0) & (num_neg > 0)  # (U,)
     t_cls = int(eligible.sum())
     if t_cls < 2:
+        need = ">= 2 samples" if pairs.symmetric else "a query with a same-label reference item"
         raise ValueError(
-            f"only {t_cls} eligible {'group' if g is not None else 'class'}(es) (>= 2 samples, with positive "
+            f"only {t_cls} eligible {'group' if g is not None else 'class'}(es) ({need}, with positive "
             "and negative pairs); OPIS compares classes, so it needs at least 2"
         )
     unit_to_el = torch.full((len(unit_ids),), t_cls, dtype=torch.long, device=x.device)  # T = "excluded"
     unit_to_el[eligible] = torch.arange(t_cls, device=x.device)
-    el = unit_to_el[unit]  # (N,) eligible index of each sample's unit, T if excluded
-
-    # Unit-normalised rows in the working dtype (normalised in float64, so scaling x changes nothing),
-    # sorted by label: the positives of a row block then form one band of columns.
-    order = torch.argsort(lab, stable=True)
-    pairs = SortedPairs(unit_rows(x)[order].contiguous(), lab[order], order, None, None, None)
-    el = el[order]
-    col_el = None
-    if reference is not None:  # float64 when either side is float64
-        r_order = torch.argsort(r_lab, stable=True)
-        pairs.cols = unit_rows(rx)[r_order].contiguous()
-        work = torch.promote_types(pairs.rows.dtype, pairs.cols.dtype)
-        pairs.rows, pairs.cols = pairs.rows.to(work), pairs.cols.to(work)
-        pairs.col_lab, pairs.col_order = r_lab[r_order], r_order
-        col_el = unit_to_el[r_unit][r_order]
+    el = unit_to_el[unit]  # (N,) eligible index of each (sorted) query's unit, T if excluded
+    col_el = None  # query x reference: a pair counts for its query's unit only, the reference side for none (T)
+    if pairs.cols is not None:
+        col_el = torch.full((pairs.cols.shape[0],), t_cls, dtype=torch.long, device=x.device)
     xn, lab = pairs.rows, pairs.lab
 
     qs = tuple(float(q) for q in extra_quantiles) + (() if distance_range is not None else (lo, hi))

@@ -277,7 +277,8 @@ def recall_at_k(
 
     Returns:
         ``{k: recall}``, a fraction in [0, 1], averaged over the queries with at least one relevant
-        candidate (as pml does).  R@1 equals pml's ``precision_at_1``.
+        candidate (as pml does).  R@1 equals pml's ``precision_at_1``.  Keyed by the int k; the
+        named key ``"R@k"`` is the scheme of :mod:`tcmlib.metrics.evaluation`.
     """
     return recall_and_map_at_r(embeddings, labels, ks, chunk_size=chunk_size, groups=groups, reference=reference,
                                reference_labels=reference_labels)[0]
