@@ -40,25 +40,24 @@ def upper_tiles(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)`` over the upper triangle of ``xn xn^T``, every pair ``a < b`` exactly once.
 
-    ``sim`` (B, W) = cosines of rows ``r0 .. r0+B-1`` with columns ``c0 .. c0+W-1``, ``c0 >= r0``; in the
-    first tile of a row block (``c0 == r0``) the pairs with column <= row are set to -inf.  Row blocks
-    have ``chunk_size`` rows, tiles ``max(tile_cols, chunk_size)`` columns (the first holds the diagonal
-    block).  The tiles on the diagonal come first (with labels sorted, a row's own class lies there, so
-    a running top-k fills with good candidates early); the order changes no value.  The caller may
-    modify ``sim`` in place.
+    ``sim`` (B, W) = cosines of rows ``r0 .. r0+B-1`` with columns ``c0 .. c0+W-1``, ``c0 >= r0``.  Row
+    blocks have ``chunk_size`` rows.  First come the square blocks on the diagonal (``c0 == r0``,
+    ``W == B``), the pairs with column <= row set to -inf (with labels sorted, a row's own class lies
+    there, so a running top-k fills with good candidates early); then the tiles right of them,
+    ``max(tile_cols, chunk_size)`` columns wide.  The order changes no value.  The caller may modify
+    ``sim`` in place.
     """
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
     tile_cols = max(tile_cols, chunk_size)
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B) col <= row
-    blocks = range(0, n, chunk_size)
-    order = [(r0, r0) for r0 in blocks] + [(r0, c0) for r0 in blocks for c0 in range(r0 + tile_cols, n, tile_cols)]
-    for r0, c0 in order:  # the diagonal tiles first: each row meets its own class (sorted labels) early
-        r1 = min(r0 + chunk_size, n)
-        sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
-        if c0 == r0:
-            sim[:, : r1 - r0].masked_fill_(lower[: r1 - r0, : r1 - r0], float("-inf"))
-        yield r0, c0, sim
+    for r0 in range(0, n, chunk_size):
+        block = xn[r0 : r0 + chunk_size]
+        sim = block @ block.T  # (B, B)
+        yield r0, r0, sim.masked_fill_(lower[: sim.shape[0], : sim.shape[0]], float("-inf"))
+    for r0 in range(0, n, chunk_size):
+        for c0 in range(r0 + chunk_size, n, tile_cols):
+            yield r0, c0, xn[r0 : r0 + chunk_size] @ xn[c0 : c0 + tile_cols].T  # (B, W)
 
 
 def cross_tiles(
@@ -78,14 +77,15 @@ class TopK:
     ``depth`` (N,) ints >= 1, the k of each row; ``row_labels`` (N,) and ``col_labels`` (M,): only
     whether an item is *relevant* (same label as the row) is kept, not its index.  :meth:`add` feeds a
     tile from its rows' side; for a symmetric matrix, :meth:`add` the transposed tile as well (rows and
-    columns then index the same set) with ``columns=True``.  An entry enters only when strictly above the row's current
-    ``depth``-th best (of equal values the one seen first stays; torch.topk's order among ties is
-    unspecified anyway).  So once a row has filled, a tile costs a max per row and a few compares; in
-    a row's first tile the bar is raised by :meth:`_seed`.
+    columns then index the same set) with ``columns=True``.  An entry enters only when strictly above the
+    row's current ``depth``-th best (of equal values the one seen first stays; torch.topk's order among
+    ties is unspecified anyway).  A tile is screened by the maxima of its *cells* (``CELL`` consecutive
+    entries of a row): only cells whose maximum beats the row's bar are read again.  Once a row has
+    filled, a tile costs one pass over it for the cell maxima and little else.
     """
 
-    GROUP = 8  # a row's first tile: the depth-th largest of its maxima over groups of 8 entries seeds the bar
-    DENSE_SHARE = 0.05  # above this share of candidates in a tile, merge with a dense topk
+    CELL = 64  # entries per cell
+    DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge the hot rows with a dense topk
 
     def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
         n = depth.shape[0]
@@ -107,66 +107,38 @@ class TopK:
             sim, r0, c0 = sim.T, c0, r0  # a view: the work below stays on the row-major memory
         b, w = sim.shape
         kth = self.kth[r0 : r0 + b]
-        hot = torch.nonzero(sim.amax(dim=1) > kth).squeeze(1)  # (H,) rows with a new candidate
-        if hot.numel() == 0:
+        whole = w // self.CELL * self.CELL  # the body: whole cells; the edge: the last w - whole entries
+        body = sim[:, :whole].unflatten(1, (-1, self.CELL))  # (B, W // CELL, CELL), a view
+        # the cells' maxima, reduced along the memory layout (a transposed view reduces slowly otherwise)
+        cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // CELL)
+        rows, cells = torch.nonzero(cell_max > kth[:, None], as_tuple=True)  # (C,) hot cells, by row
+        if rows.numel() > self.DENSE_SHARE * cell_max.numel():  # mostly hot (a first contact): dense topk
+            hot = torch.nonzero(sim.amax(dim=1) > kth).squeeze(1)  # (H,) rows with a candidate
+            top = sim[hot].topk(min(self.k, w), dim=1)  # (H, k')
+            self._merge(hot + r0, top.values, self.col_labels[top.indices + c0] == self.row_labels[hot + r0, None])
             return
-        if bool(torch.isinf(kth[hot]).any()):  # a first contact: raise the bar with a cheap lower bound
-            kth = kth.clone()
-            kth[hot] = torch.maximum(kth[hot], self._seed(sim, hot, r0, columns))
-        if 4 * hot.numel() < b:  # few hot rows: compare only those (a gathered copy, grouped by row)
-            sub_rows, cols = torch.nonzero(sim[hot] > kth[hot, None], as_tuple=True)  # (P,)
-            rows = hot[sub_rows]
-        elif columns:  # compare on the row-major tile, then group the candidates by its column
-            cols, rows = torch.nonzero(sim.T > kth[None, :], as_tuple=True)  # (P,)
-            order = torch.argsort(rows, stable=True)
-            rows, cols = rows[order], cols[order]
-        else:
-            rows, cols = torch.nonzero(sim > kth[:, None], as_tuple=True)  # (P,) candidates, by row
-        if rows.numel() > self.DENSE_SHARE * hot.numel() * sim.shape[1]:
-            self._dense(hot + r0, sim[hot], c0)
-        elif rows.numel():
-            self._sparse(r0, c0, sim, rows, cols)
+        vals = body[rows, cells]  # (C, CELL)
+        sub, slot = torch.nonzero(vals > kth[rows, None], as_tuple=True)  # (P,) candidates, grouped by row
+        rows, cols, vals = rows[sub], cells[sub] * self.CELL + slot, vals[sub, slot]
+        if whole < w:  # the edge: compared directly, then the candidates grouped by row again
+            er, ec = torch.nonzero(sim[:, whole:] > kth[:, None], as_tuple=True)
+            order = torch.argsort(torch.cat([rows, er]), stable=True)
+            rows, cols = torch.cat([rows, er])[order], torch.cat([cols, ec + whole])[order]
+            vals = torch.cat([vals, sim[er, ec + whole]])[order]
+        if rows.numel():
+            self._sparse(r0, c0, rows, cols, vals)
 
-    def _seed(self, sim: torch.Tensor, hot: torch.Tensor, r0: int, columns: bool) -> torch.Tensor:
-        """(H,) a value just below a lower bound of each hot row's final depth-th best, from ``sim`` alone.
-
-        The maxima of groups of ``GROUP`` consecutive entries are entries of the row, so the depth-th
-        largest of them is at most the row's depth-th largest entry; on data without structure about
-        depth entries of the tile lie above it.  The next float below it makes ``>`` accept it.
-        """
-        gs, h = self.GROUP, hot.numel()
-        nb = (sim.shape[1]) // gs  # groups per row
-        if nb < self.k:  # too few groups to bound the depth-th best
-            return torch.full((h,), float("-inf"), dtype=sim.dtype, device=sim.device)
-        every = h == sim.shape[0]  # all rows hot: work on views, no gathered copy
-        if columns:  # sim is the transposed view of a row-major tile t: group t's rows, per hot column
-            t = sim.T[: nb * gs] if every else sim.T[: nb * gs, hot]  # (nb * gs, H)
-            gm = t.reshape(nb, gs, h).amax(dim=1).T.contiguous()  # (H, nb)
-        else:
-            t = sim[:, : nb * gs] if every else sim[hot, : nb * gs]  # (H, nb * gs)
-            gm = t.reshape(h, nb, gs).amax(dim=2)  # (H, nb)
-        top = gm.topk(self.k, dim=1).values  # (H, k)
-        bound = top.gather(1, self.kpos[hot + r0, None]).squeeze(1)  # (H,)
-        return torch.nextafter(bound, bound.new_tensor(float("-inf")))
-
-    def _dense(self, g: torch.Tensor, sub: torch.Tensor, c0: int) -> None:
-        """Merge all of ``sub`` (H, W), rows ``g`` (H,), columns ``c0..``: a topk per row first."""
-        top = sub.contiguous().topk(min(self.k, sub.shape[1]), dim=1)  # (H, k')
-        rel = self.col_labels[top.indices + c0] == self.row_labels[g, None]
-        self._merge(g, top.values, rel)
-
-    def _sparse(self, r0: int, c0: int, sim: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Merge the candidates ``sim[rows, cols]`` (P,), ``rows`` ascending, padded into one block per row."""
-        counts = torch.bincount(rows, minlength=sim.shape[0])  # (B,) candidates per row
-        has = counts > 0
-        g = torch.nonzero(has).squeeze(1)  # (H',) rows with candidates
-        h, width = g.numel(), int(counts.max())
-        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        at = (torch.cumsum(has, 0) - 1)[rows] * width + slot  # (P,) place in an (H', width) block, -inf padded
-        vals = sim.new_full((h * width,), float("-inf")).index_copy_(0, at, sim[rows, cols])
-        rel = torch.zeros(h * width, dtype=torch.bool, device=sim.device)
-        rel.index_copy_(0, at, self.col_labels.index_select(0, cols + c0) == self.row_labels.index_select(0, rows + r0))
-        self._merge(g + r0, vals.view(h, width), rel.view(h, width))
+    def _sparse(self, r0: int, c0: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        """Merge the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): padded into
+        one block per row, -inf where a row has fewer."""
+        g, counts = torch.unique_consecutive(rows, return_counts=True)  # (H,) rows with candidates
+        width = int(counts.max())
+        slot = torch.arange(rows.numel(), device=rows.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        at = torch.repeat_interleave(torch.arange(g.numel(), device=rows.device), counts) * width + slot  # (P,)
+        block = vals.new_full((g.numel() * width,), float("-inf")).index_copy_(0, at, vals)
+        rel = torch.zeros(g.numel() * width, dtype=torch.bool, device=rows.device)
+        rel.index_copy_(0, at, self.col_labels[cols + c0] == self.row_labels[rows + r0])
+        self._merge(g + r0, block.view(-1, width), rel.view(-1, width))
 
     def _merge(self, g: torch.Tensor, vals: torch.Tensor, rel: torch.Tensor) -> None:
         """Merge candidates ``vals`` / ``rel`` (H, c) of rows ``g`` (H,) into the buffers."""

@@ -121,9 +121,12 @@ class RetrievalPass:
         self.r, self.ks, self.symmetric = r, ks, symmetric
 
     def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
-        self.topk.add(r0, c0, sim)
-        if self.symmetric:
-            self.topk.add(r0, c0, sim, columns=True)
+        if self.symmetric and r0 == c0:  # a diagonal block (upper triangle only): fill in the lower, feed once
+            self.topk.add(r0, c0, torch.maximum(sim, sim.T))
+        else:
+            self.topk.add(r0, c0, sim)
+            if self.symmetric:
+                self.topk.add(r0, c0, sim, columns=True)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hits (N, len(ks)) bool, ap (N,) float64)`` in the order of ``row_labels``; NaN AP where R = 0."""
