@@ -26,13 +26,17 @@ TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, D) unit rows in the working dtype: ``x / ||x||`` in float64, then float32 (float64 input stays
     float64).  Each row is first scaled by a power of two (exact, as in :func:`tcmlib.normalize.l2_normalize`),
-    so rows of norm 1e300 or 1e-300 normalise too; on well-scaled rows this changes no bit."""
+    so rows of norm 1e300 or 1e-300 normalise too; on well-scaled rows this changes no bit.  Computed
+    2048 rows at a time (each row on its own: the same bits), so the float64 copies stay in cache."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x64 = x.detach().double()
-    m = x64.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)  # (N, 1) max |x|
-    f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact, so the norm cannot over- or underflow
-    x64 = x64 * (f / m)
-    return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)
+    out = torch.empty(x.shape, dtype=work, device=x.device)
+    for s0 in range(0, x.shape[0], 2048):
+        x64 = x[s0 : s0 + 2048].detach().double()
+        m = x64.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)  # (B, 1) max |x|
+        f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact, so the norm cannot over- or underflow
+        x64 = x64 * (f / m)
+        out[s0 : s0 + 2048] = x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)
+    return out
 
 
 def upper_tiles(
@@ -79,12 +83,12 @@ class TopK:
     tile from its rows' side; for a symmetric matrix, :meth:`add` the transposed tile as well (rows and
     columns then index the same set) with ``columns=True``.  An entry enters only when strictly above the
     row's current ``depth``-th best (of equal values the one seen first stays; torch.topk's order among
-    ties is unspecified anyway).  A tile is screened by the maxima of its *cells* (``CELL`` consecutive
+    ties is unspecified anyway).  A tile is screened by the maxima of its *cells* (``CELLS`` consecutive
     entries of a row): only cells whose maximum beats the row's bar are read again.  Once a row has
     filled, a tile costs one pass over it for the cell maxima and little else.
     """
 
-    CELL = 64  # entries per cell
+    CELLS = (64, 16)  # entries per cell: along a row of the tile (contiguous), along a column (strided)
     DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge the hot rows with a dense topk
 
     def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
@@ -107,19 +111,21 @@ class TopK:
             sim, r0, c0 = sim.T, c0, r0  # a view: the work below stays on the row-major memory
         b, w = sim.shape
         kth = self.kth[r0 : r0 + b]
-        whole = w // self.CELL * self.CELL  # the body: whole cells; the edge: the last w - whole entries
-        body = sim[:, :whole].unflatten(1, (-1, self.CELL))  # (B, W // CELL, CELL), a view
+        cell = self.CELLS[columns]
+        whole = w // cell * cell  # the body: whole cells; the edge: the last w - whole entries
+        body = sim[:, :whole].unflatten(1, (-1, cell))  # (B, W // cell, cell), a view
         # the cells' maxima, reduced along the memory layout (a transposed view reduces slowly otherwise)
-        cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // CELL)
-        rows, cells = torch.nonzero(cell_max > kth[:, None], as_tuple=True)  # (C,) hot cells, by row
-        if rows.numel() > self.DENSE_SHARE * cell_max.numel():  # mostly hot (a first contact): dense topk
-            hot = torch.nonzero(sim.amax(dim=1) > kth).squeeze(1)  # (H,) rows with a candidate
-            top = sim[hot].topk(min(self.k, w), dim=1)  # (H, k')
-            self._merge(hot + r0, top.values, self.col_labels[top.indices + c0] == self.row_labels[hot + r0, None])
+        cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // cell)
+        hot = (cell_max > kth[:, None]).contiguous()  # (B, W // cell) bool; contiguous: nonzero is faster
+        rows, cells = torch.nonzero(hot, as_tuple=True)  # (C,) hot cells, by row
+        if rows.numel() > self.DENSE_SHARE * hot.numel():  # mostly hot (a first contact): all rows, dense
+            top = sim.topk(min(self.k, w), dim=1, sorted=False)  # (B, k'); entries <= the bar change nothing
+            g = torch.arange(r0, r0 + b, device=sim.device)
+            self._merge(g, top.values, self.col_labels[top.indices + c0] == self.row_labels[g, None])
             return
         vals = body[rows, cells]  # (C, CELL)
         sub, slot = torch.nonzero(vals > kth[rows, None], as_tuple=True)  # (P,) candidates, grouped by row
-        rows, cols, vals = rows[sub], cells[sub] * self.CELL + slot, vals[sub, slot]
+        rows, cols, vals = rows[sub], cells[sub] * cell + slot, vals[sub, slot]
         if whole < w:  # the edge: compared directly, then the candidates grouped by row again
             er, ec = torch.nonzero(sim[:, whole:] > kth[:, None], as_tuple=True)
             order = torch.argsort(torch.cat([rows, er]), stable=True)
@@ -131,10 +137,10 @@ class TopK:
     def _sparse(self, r0: int, c0: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         """Merge the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): padded into
         one block per row, -inf where a row has fewer."""
-        g, counts = torch.unique_consecutive(rows, return_counts=True)  # (H,) rows with candidates
+        g, which, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)  # (H,), (P,), (H,)
         width = int(counts.max())
-        slot = torch.arange(rows.numel(), device=rows.device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-        at = torch.repeat_interleave(torch.arange(g.numel(), device=rows.device), counts) * width + slot  # (P,)
+        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[which]  # (P,) place in row
+        at = which * width + slot  # (P,) place in the (H, width) block
         block = vals.new_full((g.numel() * width,), float("-inf")).index_copy_(0, at, vals)
         rel = torch.zeros(g.numel() * width, dtype=torch.bool, device=rows.device)
         rel.index_copy_(0, at, self.col_labels[cols + c0] == self.row_labels[rows + r0])
