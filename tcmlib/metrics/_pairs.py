@@ -3,11 +3,13 @@
 * :func:`unit_rows`: the unit rows every metric compares (normalised in float64, then cast to the
   working dtype: float64 for float64 input, float32 otherwise), so all metrics see the same cosines.
 * :func:`upper_tiles`: the similarity matrix ``S = X X^T`` of one set with itself is symmetric, so
-  only its upper triangle is computed, ``chunk_size`` rows by ``TILE_COLS`` columns at a time; each
-  tile serves its rows *and* (transposed) its columns.  One pass is half a full GEMM.
+  only its upper triangle is computed: the square blocks on the diagonal, then ``chunk_size`` rows by
+  ``TILE_COLS`` columns at a time; each tile serves its rows *and* (transposed) its columns.  One pass
+  is half a full GEMM.
 * :func:`cross_tiles`: query x gallery, every tile of ``Q G^T`` once (no symmetry to use).
 * :class:`TopK`: the exact running top-k of every row, fed by tiles from the row side and from the
-  column side; only tiles entries above a row's current k-th best are merged.
+  column side; a tile is screened by the maxima of small cells, and only the entries above a row's
+  current k-th best are merged.
 
 Memory: one tile, plus ``O(N k)`` for the running top-k (k = the deepest rank asked for).
 """
@@ -33,7 +35,7 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     for s0 in range(0, x.shape[0], 2048):
         x64 = x[s0 : s0 + 2048].detach().double()
         m = x64.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)  # (B, 1) max |x|
-        f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact, so the norm cannot over- or underflow
+        f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact; the norm cannot over/underflow
         x64 = x64 * (f / m)
         out[s0 : s0 + 2048] = x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)
     return out
@@ -81,15 +83,16 @@ class TopK:
     ``depth`` (N,) ints >= 1, the k of each row; ``row_labels`` (N,) and ``col_labels`` (M,): only
     whether an item is *relevant* (same label as the row) is kept, not its index.  :meth:`add` feeds a
     tile from its rows' side; for a symmetric matrix, :meth:`add` the transposed tile as well (rows and
-    columns then index the same set) with ``columns=True``.  An entry enters only when strictly above the
-    row's current ``depth``-th best (of equal values the one seen first stays; torch.topk's order among
-    ties is unspecified anyway).  A tile is screened by the maxima of its *cells* (``CELLS`` consecutive
-    entries of a row): only cells whose maximum beats the row's bar are read again.  Once a row has
-    filled, a tile costs one pass over it for the cell maxima and little else.
+    columns then index the same set) with ``columns=True``.  Every entry strictly above the row's current
+    ``depth``-th best (its *bar*) is merged (the order among equal values is unspecified, as in
+    torch.topk).  A tile is screened by the maxima of its *cells* (``CELLS`` consecutive entries of a
+    row of the tile, or of a column): only cells whose maximum beats the row's bar are read again.  So
+    once the rows have filled, a tile costs one read for the cell maxima and little else; a first
+    contact (most cells hot) merges a dense topk of the tile.
     """
 
     CELLS = (64, 16)  # entries per cell: along a row of the tile (contiguous), along a column (strided)
-    DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge the hot rows with a dense topk
+    DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge a dense topk of all its rows
 
     def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
         n = depth.shape[0]
@@ -123,7 +126,7 @@ class TopK:
             g = torch.arange(r0, r0 + b, device=sim.device)
             self._merge(g, top.values, self.col_labels[top.indices + c0] == self.row_labels[g, None])
             return
-        vals = body[rows, cells]  # (C, CELL)
+        vals = body[rows, cells]  # (C, cell): the hot cells' entries, gathered whole
         sub, slot = torch.nonzero(vals > kth[rows, None], as_tuple=True)  # (P,) candidates, grouped by row
         rows, cols, vals = rows[sub], cells[sub] * cell + slot, vals[sub, slot]
         if whole < w:  # the edge: compared directly, then the candidates grouped by row again
@@ -137,9 +140,10 @@ class TopK:
     def _sparse(self, r0: int, c0: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         """Merge the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): padded into
         one block per row, -inf where a row has fewer."""
-        g, which, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)  # (H,), (P,), (H,)
+        # g (H,) the rows with candidates; which (P,) each candidate's row among them; counts (H,)
+        g, which, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
         width = int(counts.max())
-        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[which]  # (P,) place in row
+        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[which]  # (P,)
         at = which * width + slot  # (P,) place in the (H, width) block
         block = vals.new_full((g.numel() * width,), float("-inf")).index_copy_(0, at, vals)
         rel = torch.zeros(g.numel() * width, dtype=torch.bool, device=rows.device)
@@ -148,7 +152,7 @@ class TopK:
 
     def _merge(self, g: torch.Tensor, vals: torch.Tensor, rel: torch.Tensor) -> None:
         """Merge candidates ``vals`` / ``rel`` (H, c) of rows ``g`` (H,) into the buffers."""
-        cand_v = torch.cat([self.val[g], vals], dim=1)  # (H, k + c); the buffer first: it wins ties
+        cand_v = torch.cat([self.val[g], vals], dim=1)  # (H, k + c)
         cand_r = torch.cat([self.rel[g], rel], dim=1)
         top = cand_v.topk(self.k, dim=1)  # sorted, most similar first
         self.val[g] = top.values
