@@ -54,8 +54,25 @@ def test_topk_of_symmetric_tiles_equals_dense_topk(chunk, tile_cols):
         assert top.rel[i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
 
 
-def test_topk_first_contact_is_seeded_and_exact():
-    """Long rows (a first tile with many candidates) go through the group-max seed; still exact."""
+@pytest.mark.parametrize("n,chunk,tile_cols", [(700, 128, 200), (1000, 96, 130)])
+def test_topk_screened_cells_and_edges_equal_dense_topk(n, chunk, tile_cols):
+    """Wider tiles: rows and columns screened by cell maxima (tile widths not multiples of a cell), exact."""
+    x, y = clustered(n, 9, 12, seed=n, dtype=torch.float32)
+    xn = torch.nn.functional.normalize(x, dim=1)
+    depth = torch.randint(1, 60, (n,), generator=torch.Generator().manual_seed(1))
+    top = TopK(depth, y, y, torch.float32)
+    for r0, c0, sim in upper_tiles(xn, chunk, tile_cols):
+        top.add(r0, c0, sim)
+        top.add(r0, c0, sim, columns=True)
+    want = (xn @ xn.T).fill_diagonal_(float("-inf")).topk(int(depth.max()), dim=1)
+    for i in range(n):
+        d = int(depth[i])
+        torch.testing.assert_close(top.val[i, :d], want.values[i, :d], rtol=0, atol=1e-6)
+        assert top.rel[i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
+
+
+def test_topk_first_contact_is_exact():
+    """Long rows (a first tile where every entry is a candidate) merge through a dense topk; exact."""
     g = torch.Generator().manual_seed(1)
     sim = torch.randn(40, 3000, generator=g)
     depth = torch.full((40,), 25)

@@ -3,11 +3,13 @@
 * :func:`unit_rows`: the unit rows every metric compares (normalised in float64, then cast to the
   working dtype: float64 for float64 input, float32 otherwise), so all metrics see the same cosines.
 * :func:`upper_tiles`: the similarity matrix ``S = X X^T`` of one set with itself is symmetric, so
-  only its upper triangle is computed, ``chunk_size`` rows by ``TILE_COLS`` columns at a time; each
-  tile serves its rows *and* (transposed) its columns.  One pass is half a full GEMM.
+  only its upper triangle is computed: the square blocks on the diagonal, then ``chunk_size`` rows by
+  ``TILE_COLS`` columns at a time; each tile serves its rows *and* (transposed) its columns.  One pass
+  is half a full GEMM.
 * :func:`cross_tiles`: query x gallery, every tile of ``Q G^T`` once (no symmetry to use).
 * :class:`TopK`: the exact running top-k of every row, fed by tiles from the row side and from the
-  column side; only tiles entries above a row's current k-th best are merged.
+  column side; a tile is screened by the maxima of small cells, and only the entries above a row's
+  current k-th best are merged.
 
 Memory: one tile, plus ``O(N k)`` for the running top-k (k = the deepest rank asked for).
 """
@@ -26,13 +28,17 @@ TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     """(N, D) unit rows in the working dtype: ``x / ||x||`` in float64, then float32 (float64 input stays
     float64).  Each row is first scaled by a power of two (exact, as in :func:`tcmlib.normalize.l2_normalize`),
-    so rows of norm 1e300 or 1e-300 normalise too; on well-scaled rows this changes no bit."""
+    so rows of norm 1e300 or 1e-300 normalise too; on well-scaled rows this changes no bit.  Computed
+    2048 rows at a time (each row on its own: the same bits), so the float64 copies stay in cache."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x64 = x.detach().double()
-    m = x64.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)  # (N, 1) max |x|
-    f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact, so the norm cannot over- or underflow
-    x64 = x64 * (f / m)
-    return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).to(work)
+    out = torch.empty(x.shape, dtype=work, device=x.device)
+    for s0 in range(0, x.shape[0], 2048):
+        x64 = x[s0 : s0 + 2048].detach().double()
+        m = x64.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)  # (B, 1) max |x|
+        f, _ = torch.frexp(m)  # m = f 2^e: scaling by f / m = 2^-e is exact; the norm cannot over/underflow
+        x64 = x64 * (f / m)
+        out[s0 : s0 + 2048] = x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)
+    return out
 
 
 def upper_tiles(
@@ -40,25 +46,24 @@ def upper_tiles(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)`` over the upper triangle of ``xn xn^T``, every pair ``a < b`` exactly once.
 
-    ``sim`` (B, W) = cosines of rows ``r0 .. r0+B-1`` with columns ``c0 .. c0+W-1``, ``c0 >= r0``; in the
-    first tile of a row block (``c0 == r0``) the pairs with column <= row are set to -inf.  Row blocks
-    have ``chunk_size`` rows, tiles ``max(tile_cols, chunk_size)`` columns (the first holds the diagonal
-    block).  The tiles on the diagonal come first (with labels sorted, a row's own class lies there, so
-    a running top-k fills with good candidates early); the order changes no value.  The caller may
-    modify ``sim`` in place.
+    ``sim`` (B, W) = cosines of rows ``r0 .. r0+B-1`` with columns ``c0 .. c0+W-1``, ``c0 >= r0``.  Row
+    blocks have ``chunk_size`` rows.  First come the square blocks on the diagonal (``c0 == r0``,
+    ``W == B``), the pairs with column <= row set to -inf (with labels sorted, a row's own class lies
+    there, so a running top-k fills with good candidates early); then the tiles right of them,
+    ``max(tile_cols, chunk_size)`` columns wide.  The order changes no value.  The caller may modify
+    ``sim`` in place.
     """
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
     tile_cols = max(tile_cols, chunk_size)
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B) col <= row
-    blocks = range(0, n, chunk_size)
-    order = [(r0, r0) for r0 in blocks] + [(r0, c0) for r0 in blocks for c0 in range(r0 + tile_cols, n, tile_cols)]
-    for r0, c0 in order:  # the diagonal tiles first: each row meets its own class (sorted labels) early
-        r1 = min(r0 + chunk_size, n)
-        sim = xn[r0:r1] @ xn[c0 : c0 + tile_cols].T  # (B, W)
-        if c0 == r0:
-            sim[:, : r1 - r0].masked_fill_(lower[: r1 - r0, : r1 - r0], float("-inf"))
-        yield r0, c0, sim
+    for r0 in range(0, n, chunk_size):
+        block = xn[r0 : r0 + chunk_size]
+        sim = block @ block.T  # (B, B)
+        yield r0, r0, sim.masked_fill_(lower[: sim.shape[0], : sim.shape[0]], float("-inf"))
+    for r0 in range(0, n, chunk_size):
+        for c0 in range(r0 + chunk_size, n, tile_cols):
+            yield r0, c0, xn[r0 : r0 + chunk_size] @ xn[c0 : c0 + tile_cols].T  # (B, W)
 
 
 def cross_tiles(
@@ -78,14 +83,16 @@ class TopK:
     ``depth`` (N,) ints >= 1, the k of each row; ``row_labels`` (N,) and ``col_labels`` (M,): only
     whether an item is *relevant* (same label as the row) is kept, not its index.  :meth:`add` feeds a
     tile from its rows' side; for a symmetric matrix, :meth:`add` the transposed tile as well (rows and
-    columns then index the same set) with ``columns=True``.  An entry enters only when strictly above the row's current
-    ``depth``-th best (of equal values the one seen first stays; torch.topk's order among ties is
-    unspecified anyway).  So once a row has filled, a tile costs a max per row and a few compares; in
-    a row's first tile the bar is raised by :meth:`_seed`.
+    columns then index the same set) with ``columns=True``.  Every entry strictly above the row's current
+    ``depth``-th best (its *bar*) is merged (the order among equal values is unspecified, as in
+    torch.topk).  A tile is screened by the maxima of its *cells* (``CELLS`` consecutive entries of a
+    row of the tile, or of a column): only cells whose maximum beats the row's bar are read again.  So
+    once the rows have filled, a tile costs one read for the cell maxima and little else; a first
+    contact (most cells hot) merges a dense topk of the tile.
     """
 
-    GROUP = 8  # a row's first tile: the depth-th largest of its maxima over groups of 8 entries seeds the bar
-    DENSE_SHARE = 0.05  # above this share of candidates in a tile, merge with a dense topk
+    CELLS = (64, 16)  # entries per cell: along a row of the tile (contiguous), along a column (strided)
+    DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge a dense topk of all its rows
 
     def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
         n = depth.shape[0]
@@ -107,70 +114,45 @@ class TopK:
             sim, r0, c0 = sim.T, c0, r0  # a view: the work below stays on the row-major memory
         b, w = sim.shape
         kth = self.kth[r0 : r0 + b]
-        hot = torch.nonzero(sim.amax(dim=1) > kth).squeeze(1)  # (H,) rows with a new candidate
-        if hot.numel() == 0:
+        cell = self.CELLS[columns]
+        whole = w // cell * cell  # the body: whole cells; the edge: the last w - whole entries
+        body = sim[:, :whole].unflatten(1, (-1, cell))  # (B, W // cell, cell), a view
+        # the cells' maxima, reduced along the memory layout (a transposed view reduces slowly otherwise)
+        cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // cell)
+        hot = (cell_max > kth[:, None]).contiguous()  # (B, W // cell) bool; contiguous: nonzero is faster
+        rows, cells = torch.nonzero(hot, as_tuple=True)  # (C,) hot cells, by row
+        if rows.numel() > self.DENSE_SHARE * hot.numel():  # mostly hot (a first contact): all rows, dense
+            top = sim.topk(min(self.k, w), dim=1, sorted=False)  # (B, k'); entries <= the bar change nothing
+            g = torch.arange(r0, r0 + b, device=sim.device)
+            self._merge(g, top.values, self.col_labels[top.indices + c0] == self.row_labels[g, None])
             return
-        if bool(torch.isinf(kth[hot]).any()):  # a first contact: raise the bar with a cheap lower bound
-            kth = kth.clone()
-            kth[hot] = torch.maximum(kth[hot], self._seed(sim, hot, r0, columns))
-        if 4 * hot.numel() < b:  # few hot rows: compare only those (a gathered copy, grouped by row)
-            sub_rows, cols = torch.nonzero(sim[hot] > kth[hot, None], as_tuple=True)  # (P,)
-            rows = hot[sub_rows]
-        elif columns:  # compare on the row-major tile, then group the candidates by its column
-            cols, rows = torch.nonzero(sim.T > kth[None, :], as_tuple=True)  # (P,)
-            order = torch.argsort(rows, stable=True)
-            rows, cols = rows[order], cols[order]
-        else:
-            rows, cols = torch.nonzero(sim > kth[:, None], as_tuple=True)  # (P,) candidates, by row
-        if rows.numel() > self.DENSE_SHARE * hot.numel() * sim.shape[1]:
-            self._dense(hot + r0, sim[hot], c0)
-        elif rows.numel():
-            self._sparse(r0, c0, sim, rows, cols)
+        vals = body[rows, cells]  # (C, cell): the hot cells' entries, gathered whole
+        sub, slot = torch.nonzero(vals > kth[rows, None], as_tuple=True)  # (P,) candidates, grouped by row
+        rows, cols, vals = rows[sub], cells[sub] * cell + slot, vals[sub, slot]
+        if whole < w:  # the edge: compared directly, then the candidates grouped by row again
+            er, ec = torch.nonzero(sim[:, whole:] > kth[:, None], as_tuple=True)
+            order = torch.argsort(torch.cat([rows, er]), stable=True)
+            rows, cols = torch.cat([rows, er])[order], torch.cat([cols, ec + whole])[order]
+            vals = torch.cat([vals, sim[er, ec + whole]])[order]
+        if rows.numel():
+            self._sparse(r0, c0, rows, cols, vals)
 
-    def _seed(self, sim: torch.Tensor, hot: torch.Tensor, r0: int, columns: bool) -> torch.Tensor:
-        """(H,) a value just below a lower bound of each hot row's final depth-th best, from ``sim`` alone.
-
-        The maxima of groups of ``GROUP`` consecutive entries are entries of the row, so the depth-th
-        largest of them is at most the row's depth-th largest entry; on data without structure about
-        depth entries of the tile lie above it.  The next float below it makes ``>`` accept it.
-        """
-        gs, h = self.GROUP, hot.numel()
-        nb = (sim.shape[1]) // gs  # groups per row
-        if nb < self.k:  # too few groups to bound the depth-th best
-            return torch.full((h,), float("-inf"), dtype=sim.dtype, device=sim.device)
-        every = h == sim.shape[0]  # all rows hot: work on views, no gathered copy
-        if columns:  # sim is the transposed view of a row-major tile t: group t's rows, per hot column
-            t = sim.T[: nb * gs] if every else sim.T[: nb * gs, hot]  # (nb * gs, H)
-            gm = t.reshape(nb, gs, h).amax(dim=1).T.contiguous()  # (H, nb)
-        else:
-            t = sim[:, : nb * gs] if every else sim[hot, : nb * gs]  # (H, nb * gs)
-            gm = t.reshape(h, nb, gs).amax(dim=2)  # (H, nb)
-        top = gm.topk(self.k, dim=1).values  # (H, k)
-        bound = top.gather(1, self.kpos[hot + r0, None]).squeeze(1)  # (H,)
-        return torch.nextafter(bound, bound.new_tensor(float("-inf")))
-
-    def _dense(self, g: torch.Tensor, sub: torch.Tensor, c0: int) -> None:
-        """Merge all of ``sub`` (H, W), rows ``g`` (H,), columns ``c0..``: a topk per row first."""
-        top = sub.contiguous().topk(min(self.k, sub.shape[1]), dim=1)  # (H, k')
-        rel = self.col_labels[top.indices + c0] == self.row_labels[g, None]
-        self._merge(g, top.values, rel)
-
-    def _sparse(self, r0: int, c0: int, sim: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Merge the candidates ``sim[rows, cols]`` (P,), ``rows`` ascending, padded into one block per row."""
-        counts = torch.bincount(rows, minlength=sim.shape[0])  # (B,) candidates per row
-        has = counts > 0
-        g = torch.nonzero(has).squeeze(1)  # (H',) rows with candidates
-        h, width = g.numel(), int(counts.max())
-        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        at = (torch.cumsum(has, 0) - 1)[rows] * width + slot  # (P,) place in an (H', width) block, -inf padded
-        vals = sim.new_full((h * width,), float("-inf")).index_copy_(0, at, sim[rows, cols])
-        rel = torch.zeros(h * width, dtype=torch.bool, device=sim.device)
-        rel.index_copy_(0, at, self.col_labels.index_select(0, cols + c0) == self.row_labels.index_select(0, rows + r0))
-        self._merge(g + r0, vals.view(h, width), rel.view(h, width))
+    def _sparse(self, r0: int, c0: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
+        """Merge the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): padded into
+        one block per row, -inf where a row has fewer."""
+        # g (H,) the rows with candidates; which (P,) each candidate's row among them; counts (H,)
+        g, which, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
+        width = int(counts.max())
+        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[which]  # (P,)
+        at = which * width + slot  # (P,) place in the (H, width) block
+        block = vals.new_full((g.numel() * width,), float("-inf")).index_copy_(0, at, vals)
+        rel = torch.zeros(g.numel() * width, dtype=torch.bool, device=rows.device)
+        rel.index_copy_(0, at, self.col_labels[cols + c0] == self.row_labels[rows + r0])
+        self._merge(g + r0, block.view(-1, width), rel.view(-1, width))
 
     def _merge(self, g: torch.Tensor, vals: torch.Tensor, rel: torch.Tensor) -> None:
         """Merge candidates ``vals`` / ``rel`` (H, c) of rows ``g`` (H,) into the buffers."""
-        cand_v = torch.cat([self.val[g], vals], dim=1)  # (H, k + c); the buffer first: it wins ties
+        cand_v = torch.cat([self.val[g], vals], dim=1)  # (H, k + c)
         cand_r = torch.cat([self.rel[g], rel], dim=1)
         top = cand_v.topk(self.k, dim=1)  # sorted, most similar first
         self.val[g] = top.values

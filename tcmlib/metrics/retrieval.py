@@ -34,11 +34,12 @@ query's label, and queries with R = 0 are left out.  This is pml's ``AccuracyCal
 query, query_labels, reference, reference_labels, ref_includes_query=False)``.
 
 Cost: one pass over the pairs (``tcmlib.metrics._pairs``).  Without a reference set the
-similarity matrix is symmetric and only its upper triangle is computed: half a full GEMM,
-``chunk_size`` rows by 4096 columns at a time, each tile serving its rows and (transposed) its
+similarity matrix is symmetric and only its upper triangle is computed: half a full GEMM, first the
+``chunk_size``-square blocks on the diagonal (with labels sorted, they hold each query's own class),
+then ``chunk_size`` rows by 4096 columns at a time, each tile serving its rows and (transposed) its
 columns.  A running top-k per query (k = max(ks) and the query's R) is merged exactly; once it has
-filled, a tile costs a max per row and per column and little else.  Memory beyond the inputs: the
-unit rows (N, D), one tile and the running top-k, N x max k values.
+filled, a tile costs one read for the maxima of small cells and little else.  Memory beyond the
+inputs: the unit rows (N, D), one tile and the running top-k, N x max k values.
 """
 
 from __future__ import annotations
@@ -121,9 +122,12 @@ class RetrievalPass:
         self.r, self.ks, self.symmetric = r, ks, symmetric
 
     def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
-        self.topk.add(r0, c0, sim)
-        if self.symmetric:
-            self.topk.add(r0, c0, sim, columns=True)
+        if self.symmetric and r0 == c0:  # a diagonal block, upper triangle only: fill in the lower, feed once
+            self.topk.add(r0, c0, torch.maximum(sim, sim.T))
+        else:
+            self.topk.add(r0, c0, sim)
+            if self.symmetric:
+                self.topk.add(r0, c0, sim, columns=True)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hits (N, len(ks)) bool, ap (N,) float64)`` in the order of ``row_labels``; NaN AP where R = 0."""
