@@ -184,7 +184,7 @@ class EvalReport:
         return self.to_text()
 
     def plot(self) -> Any:
-        """The per-class FAR/FRR scatter and the utility curves (:meth:`ThresholdReport.plot`); the Figure."""
+        """The per-class FAR/FRR scatter and the utility curves (:meth:`tcmlib.report.ThresholdReport.plot`); the Figure."""
         return self.report.plot()
 
 
