@@ -61,7 +61,7 @@ from tcmlib.train import TrainConfig, load_config
 
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
            "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
-           "comparisons", "training_length", "selected_setting", "total_cpu_hours", "make_config", "frontier_gap",
+           "comparisons", "training_length", "selected_setting", "tuning_means", "tuning_fell_back", "total_cpu_hours", "make_config", "frontier_gap",
            "load_study", "where_from", "run_costs", "run_as_recorded", "for_backbone", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
@@ -159,6 +159,7 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
     raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
 
 
+_protocol_of = protocol  # (reproduce's ``protocol=`` argument shadows the function's name there)
 _SMOKE_TRAIN = {**_TRAIN, "dim": 32, "batch_size": 32, "steps_per_epoch": 4}
 FRONTIER_LOSSES = ("smooth_ap", "recall_surrogate", "proxy_anchor", "multi_similarity", "contrastive")
 
@@ -442,36 +443,68 @@ def training_length(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: st
     return plateau_epoch(curves, p.plateau_tol)
 
 
-def selected_setting(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> str | None:
-    """The TCM setting the rule picks from a cell's recorded tuning runs (None until all are recorded)."""
+def tuning_means(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str
+                 ) -> dict[str, dict[str, float]] | None:
+    """Seed means of a cell's tuning runs, per setting: ``{variant: {"seeds", "val_R@1", "val_OPIS"}}``.
+
+    Settings in the order they were recorded (``"base"`` among them); None until all are recorded.
+    These are the numbers the tuning rule (:func:`select_setting`) reads.
+    """
     if "tune" not in p.stages or "final" not in p.stages:
         return None  # this study selects nothing
     tune_runs = _complete(p, runs, backbone, loss, "tune")
     if tune_runs is None:
         return None
-    means: dict[str, list[tuple[float, float]]] = {}
+    by_variant: dict[str, list[Mapping[str, Any]]] = {}
     for r in tune_runs:
-        means.setdefault(r["variant"], []).append((r["final"]["val_R@1"], r["final"]["val_OPIS"]))
+        by_variant.setdefault(r["variant"], []).append(r["final"])
+    return {v: {"seeds": len(fs), "val_R@1": sum(f["val_R@1"] for f in fs) / len(fs),
+                "val_OPIS": sum(f["val_OPIS"] for f in fs) / len(fs)} for v, fs in by_variant.items()}
 
-    def avg(xs: list[tuple[float, float]]) -> tuple[float, float]:
-        return sum(x[0] for x in xs) / len(xs), sum(x[1] for x in xs) / len(xs)
 
-    base_r1 = avg(means.pop("base"))[0]
-    return select_setting(base_r1, {k: avg(v) for k, v in means.items()}, p.r1_tol, variant_name(PAPER_TCM))
+def selected_setting(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> str | None:
+    """The TCM setting the rule picks from a cell's recorded tuning runs (None until all are recorded)."""
+    means = tuning_means(p, runs, backbone, loss)
+    if means is None:
+        return None
+    settings = {v: (m["val_R@1"], m["val_OPIS"]) for v, m in means.items() if v != "base"}
+    return select_setting(means["base"]["val_R@1"], settings, p.r1_tol, variant_name(PAPER_TCM))
+
+
+def tuning_fell_back(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> bool | None:
+    """Did the tuning rule fall back to the paper's margins (no setting kept val R@1 within ``r1_tol``)?
+
+    None until the cell's tuning runs are all recorded.
+    """
+    means = tuning_means(p, runs, backbone, loss)
+    if means is None:
+        return None
+    base_r1 = means["base"]["val_R@1"]
+    return not any(m["val_R@1"] >= base_r1 - p.r1_tol for v, m in means.items() if v != "base")
 
 
 def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[str] = (), results_root: str |
               os.PathLike | None = None, cache_dir: str | os.PathLike | None = None, max_runs: int | None = None,
-              command: str | None = None, smoke: bool | None = None, progress: bool = True) -> Path:
+              command: str | None = None, smoke: bool | None = None, progress: bool = True,
+              protocol: Protocol | None = None) -> Path:
     """Train every run of ``study`` that ``runs.jsonl`` lacks, stage by stage, appending as each finishes.
 
     ``only``: restrict to cells named ``backbone/loss`` or backbones (e.g. ``["small_cnn"]``).
     ``max_runs``: stop after this many new runs (to work in pieces).  Returns the results file.
+    ``protocol``: a changed protocol (e.g. ``dataclasses.replace(P, epochs=10)``) to train instead of
+    the study's own; its runs go to ``study``'s file under ``results_root``, so give a folder of
+    your own.  Runs already there with the same stage and config are kept, not retrained.
     """
     from tqdm.auto import tqdm
 
     scale = scale or default_scale()
-    p = protocol(study, scale, smoke=smoke)
+    if protocol is None:
+        p = _protocol_of(study, scale, smoke=smoke)
+    elif not isinstance(protocol, Protocol):
+        raise TypeError(f"protocol= takes a tcmlib.study.Protocol (e.g. dataclasses.replace(P, epochs=10)), "
+                        f"not {type(protocol).__name__}")
+    else:
+        p = protocol
     path = results_path(study, scale, results_root, smoke=smoke)
     _code_version()  # pin the commit of the code this process runs
     chosen = [c for c in cells(p) if not only or f"{c[0]}/{c[1]}" in only or c[0] in only]

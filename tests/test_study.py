@@ -14,8 +14,9 @@ import torch
 
 from tcmlib.data.arrays import ImageArrayDataset, hold_out_classes
 from tcmlib.experiments import config_key
-from tcmlib.study import (PAPER_TCM, comparisons, frontier_gap, load_runs, plateau_epoch, protocol, reproduce, results_path,
-                          select_setting, stage_configs, variant_name)
+from tcmlib.study import (PAPER_TCM, cells, comparisons, for_backbone, frontier_gap, load_runs, plateau_epoch,
+                          protocol, reproduce, results_path, select_setting, selected_setting, stage_configs,
+                          tuning_fell_back, tuning_means, variant_name)
 from tcmlib.train import fit, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,60 @@ def test_select_setting_rule() -> None:
     assert select_setting(0.80, settings, 0.005, "a") == "b"  # c costs too much R@1
     assert select_setting(0.80, settings, 0.0, "a") == "d"
     assert select_setting(0.90, settings, 0.005, "a") == "a"  # none qualifies: the paper's default
+
+
+def test_tuning_means_and_fallback_on_the_committed_study() -> None:
+    p = protocol("ch07", scale="cpu", smoke=False)
+    runs = load_runs(results_path("ch07", "cpu", smoke=False))
+    for backbone, loss in cells(p):
+        tune = [r for r in runs if r["stage"] == "tune" and (r["backbone"], r["loss"]) == (backbone, loss)]
+        means = tuning_means(p, runs, backbone, loss)
+        assert means is not None and set(means) == {r["variant"] for r in tune}
+        for v, m in means.items():  # oracle: statistics.fmean over the variant's runs
+            mine = [r["final"] for r in tune if r["variant"] == v]
+            assert m["seeds"] == len(mine) == len(for_backbone(p, backbone).tune_seeds)
+            assert m["val_R@1"] == pytest.approx(statistics.fmean(f["val_R@1"] for f in mine), abs=1e-12)
+            assert m["val_OPIS"] == pytest.approx(statistics.fmean(f["val_OPIS"] for f in mine), abs=1e-12)
+        base = means["base"]["val_R@1"]
+        kept = [v for v, m in means.items() if v != "base" and m["val_R@1"] >= base - p.r1_tol]
+        assert tuning_fell_back(p, runs, backbone, loss) == (not kept)
+        chosen = selected_setting(p, runs, backbone, loss)
+        if kept:  # the lowest val OPIS among the settings that kept R@1
+            assert chosen == min(kept, key=lambda v: means[v]["val_OPIS"])
+        else:
+            assert chosen == variant_name(PAPER_TCM)
+    assert tuning_fell_back(p, runs, "conv_vit_tiny", "smooth_ap") is True  # chapter 7's finding
+    # every TCM setting as accurate as the base: no fallback; the lowest val OPIS wins
+    same = [{**r, "final": {**r["final"], "val_R@1": 0.5}} if r["stage"] == "tune" else r for r in runs]
+    assert tuning_fell_back(p, same, "conv_vit_tiny", "smooth_ap") is False
+    means = tuning_means(p, same, "conv_vit_tiny", "smooth_ap")
+    assert means is not None
+    best = min((v for v in means if v != "base"), key=lambda v: means[v]["val_OPIS"])
+    assert selected_setting(p, same, "conv_vit_tiny", "smooth_ap") == best
+    # until every tuning run is recorded there is no answer
+    partial = [r for r in runs if not (r["stage"] == "tune" and r["backbone"] == "conv_vit_tiny"
+                                        and r["variant"] == "base")]
+    assert tuning_means(p, partial, "conv_vit_tiny", "smooth_ap") is None
+    assert tuning_fell_back(p, partial, "conv_vit_tiny", "smooth_ap") is None
+
+
+def test_reproduce_a_changed_protocol(tmp_path: Path) -> None:
+    changed = dataclasses.replace(protocol("ch08", smoke=True), losses=("contrastive",), final_seeds=(7,))
+    path = reproduce("ch08", protocol=changed, smoke=True, results_root=tmp_path, cache_dir=tmp_path / "c",
+                     progress=False)
+    runs = load_runs(path)
+    assert path == results_path("ch08", "cpu", tmp_path, smoke=True)
+    assert sorted((r["loss"], r["seed"], r["variant"]) for r in runs) == [
+        ("contrastive", 7, "base"), ("contrastive", 7, variant_name(PAPER_TCM))]
+    assert {r["config"]["epochs"] for r in runs} == {changed.epochs}
+    # one more seed: only its two runs are trained, the recorded ones are kept
+    more = dataclasses.replace(changed, final_seeds=(7, 8))
+    before = path.read_text()
+    reproduce("ch08", protocol=more, smoke=True, results_root=tmp_path, cache_dir=tmp_path / "c", progress=False)
+    after = path.read_text()
+    assert after.startswith(before) and sorted(r["seed"] for r in load_runs(path)) == [7, 7, 8, 8]
+    with pytest.raises(TypeError, match="Protocol"):
+        reproduce("ch08", protocol="ch07", smoke=True, results_root=tmp_path)  # type: ignore[arg-type]
 
 
 def test_reproduce_smoke_study(tmp_path: Path) -> None:
