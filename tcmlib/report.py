@@ -275,11 +275,23 @@ class _RatesCounter:
         self.acc = torch.zeros(2, len(unit_ids), dtype=torch.long, device=unit.device)  # [0] pos, [1] neg accepted
         self.acc_neg = self.acc_all = 0  # accepted negative / all pairs, each pair once
 
+    @property
+    def bound(self) -> float:
+        """The lowest similarity accepted (``s >= bound``  <=>  ``d <= t``)."""
+        return float(self.bnd)
+
     def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
         """Count the accepted pairs of the tile ``sim`` (rows ``r0..``, columns ``c0..``; -inf = not a pair)."""
         rows, cols = torch.nonzero(sim >= self.bnd, as_tuple=True)  # (P,) accepted pairs, row < col
-        rows += r0
-        cols += c0
+        self._count(rows + r0, cols + c0)
+
+    def add_pairs(self, rows: torch.Tensor, cols: torch.Tensor, s: torch.Tensor) -> None:
+        """Count the accepted ones among listed pairs: sorted rows (P,), columns (P,), similarities (P,)."""
+        keep = s >= self.bnd
+        self._count(rows[keep], cols[keep])
+
+    def _count(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Count accepted pairs (P,) given by their sorted row and column indices."""
         neg = (self.lab[rows] != self.col_lab[cols]).long()  # (P,) 0 positive, 1 negative
         u = self.acc.shape[1]
         ur = self.unit[rows]
@@ -695,27 +707,27 @@ def threshold_report(
         t_cal, cal_far, source = math.nan, None, "evaluation set itself"
     riders: dict[str, Any] = {}
 
-    def on_sorted(pairs: SortedPairs, extras: list[float]) -> Any:
-        """The rates at the threshold and R@1 ride on the curves' counting pass (same sorted order)."""
-        t = t_cal if calibration is not None else extras[0]  # without calibration: from the curves' first pass
-        riders["class"] = _RatesCounter(pairs, y, t, "class")
-        if g is not None:
-            riders["group"] = _RatesCounter(pairs, g, t, "group")
+    def first(pairs: SortedPairs) -> Any:
+        """R@1 rides on the curves' first pass over the pairs (same sorted order)."""
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
         count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
         r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each sorted query
         riders["R@1"] = RetrievalPass(pairs.lab, col_lab, r, [1], symmetric=pairs.symmetric,
                                       dtype=pairs.rows.dtype)
-        adders = [c.add for c in riders.values()]
+        return riders["R@1"].add
 
-        def on_tile(r0: int, c0: int, sim: torch.Tensor) -> None:
-            for add in adders:
-                add(r0, c0, sim)
-
-        return on_tile
+    def on_sorted(pairs: SortedPairs, extras: list[float]) -> list[_RatesCounter]:
+        """The rates at the threshold: counted from the pairs the curves' first pass kept, or on their
+        counting pass."""
+        t = t_cal if calibration is not None else extras[0]  # without calibration: from the curves' first pass
+        riders["class"] = _RatesCounter(pairs, y, t, "class")
+        if g is not None:
+            riders["group"] = _RatesCounter(pairs, g, t, "group")
+        return [riders[k] for k in ("class", "group") if k in riders]
 
     curves, _ = curves_and_extras(x, y, far_range=far_range, num_thresholds=num_thresholds, chunk_size=chunk,
-                                  on_sorted=on_sorted, reference=reference, reference_labels=reference_labels,
+                                  first=first, on_sorted=on_sorted, reference=reference,
+                                  reference_labels=reference_labels,
                                   extra_quantiles=(far,) if calibration is None else ())
     class_rates = riders["class"].result()
     group_rates = riders["group"].result() if g is not None else None

@@ -3,6 +3,7 @@ running top-k they share: against brute-force loops, pml's AccuracyCalculator an
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -11,6 +12,16 @@ import torch
 
 from tcmlib.metrics import evaluate, map_at_r, per_query_retrieval, recall_and_map_at_r, recall_at_k, utility_curves
 from tcmlib.metrics._pairs import TopK, upper_tiles
+
+opis_module = importlib.import_module("tcmlib.metrics.opis")
+
+
+@pytest.fixture(autouse=True, params=["kept", "two passes"])
+def counting_path(request, monkeypatch):
+    """Every test runs with OPIS's counts from the pairs its first pass kept and from a second pass."""
+    if request.param == "two passes":
+        monkeypatch.setattr(opis_module, "KEEP_MAX", 0)
+    return request.param
 
 
 def clustered(n: int, classes: int, dim: int, seed: int, noise: float = 1.0, dtype=torch.float64):

@@ -21,6 +21,23 @@ from tcmlib.metrics.opis import _first_accepting, _negative_distance_quantiles
 opis_module = importlib.import_module("tcmlib.metrics.opis")  # (tcmlib.metrics.opis is also a function name)
 
 
+@pytest.fixture(autouse=True, params=["kept", "two passes", "kept, then dropped"])
+def counting_path(request, monkeypatch):
+    """Every test runs three ways: the counts from the pairs pass 1 kept (the default for small N), from
+    a second pass over the tiles (large N), and with keeping dropped midway (more pairs than allowed)."""
+    if request.param == "two passes":
+        monkeypatch.setattr(opis_module, "KEEP_MAX", 0)
+    elif request.param == "kept, then dropped":
+        kept_pairs = opis_module._KeptPairs
+
+        class SmallKeep(kept_pairs):  # type: ignore[misc, valid-type]
+            def __init__(self, limit):
+                super().__init__(50)  # a few tiles' pairs, then too many
+
+        monkeypatch.setattr(opis_module, "_KeptPairs", SmallKeep)
+    return request.param
+
+
 # ----------------------------------------------------------------------------- brute-force oracle
 def brute_force(x, y, *, far_range=(1e-2, 1e-1), distance_range=None, num_thresholds=100, beta=1.0, groups=None, eps=0.1):
     """Every unordered pair in a Python loop; returns a dict of NumPy arrays and floats."""
@@ -178,6 +195,20 @@ def test_medium_size_against_dense_oracle(monkeypatch):
     np.testing.assert_allclose(res.tar.numpy(), tar, rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.trr.numpy(), trr, rtol=0, atol=1e-12)
     assert res.num_excluded == 6
+
+
+def test_counts_come_from_the_path_the_fixture_names(counting_path, monkeypatch):
+    # the kept pairs replace the second pass; without them (or once dropped) the second pass runs
+    calls = []
+    real = opis_module._accept_histograms
+    monkeypatch.setattr(opis_module, "_accept_histograms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = make_data(7, 60, 5, 6, 2)
+    res = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=8)
+    assert_matches(res, brute_force(x, y))
+    assert len(calls) == (0 if counting_path == "kept" else 1)
+    calls.clear()  # a given range: one pass, the counting one, whatever the path
+    utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=8, distance_range=(0.2, 0.9))
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

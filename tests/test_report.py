@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -17,6 +18,42 @@ from tcmlib.report import (
     threshold_for_far,
     threshold_report,
 )
+
+opis_module = importlib.import_module("tcmlib.metrics.opis")
+
+
+@pytest.fixture(autouse=True, params=["kept", "two passes"])
+def counting_path(request, monkeypatch):
+    """Every test runs with the report's counts from the pairs the curves' first pass kept, and from a
+    second pass over the tiles (as for large N)."""
+    if request.param == "two passes":
+        monkeypatch.setattr(opis_module, "KEEP_MAX", 0)
+    return request.param
+
+
+def test_report_counts_from_kept_pairs_or_a_second_pass(counting_path, monkeypatch):
+    calls = []
+    real = opis_module._accept_histograms
+    monkeypatch.setattr(opis_module, "_accept_histograms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = toy(n=90, c=9)
+    rep = threshold_report(x, y, far_target=0.02, n_boot=20)
+    want, glob = brute_rates(x.numpy(), y.numpy(), rep.threshold)
+    np.testing.assert_allclose(rep.class_rates.far.numpy(), [want[u][0] for u in rep.class_rates.unit_ids.tolist()],
+                               rtol=0, atol=1e-15)
+    np.testing.assert_allclose(rep.class_rates.frr.numpy(), [want[u][1] for u in rep.class_rates.unit_ids.tolist()],
+                               rtol=0, atol=1e-15)
+    assert (rep.global_far, rep.global_frr) == pytest.approx(glob, abs=1e-15)
+    assert len(calls) == (0 if counting_path == "kept" else 1)
+    # a calibrated threshold far beyond the curves' range (FAR ~50 % > far_range's 10 %), and pass 1
+    # keeping only the pairs above the range's bracket: the rates need the second pass
+    calls.clear()
+    monkeypatch.setattr(opis_module, "COLLECT_ALL_MAX", 0)
+    wide = threshold_report(x, y, far_target=0.5, calibration=toy(n=90, c=9, seed=1), n_boot=20)
+    want, glob = brute_rates(x.numpy(), y.numpy(), wide.threshold)
+    np.testing.assert_allclose(wide.class_rates.far.numpy(), [want[u][0] for u in wide.class_rates.unit_ids.tolist()],
+                               rtol=0, atol=1e-15)
+    assert wide.global_far == pytest.approx(glob[0], abs=1e-15) and wide.global_far > 0.2
+    assert len(calls) == 1
 
 
 def pairs_of(x, y):

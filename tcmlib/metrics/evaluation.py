@@ -4,8 +4,9 @@
 :func:`~tcmlib.metrics.retrieval.recall_at_k`, :func:`~tcmlib.metrics.retrieval.map_at_r`, :func:`~tcmlib.metrics.opis.opis`
 and :func:`~tcmlib.metrics.opis.eps_opis` with the same arguments, bit for bit, but the pairs are visited
 only as often as OPIS needs: the calibration-range pass (skipped when ``distance_range`` is given),
-then the counting pass, on which the retrieval rides (each tile of the similarity matrix, computed
-once, feeds the running top-k of its rows and columns before OPIS counts it).
+then the counting pass (skipped when the first pass could keep the pairs it counts); the retrieval
+rides on the first pass (each tile of the similarity matrix, computed once, feeds the running top-k
+of its rows and columns before OPIS uses it).
 
 Keys and units (:meth:`Evaluation.as_dict`, the names the training loop logs):
 
@@ -122,7 +123,7 @@ def evaluate(
         ks_list = _check_ks(ks, reference.shape[0], "reference items per query")
     passes: dict[str, Any] = {}
 
-    def on_sorted(pairs: SortedPairs, _: list[float]) -> Any:
+    def first(pairs: SortedPairs) -> Any:
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
         count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
         r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each (sorted) query
@@ -134,7 +135,7 @@ def evaluate(
     curves, _ = curves_and_extras(
         embeddings, labels, far_range=far_range, distance_range=distance_range, num_thresholds=num_thresholds,
         beta=beta, groups=groups, chunk_size=chunk_size, reference=reference, reference_labels=reference_labels,
-        on_sorted=on_sorted,
+        first=first,
     )
     hits_s, ap_s = passes["retrieval"].result()
     order = passes["order"]

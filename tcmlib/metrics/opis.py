@@ -56,6 +56,11 @@ is compared to split positives from negatives. Two passes over the tiles:
    per-class histograms (2, T + 1, K); cumulative sums over k give the counts at every threshold.
    A negative pair is added for both of its classes.
 
+One pass when the pairs fit: pass 1 already visits every pair the counts need (the pairs accepted at
+t_max lie above the lower end of t_max's bracket), so it keeps them, with their units, when there
+are at most ``KEEP_MAX`` (about ``far_range[1]`` of all negatives: N up to ~25k at the default
+range), and the counts come from the kept pairs instead of a second pass over the tiles.
+
 Exactness: ``s`` is computed in the working dtype (float32, or float64 for float64 input) and
 ``d = 1 - s`` is evaluated in float64, which is exact for float32 ``s``. Every comparison ``d <= t`` is
 made exactly through a per-threshold similarity boundary, so ties at a threshold are counted as
@@ -78,6 +83,7 @@ __all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
+KEEP_MAX = 1 << 25  # pass 1 keeps up to this many pairs (12-16 bytes each) for the counts: no second pass
 
 
 @dataclass
@@ -292,15 +298,22 @@ def curves_and_extras(
     reference: Any = None,
     reference_labels: Any = None,
     extra_quantiles: tuple[float, ...] = (),
+    first: Any = None,
     on_sorted: Any = None,
 ) -> tuple[UtilityCurves, list[float]]:
     """:func:`utility_curves` plus what may ride on its passes (for :func:`tcmlib.metrics.evaluation.evaluate` and
     :func:`tcmlib.report.threshold_report`).
 
     ``extra_quantiles``: further exact ``numpy.quantile`` values of the negative-pair distances, computed
-    in the calibration-range pass (returned second).  ``on_sorted(pairs: SortedPairs, extras)`` is called
-    before the counting pass and may return ``on_tile(r0, c0, sim)``, which then sees every tile of the
-    counting pass, all pairs of it, before its positives are masked (indices into the sorted sides).
+    in the calibration-range pass (returned second).  Riders (indices into the sorted sides):
+
+    * ``first(pairs: SortedPairs)`` is called before the first pass over the pairs and returns
+      ``on_tile(r0, c0, sim)``, which sees every tile of that pass, all pairs of it, before its
+      positives are masked (e.g. the running top-k of the retrieval metrics);
+    * ``on_sorted(pairs, extras)`` is called after the calibration pass and returns counters of
+      accepted pairs (each with ``add(r0, c0, sim)`` for a tile, ``add_pairs(rows, cols, s)`` for
+      listed pairs and ``bound``, the lowest similarity it counts): they get the pairs pass 1 kept
+      when those include every pair ``s >= bound``, or ride on the counting pass.
     """
     x, y = check_embeddings_labels(embeddings, labels)
     n = x.shape[0]
@@ -344,8 +357,15 @@ def curves_and_extras(
     xn, lab = pairs.rows, pairs.lab
 
     qs = tuple(float(q) for q in extra_quantiles) + (() if distance_range is not None else (lo, hi))
-    quant = _negative_distance_quantiles(xn, lab, qs, int(chunk_size), num_neg_all, **pairs.tile_kwargs()) \
-        if qs else []
+    rider = None if first is None else first(pairs)  # rides on the first pass over the pairs
+    kept = None  # pass 1 keeps the pairs the counts need, when they fit
+    if distance_range is None and num_neg_all * hi <= KEEP_MAX:
+        kept = _KeptPairs(KEEP_MAX)
+    quant = []
+    if qs:
+        quant = _negative_distance_quantiles(xn, lab, qs, int(chunk_size), num_neg_all, keep=kept, on_tile=rider,
+                                             **pairs.tile_kwargs())
+        rider = None
     extras = quant[: len(extra_quantiles)]
     if distance_range is None:
         t_lo, t_hi = quant[-2:]
@@ -358,9 +378,23 @@ def curves_and_extras(
         t_lo, t_hi = lo, hi
     thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
 
-    on_tile = None if on_sorted is None else on_sorted(pairs, extras)
-    hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None,
-                              col_el=col_el, on_tile=on_tile, **pairs.tile_kwargs())  # (2, T + 1, K)
+    counters = [] if on_sorted is None else list(on_sorted(pairs, extras))
+    bnd = _accept_boundaries(thresholds, xn.dtype).to(x.device)  # (K,) non-increasing
+    lowest = min([float(bnd[-1])] + [float(c.bound) for c in counters])  # the lowest similarity counted
+    el_c = el if col_el is None else col_el
+    if kept is not None and kept.complete and lowest >= kept.s_min:  # every pair counted was kept
+        hist = kept.histograms(el, el_c, bnd, thresholds, t_cls, g is not None)  # (2, T + 1, K)
+        for c in counters:
+            kept.replay(c.add_pairs)
+    else:
+        adders = [c.add for c in counters] + ([rider] if rider is not None else [])
+
+        def on_tile(r0: int, c0: int, sim: torch.Tensor) -> None:
+            for add in adders:
+                add(r0, c0, sim)
+
+        hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None, col_el=col_el,
+                                  on_tile=on_tile if adders else None, **pairs.tile_kwargs())  # (2, T + 1, K)
     acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
     pos_t = num_pos[eligible].double().cpu()  # (T,)
     neg_t = num_neg[eligible].double().cpu()  # (T,)
@@ -543,32 +577,82 @@ def _accept_histograms(
     are not counted (their totals are known in closed form). ``lab`` sorted, as for :func:`_tiles`;
     ``cols``, ``col_lab``, ``col_el``: a separate gallery side (query x gallery pairs)."""
     el_c = el if col_el is None else col_el
-    dev = xn.device
-    k_thr = thresholds.shape[0]
-    bnd = _accept_boundaries(thresholds, xn.dtype).to(dev)  # (K,) non-increasing
+    bnd = _accept_boundaries(thresholds, xn.dtype).to(xn.device)  # (K,) non-increasing
     b_last = float(bnd[-1])
-    step = float(thresholds[1] - thresholds[0])
-    hist = torch.zeros(2, t_cls + 1, k_thr, dtype=torch.long, device=dev)
-    pos_h, neg_h = hist[0].view(-1), hist[1].view(-1)  # (T + 1) * K each, views into hist
-    one = torch.ones(1, dtype=torch.long, device=dev)
+    hist = torch.zeros(2, t_cls + 1, thresholds.shape[0], dtype=torch.long, device=xn.device)
     for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, True, cols=cols, col_lab=col_lab, on_tile=on_tile):
         if pos is not None:  # positives: few; a pair in two groups counts for both
             keep = pos[2] >= b_last
-            pr, pc, ps = pos[0][keep], pos[1][keep], pos[2][keep]
-            k = _first_accepting(ps, bnd, step)
-            ur, uc = el[pr], el_c[pc]
-            pos_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
-            two = ur != uc
-            pos_h.index_add_(0, (uc * k_thr + k)[two], one.expand(int(two.sum())))
+            _count_pairs(hist[0], pos[2][keep], el[pos[0][keep]], el_c[pos[1][keep]], bnd, thresholds, True)
         rows, cc = torch.nonzero(sim >= b_last, as_tuple=True)  # (P,) negatives accepted at t_max
-        k = _first_accepting(sim[rows, cc], bnd, step)  # (P,)
-        ur, uc = el[rows + r0], el_c[cc + c0]  # (P,) units of both members
-        neg_h.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
-        if grouped:  # both members in one group: count the pair once (for classes this cannot happen)
-            two = ur != uc
-            uc, k = uc[two], k[two]
-        neg_h.index_add_(0, uc * k_thr + k, one.expand(k.shape[0]))
+        # both members in one group: count the pair once (for classes this cannot happen)
+        _count_pairs(hist[1], sim[rows, cc], el[r0:][rows], el_c[c0:][cc], bnd, thresholds, grouped)
     return hist
+
+
+def _count_pairs(hist: torch.Tensor, s: torch.Tensor, ur: torch.Tensor, uc: torch.Tensor, bnd: torch.Tensor,
+                 thresholds: torch.Tensor, once_in_one_unit: bool) -> None:
+    """Add pairs of similarity ``s`` (P,), each accepted at t_max, to ``hist`` (T + 1, K) at the first
+    threshold accepting them, for the units of both members ``ur``, ``uc`` (P,); with ``once_in_one_unit``
+    a pair whose members share a unit is added once."""
+    k_thr = hist.shape[1]
+    k = _first_accepting(s, bnd, float(thresholds[1] - thresholds[0]))  # (P,)
+    flat, one = hist.view(-1), torch.ones(1, dtype=hist.dtype, device=hist.device)
+    flat.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
+    if once_in_one_unit:
+        two = ur != uc
+        uc, k = uc[two], k[two]
+    flat.index_add_(0, uc * k_thr + k, one.expand(k.shape[0]))
+
+
+class _KeptPairs:
+    """The pairs of pass 1 with similarity ``>= s_min``, so that the counts come from them instead of a
+    second pass (``complete`` until more than ``limit`` were offered; then they are dropped).
+
+    Per tile: the similarities and the (global, sorted) row and column of each pair, 4 bytes an index.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.reset(float("-inf"))
+
+    def reset(self, s_min: float) -> None:
+        """Start again, keeping the pairs with ``s >= s_min`` (``s > -inf`` for -inf: every pair)."""
+        self.s_min, self.size, self.complete = s_min, 0, True
+        self.parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (0 pos | 1 neg, s, row, col)
+
+    def add(self, r0: int, c0: int, rows: torch.Tensor, cc: torch.Tensor, s: torch.Tensor,
+            pos: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Keep the negatives ``s`` (P,) at tile positions ``(rows, cc)`` and the positives ``pos`` (global
+        rows, columns, similarities) of the tile at ``(r0, c0)``, those with ``s >= s_min``."""
+        if not self.complete:
+            return
+        parts = [(1, s, (rows + r0).int(), (cc + c0).int())]
+        if pos is not None:
+            keep = pos[2] >= self.s_min
+            parts.append((0, pos[2][keep], pos[0][keep].int(), pos[1][keep].int()))
+        self.size += sum(p[1].numel() for p in parts)
+        if self.size > self.limit:  # too many: the counts will take a second pass
+            self.complete, self.parts = False, []
+            return
+        self.parts += parts
+
+    def histograms(self, el: torch.Tensor, el_c: torch.Tensor, bnd: torch.Tensor, thresholds: torch.Tensor,
+                   t_cls: int, grouped: bool) -> torch.Tensor:
+        """(2, T + 1, K) as :func:`_accept_histograms` (``el``, ``el_c`` the units of the sorted rows and
+        columns), from the kept pairs; needs ``bnd[-1] >= s_min``."""
+        hist = torch.zeros(2, t_cls + 1, thresholds.shape[0], dtype=torch.long, device=el.device)
+        b_last = float(bnd[-1])
+        for sign, s, rows, cols in self.parts:
+            keep = s >= b_last
+            _count_pairs(hist[sign], s[keep], el[rows[keep]], el_c[cols[keep]], bnd, thresholds,
+                         grouped or sign == 0)
+        return hist
+
+    def replay(self, add_pairs: Any) -> None:
+        """Feed every kept pair to ``add_pairs(rows (P,), cols (P,), s (P,))`` (global sorted indices)."""
+        for _, s, rows, cols in self.parts:
+            add_pairs(rows.long(), cols.long(), s)
 
 
 def _negative_distance_quantiles(
@@ -583,12 +667,15 @@ def _negative_distance_quantiles(
     seed: int = 0,
     cols: torch.Tensor | None = None,
     col_lab: torch.Tensor | None = None,
+    keep: _KeptPairs | None = None,
+    on_tile: Any = None,
 ) -> list[float]:
     """Exact ``numpy.quantile(d_neg, q, method="linear")`` for each q, d_neg = distances of all M
     negative pairs, without storing them: only the values inside a bracket around the two order
     statistics each quantile needs are kept (all values when ``M <= collect_all_max``).  ``lab`` sorted;
     with ``cols`` / ``col_lab`` (sorted too) the negative pairs are those of ``xn`` x ``cols``.
-    The one exact quantile of the library: :mod:`tcmlib.report` uses it too."""
+    ``keep``: also keeps every pair above the lowest bracket there (for the counts); ``on_tile`` sees
+    every tile of the first pass.  The one exact quantile of the library: :mod:`tcmlib.report` uses it too."""
     m = num_neg
     need = []  # (j, j + 1 clipped, gamma) per q: value = lerp(d_(j), d_(j+1), gamma), 0-based ascending
     for q in qs:
@@ -606,8 +693,17 @@ def _negative_distance_quantiles(
         s_min = min(brackets[i][0] for i in pending)
         above = {i: 0 for i in pending}  # negatives with s > s_hi (the smallest distances)
         kept: dict[int, list[torch.Tensor]] = {i: [] for i in pending}
-        for _, _, sim, _ in _tiles(xn, lab, chunk_size, False, cols=cols, col_lab=col_lab):
-            s = sim[sim > s_min if s_min == -inf else sim >= s_min]  # (P,) negatives only (the rest is -inf)
+        if keep is not None:
+            keep.reset(s_min)
+        for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, keep is not None, cols=cols, col_lab=col_lab,
+                                       on_tile=on_tile):
+            above_min = sim > s_min if s_min == -inf else sim >= s_min  # negatives only (the rest is -inf)
+            if keep is not None and keep.complete:
+                rows, cc = torch.nonzero(above_min, as_tuple=True)
+                s = sim[rows, cc]  # (P,)
+                keep.add(r0, c0, rows, cc, s, pos)
+            else:
+                s = sim[above_min]  # (P,)
             for i in pending:
                 lo, hi = brackets[i]
                 if lo == -inf and hi == inf:  # keep everything
@@ -631,6 +727,7 @@ def _negative_distance_quantiles(
                 out[i] = lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
             else:
                 still.append(i)
+        on_tile = None  # a rider sees the first pass only
         if still:  # the pilot missed: widen those brackets and run the pass again
             slack = max(slack, 0.5) * 8.0
             wide = _pilot_brackets(xn, lab, qs, slack, seed, cols, col_lab)
