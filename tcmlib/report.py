@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings, check_embeddings_labels, check_labels
-from tcmlib.metrics._pairs import cross_tiles, unit_rows, upper_tiles
+from tcmlib.metrics._pairs import cross_tiles, nonzero_rc, unit_rows, upper_tiles
 from tcmlib.metrics.opis import (  # the one exact quantile, sorted order and closed-form pair counts are shared
     SortedPairs,
     UtilityCurves,
@@ -282,7 +282,7 @@ class _RatesCounter:
 
     def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
         """Count the accepted pairs of the tile ``sim`` (rows ``r0..``, columns ``c0..``; -inf = not a pair)."""
-        rows, cols = torch.nonzero(sim >= self.bnd, as_tuple=True)  # (P,) accepted pairs, row < col
+        rows, cols, _ = nonzero_rc(sim >= self.bnd)  # (P,) accepted pairs, row < col
         self._count(rows + r0, cols + c0)
 
     def add_pairs(self, rows: torch.Tensor, cols: torch.Tensor, s: torch.Tensor) -> None:
