@@ -3,11 +3,12 @@
 The floor is the bare blocked similarity GEMM over the same N: ``x[s0:s0+1024] @ x.T`` for every row
 block, nothing else (one *full* GEMM).  Contenders, ratios to it, side by side:
 
-* ``opis``:     :func:`utility_curves` with the data-dependent range: two passes over the pairs
-  a < b (range quantiles, then counts), each half a full GEMM, so its floor is 1.0;
+* ``opis``:     :func:`utility_curves` with the data-dependent range: the range's quantiles need a
+  pass over the pairs a < b (half a full GEMM) before the counts; the counts take a second pass, or
+  come from the pairs the first one kept when they fit (``KEEP_MAX``: N up to ~25k);
 * ``given``:    the same with ``distance_range`` given: one pass, floor 0.5;
 * ``evaluate``: :func:`tcmlib.metrics.evaluate` (R@1..8, MAP@R, OPIS, eps-OPIS; retrieval rides on
-  OPIS's counting pass), floor 1.0;
+  OPIS's first pass);
 * ``separate``: what ``train.evaluate`` did before: ``recall_and_map_at_r`` then ``utility_curves``;
 * ``report``:   :func:`tcmlib.report.threshold_report` (threshold, per-class rates, OPIS + bootstrap,
   R@1), compared with ``opis`` (goal: at most 1.5x).

@@ -260,7 +260,7 @@ def evaluate(
     step("retrieval")  # one symmetric pass over the pairs (or queries x gallery)
     retrieval = _retrieval(x, y, gal, ks, g, None)
     bar.update()
-    step("threshold report")  # threshold, per-class / per-group rates, curves, R@1: two passes (query x gallery)
+    step("threshold report")  # threshold, per-class / per-group rates, curves, R@1: one or two passes
     report = threshold_report(x, y, far_target=far_target, groups=g, calibration=cal, far_range=far_range,
                               num_thresholds=num_thresholds, n_boot=n_boot, alpha=alpha, eps=eps, seed=seed,
                               name="embeddings", chunk_size=chunk_size, reference=None if gal is None else gal[0],

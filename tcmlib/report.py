@@ -248,7 +248,8 @@ class _RatesCounter:
     (N,) the rows' class labels or group ids in input order.  :meth:`add` takes tiles of
     :func:`~tcmlib.metrics._pairs.upper_tiles` (one set) or :func:`~tcmlib.metrics._pairs.cross_tiles`
     (query x reference) over them, so it can also ride on the counting pass of
-    :func:`~tcmlib.metrics.opis.curves_and_extras` (the same sorted order).
+    :func:`~tcmlib.metrics.opis.curves_and_extras` (the same sorted order), or count listed pairs
+    (:meth:`add_pairs`: the pairs that function's first pass kept).
     """
 
     def __init__(self, pairs: SortedPairs, ids: Any, threshold: float, by: str) -> None:

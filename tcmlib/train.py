@@ -454,7 +454,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Embed ``dataset`` and score it: ``{"R@k": ..., "MAP@R": ..., "OPIS": ..., "eps_OPIS": ...}``.
 
-    One :func:`tcmlib.metrics.evaluation.evaluate` call (the retrieval rides on OPIS's counting pass). OPIS and
+    One :func:`tcmlib.metrics.evaluation.evaluate` call (the retrieval rides on OPIS's first pass). OPIS and
     eps-OPIS (eps = 0.1) use its defaults: 100 thresholds between the global-FAR 1e-2 and 1e-1
     quantiles of the negative-pair distances. Units: R@k, MAP@R fractions in [0, 1]; OPIS in [0, 0.25].
     """

@@ -93,7 +93,8 @@ def evaluate(
     reference_labels: Any = None,
 ) -> Evaluation:
     """Recall@k, MAP@R, OPIS and eps-OPIS of ``embeddings`` (N, D) with ``labels`` (N,), in one pass over
-    the pairs (two when the calibration range comes from the data, i.e. ``distance_range`` is None).
+    the pairs (two when the calibration range comes from the data and the pairs accepted at its end are
+    too many to keep: more than ``tcmlib.metrics.opis.KEEP_MAX``).
 
     Args:
         ks: the k of Recall@k, positive ints < N (<= M with a reference set).

@@ -83,7 +83,7 @@ __all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
-KEEP_MAX = 1 << 25  # pass 1 keeps up to this many pairs (12-16 bytes each) for the counts: no second pass
+KEEP_MAX = 1 << 25  # pass 1 keeps up to this many pairs for the counts (12 bytes each in float32: <= 400 MB)
 
 
 @dataclass

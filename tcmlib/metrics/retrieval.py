@@ -112,7 +112,7 @@ class RetrievalPass:
     ``row_labels`` (N,) of the queries, ``col_labels`` (M,) of the candidates, ``r`` (N,) each query's
     R (relevant candidates).  ``symmetric``: the tiles come from ``tcmlib.metrics._pairs.upper_tiles``
     (queries = candidates) and each also serves its columns.  :func:`per_query_retrieval` drives one
-    pass; :func:`tcmlib.metrics.evaluation.evaluate` lets it ride on OPIS's counting pass.
+    pass; :func:`tcmlib.metrics.evaluation.evaluate` lets it ride on OPIS's first pass.
     """
 
     def __init__(self, row_labels: torch.Tensor, col_labels: torch.Tensor, r: torch.Tensor, ks: list[int],
