@@ -698,28 +698,26 @@ def _negative_distance_quantiles(
     while pending:
         s_min = min(brackets[i][0] for i in pending)
         above = {i: 0 for i in pending}  # negatives with s > s_hi (the smallest distances)
-        kept: dict[int, list[torch.Tensor]] = {i: [] for i in pending}
+        inside: dict[int, list[torch.Tensor]] = {i: [] for i in pending}  # bracket values
         if keep is not None:
             keep.reset(s_min)
         for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, keep is not None, cols=cols, col_lab=col_lab,
                                        on_tile=on_tile):
             above_min = sim > s_min if s_min == -inf else sim >= s_min  # negatives only (the rest is -inf)
-            if keep is not None and keep.complete:
-                rows, cc, flat = nonzero_rc(above_min)
-                s = sim.reshape(-1).index_select(0, flat)  # (P,)
+            rows, cc, flat = nonzero_rc(above_min)
+            s = sim.reshape(-1).index_select(0, flat)  # (P,)
+            if keep is not None:
                 keep.add(r0, c0, rows, cc, s, pos)
-            else:
-                s = sim[above_min]  # (P,)
             for i in pending:
                 lo, hi = brackets[i]
                 if lo == -inf and hi == inf:  # keep everything
-                    kept[i].append(s)
+                    inside[i].append(s)
                     continue
                 above[i] += int((s > hi).sum())
-                kept[i].append(s[(s >= lo) & (s <= hi)])
+                inside[i].append(s[(s >= lo) & (s <= hi)])
         still = []
         for i in pending:
-            vals = torch.cat(kept[i])  # (n_i,) the bracket's similarities
+            vals = torch.cat(inside[i])  # (n_i,) the bracket's similarities
             n_i = vals.shape[0]
             j0, j1, gamma = need[i]
             a, b = j0 - above[i], j1 - above[i]  # ranks inside the bracket (0 = largest s = smallest d)
