@@ -57,9 +57,10 @@ is compared to split positives from negatives. Two passes over the tiles:
    A negative pair is added for both of its classes.
 
 One pass when the pairs fit: pass 1 already visits every pair the counts need (the pairs accepted at
-t_max lie above the lower end of t_max's bracket), so it keeps them, with their units, when there
-are at most ``KEEP_MAX`` (about ``far_range[1]`` of all negatives: N up to ~25k at the default
-range), and the counts come from the kept pairs instead of a second pass over the tiles.
+t_max lie above the lower end of t_max's bracket), so it keeps them (similarity, row, column) when
+there are at most ``KEEP_MAX`` (a bit more than ``far_range[1]`` of all negatives: N up to ~25k at
+the default range), and the counts come from the kept pairs instead of a second pass over the tiles;
+it checks that t_max's boundary lies inside what was kept, and falls back to pass 2 otherwise.
 
 Exactness: ``s`` is computed in the working dtype (float32, or float64 for float64 input) and
 ``d = 1 - s`` is evaluated in float64, which is exact for float32 ``s``. Every comparison ``d <= t`` is
