@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Sequence
 
 import torch
@@ -48,7 +49,7 @@ import torch.nn as nn
 
 from tcmlib.normalize import l2_normalize
 
-__all__ = ["launched", "setup", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module",
+__all__ = ["launched", "setup", "shutdown", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module",
            "all_objects", "broadcast_object", "barrier", "shard_bounds", "sharded_retrieval",
            "sharded_utility_curves", "evaluate_sharded"]
 
@@ -91,6 +92,20 @@ def setup(device: str) -> tuple[torch.device, bool]:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         created = True
     return dev, created
+
+
+def shutdown() -> None:
+    """``dist.destroy_process_group()``, after a barrier and a short pause on gloo.
+
+    Before torch 2.8 (pytorch/pytorch#154976) the gloo group's destructor holds the GIL while it
+    joins gloo's worker threads, and a worker that drops the last reference to a tensor Python
+    created waits for the GIL: an occasional hang at the end of a run.  The barrier (whose wait
+    releases the GIL) and the pause let the workers finish first; harmless where it is fixed.
+    """
+    if dist.get_backend() == "gloo":
+        dist.barrier()
+        time.sleep(0.1)  # releases the GIL
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------

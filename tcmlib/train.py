@@ -821,7 +821,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         last_path = checkpoint(epoch + 1, 0)
     torch.use_deterministic_algorithms(was_deterministic)
     if own_group:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
     return FitResult(history=history, final=history[-1] if history else {}, run_dir=run_dir, model=model,
                      checkpoint=last_path)
 

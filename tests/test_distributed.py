@@ -44,8 +44,10 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tupl
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    distributed.shutdown()  # (torch < 2.8: a bare destroy could hang, see its docstring)
 
 
 def _spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
