@@ -288,18 +288,19 @@ class _RatesCounter:
 
     def add_pairs(self, rows: torch.Tensor, cols: torch.Tensor, s: torch.Tensor) -> None:
         """Count the accepted ones among listed pairs: sorted rows (P,), columns (P,), similarities (P,)."""
-        keep = s >= self.bnd
-        self._count(rows[keep], cols[keep])
+        keep = torch.nonzero(s >= self.bnd).squeeze(1)
+        self._count(rows.index_select(0, keep), cols.index_select(0, keep))
 
     def _count(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Count accepted pairs (P,) given by their sorted row and column indices."""
-        neg = (self.lab[rows] != self.col_lab[cols]).long()  # (P,) 0 positive, 1 negative
+        """Count accepted pairs (P,) given by their sorted row and column indices (index_select: on the
+        CPU a gather several times faster than indexing with a tensor)."""
+        neg = (self.lab.index_select(0, rows) != self.col_lab.index_select(0, cols)).long()  # (P,) 0 pos, 1 neg
         u = self.acc.shape[1]
-        ur = self.unit[rows]
+        ur = self.unit.index_select(0, rows)
         flat = self.acc.view(-1)
         flat += torch.bincount(neg * u + ur, minlength=2 * u)
         if self.symmetric:  # within one set a pair counts for both members' units (query x reference: the query's)
-            uc = self.unit[cols]
+            uc = self.unit.index_select(0, cols)
             two = ur != uc  # the pair touches two units: count it for the second one too
             flat += torch.bincount((neg * u + uc)[two], minlength=2 * u)
         self.acc_neg += int(neg.sum())
