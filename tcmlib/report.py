@@ -712,9 +712,7 @@ def threshold_report(
     def first(pairs: SortedPairs) -> Any:
         """R@1 rides on the curves' first pass over the pairs (same sorted order)."""
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
-        count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
-        r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each sorted query
-        riders["R@1"] = RetrievalPass(pairs.lab, col_lab, r, [1], symmetric=pairs.symmetric,
+        riders["R@1"] = RetrievalPass(pairs.lab, col_lab, [1], symmetric=pairs.symmetric,
                                       dtype=pairs.rows.dtype)
         return riders["R@1"].add
 

@@ -270,8 +270,13 @@ def select_setting(base_r1: float, settings: Mapping[str, tuple[float, float]], 
     ``settings[name] = (mean val R@1, mean val OPIS)``.  Ties go to the earlier setting; when no
     setting qualifies, ``default`` (the paper's margins).
     """
-    ok = [(opis, i, name) for i, (name, (r1, opis)) in enumerate(settings.items()) if r1 >= base_r1 - r1_tol]
+    ok = [(settings[name][1], i, name) for i, name in enumerate(_keeping_r1(base_r1, settings, r1_tol))]
     return min(ok)[2] if ok else default
+
+
+def _keeping_r1(base_r1: float, settings: Mapping[str, tuple[float, float]], r1_tol: float) -> list[str]:
+    """The settings (``{name: (mean val R@1, mean val OPIS)}``) within ``r1_tol`` of the base's val R@1."""
+    return [name for name, (r1, _) in settings.items() if r1 >= base_r1 - r1_tol]
 
 
 # ---- results files ---------------------------------------------------------------------------------------------
@@ -467,8 +472,12 @@ def selected_setting(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: s
     means = tuning_means(p, runs, backbone, loss)
     if means is None:
         return None
-    settings = {v: (m["val_R@1"], m["val_OPIS"]) for v, m in means.items() if v != "base"}
-    return select_setting(means["base"]["val_R@1"], settings, p.r1_tol, variant_name(PAPER_TCM))
+    return select_setting(means["base"]["val_R@1"], _settings(means), p.r1_tol, variant_name(PAPER_TCM))
+
+
+def _settings(means: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[float, float]]:
+    """:func:`tuning_means` as the rule reads it: ``{TCM setting: (mean val R@1, mean val OPIS)}``."""
+    return {v: (m["val_R@1"], m["val_OPIS"]) for v, m in means.items() if v != "base"}
 
 
 def tuning_fell_back(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> bool | None:
@@ -479,8 +488,7 @@ def tuning_fell_back(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: s
     means = tuning_means(p, runs, backbone, loss)
     if means is None:
         return None
-    base_r1 = means["base"]["val_R@1"]
-    return not any(m["val_R@1"] >= base_r1 - p.r1_tol for v, m in means.items() if v != "base")
+    return not _keeping_r1(means["base"]["val_R@1"], _settings(means), p.r1_tol)
 
 
 def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[str] = (), results_root: str |

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-__all__ = ["TILE_COLS", "TopK", "cross_tiles", "nonzero_rc", "unit_rows", "upper_tiles"]
+__all__ = ["TILE_COLS", "TopK", "cross_tiles", "flat_nonzero", "nonzero_rc", "unit_rows", "upper_tiles"]
 
 TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
 
@@ -42,18 +42,22 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def nonzero_rc(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(rows, cols, flat)`` (P,) int64 of the True entries of a contiguous (B, W) bool matrix, row by row:
-    ``torch.nonzero(mask, as_tuple=True)`` plus the flat positions ``rows * W + cols`` (for
-    ``sim.view(-1)[flat]``, a cheaper gather than ``sim[rows, cols]``).  On the CPU through numpy's
-    ``flatnonzero``, which is about twice as fast there as ``torch.nonzero``."""
-    w = mask.shape[1]
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """(P,) int64 flat positions of the True entries of a bool tensor, in memory order (for
+    ``sim.reshape(-1).index_select(0, flat)``, a cheaper gather than boolean indexing).  On the CPU
+    through numpy's ``flatnonzero``, which is about twice as fast there as ``torch.nonzero``."""
     if mask.device.type == "cpu":
-        flat = torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
-    else:
-        flat = torch.nonzero(mask.reshape(-1)).squeeze(1)
-    rows = flat // w
-    return rows, flat - rows * w, flat
+        return torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
+    return torch.nonzero(mask.reshape(-1)).squeeze(1)
+
+
+def nonzero_rc(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, cols, flat)`` (P,) int64 of the True entries of a (B, W) bool matrix, row by row:
+    ``torch.nonzero(mask, as_tuple=True)`` plus the flat positions ``rows * W + cols``
+    (:func:`flat_nonzero`)."""
+    flat = flat_nonzero(mask)
+    rows = flat // mask.shape[1]
+    return rows, flat - rows * mask.shape[1], flat
 
 
 def upper_tiles(

@@ -126,10 +126,8 @@ def evaluate(
 
     def first(pairs: SortedPairs) -> Any:
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
-        count = torch.bincount(col_lab, minlength=int(pairs.lab.max()) + 1)  # (L,) candidates per label
-        r = count[pairs.lab] - (1 if pairs.symmetric else 0)  # (N,) R of each (sorted) query
         passes["order"] = pairs.order
-        passes["retrieval"] = RetrievalPass(pairs.lab, col_lab, r, ks_list, symmetric=pairs.symmetric,
+        passes["retrieval"] = RetrievalPass(pairs.lab, col_lab, ks_list, symmetric=pairs.symmetric,
                                             dtype=pairs.rows.dtype)
         return passes["retrieval"].add
 

@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
-from tcmlib.metrics._pairs import TILE_COLS, cross_tiles, nonzero_rc, unit_rows, upper_tiles
+from tcmlib.metrics._pairs import TILE_COLS, cross_tiles, flat_nonzero, nonzero_rc, unit_rows, upper_tiles
 
 __all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
 
@@ -352,9 +352,9 @@ def curves_and_extras(
     unit_to_el = torch.full((len(unit_ids),), t_cls, dtype=torch.long, device=x.device)  # T = "excluded"
     unit_to_el[eligible] = torch.arange(t_cls, device=x.device)
     el = unit_to_el[unit]  # (N,) eligible index of each (sorted) query's unit, T if excluded
-    col_el = None  # query x reference: a pair counts for its query's unit only, the reference side for none (T)
+    el_c = el  # (M,) the columns' units; query x reference: a pair counts for its query's unit only (T: none)
     if pairs.cols is not None:
-        col_el = torch.full((pairs.cols.shape[0],), t_cls, dtype=torch.long, device=x.device)
+        el_c = torch.full((pairs.cols.shape[0],), t_cls, dtype=torch.long, device=x.device)
     xn, lab = pairs.rows, pairs.lab
 
     qs = tuple(float(q) for q in extra_quantiles) + (() if distance_range is not None else (lo, hi))
@@ -382,7 +382,6 @@ def curves_and_extras(
     counters = [] if on_sorted is None else list(on_sorted(pairs, extras))
     bnd = _accept_boundaries(thresholds, xn.dtype).to(x.device)  # (K,) non-increasing
     lowest = min([float(bnd[-1])] + [float(c.bound) for c in counters])  # the lowest similarity counted
-    el_c = el if col_el is None else col_el
     if kept is not None and kept.complete and lowest >= kept.s_min:  # every pair counted was kept
         hist = kept.histograms(el, el_c, bnd, thresholds, t_cls, g is not None)  # (2, T + 1, K)
         for c in counters:
@@ -394,7 +393,7 @@ def curves_and_extras(
             for add in adders:
                 add(r0, c0, sim)
 
-        hist = _accept_histograms(xn, lab, el, t_cls, thresholds, int(chunk_size), g is not None, col_el=col_el,
+        hist = _accept_histograms(xn, lab, el, el_c, t_cls, thresholds, bnd, int(chunk_size), g is not None,
                                   on_tile=on_tile if adders else None, **pairs.tile_kwargs())  # (2, T + 1, K)
     acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
     pos_t = num_pos[eligible].double().cpu()  # (T,)
@@ -569,16 +568,16 @@ def _first_accepting(s: torch.Tensor, bnd: torch.Tensor, step: float) -> torch.T
 
 
 def _accept_histograms(
-    xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, t_cls: int, thresholds: torch.Tensor,
-    chunk_size: int, grouped: bool, *, cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None,
-    col_el: torch.Tensor | None = None, on_tile: Any = None,
+    xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, el_c: torch.Tensor, t_cls: int, thresholds: torch.Tensor,
+    bnd: torch.Tensor, chunk_size: int, grouped: bool, *, cols: torch.Tensor | None = None,
+    col_lab: torch.Tensor | None = None, on_tile: Any = None,
 ) -> torch.Tensor:
     """(2, T + 1, K) int64: [0] positive, [1] negative pairs per eligible unit (T = excluded) by the
     first threshold index k0 that accepts them (``d <= t_k`` for all k >= k0). Pairs with d > t_max
-    are not counted (their totals are known in closed form). ``lab`` sorted, as for :func:`_tiles`;
-    ``cols``, ``col_lab``, ``col_el``: a separate gallery side (query x gallery pairs)."""
-    el_c = el if col_el is None else col_el
-    bnd = _accept_boundaries(thresholds, xn.dtype).to(xn.device)  # (K,) non-increasing
+    are not counted (their totals are known in closed form). ``el`` / ``el_c`` (N,) / (M,) the units of
+    the sorted rows / columns, ``bnd`` (K,) the thresholds' boundaries (:func:`_accept_boundaries`).
+    ``lab`` sorted, as for :func:`_tiles`; ``cols``, ``col_lab``: a separate gallery side (query x
+    gallery pairs)."""
     b_last = float(bnd[-1])
     hist = torch.zeros(2, t_cls + 1, thresholds.shape[0], dtype=torch.long, device=xn.device)
     for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, True, cols=cols, col_lab=col_lab, on_tile=on_tile):
@@ -628,9 +627,8 @@ class _KeptPairs:
     def add(self, r0: int, c0: int, rows: torch.Tensor, cc: torch.Tensor, s: torch.Tensor,
             pos: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
         """Keep the negatives ``s`` (P,) at tile positions ``(rows, cc)`` and the positives ``pos`` (global
-        rows, columns, similarities) of the tile at ``(r0, c0)``, those with ``s >= s_min``."""
-        if not self.complete:
-            return
+        rows, columns, similarities) of the tile at ``(r0, c0)``, those with ``s >= s_min``; only while
+        ``complete``."""
         parts = [(1, s, (rows + r0).int(), (cc + c0).int())]
         if pos is not None:
             keep = torch.nonzero(pos[2] >= self.s_min).squeeze(1)
@@ -705,10 +703,12 @@ def _negative_distance_quantiles(
         for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, keep is not None, cols=cols, col_lab=col_lab,
                                        on_tile=on_tile):
             above_min = sim > s_min if s_min == -inf else sim >= s_min  # negatives only (the rest is -inf)
-            rows, cc, flat = nonzero_rc(above_min)
-            s = sim.reshape(-1).index_select(0, flat)  # (P,)
-            if keep is not None:
+            if keep is not None and keep.complete:
+                rows, cc, flat = nonzero_rc(above_min)
+                s = sim.reshape(-1).index_select(0, flat)  # (P,)
                 keep.add(r0, c0, rows, cc, s, pos)
+            else:
+                s = sim.reshape(-1).index_select(0, flat_nonzero(above_min))  # (P,)
             for i in pending:
                 lo, hi = brackets[i]
                 if lo == -inf and hi == inf:  # keep everything

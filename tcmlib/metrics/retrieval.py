@@ -109,14 +109,17 @@ def _check_reference(x: torch.Tensor, reference: Any, reference_labels: Any) -> 
 class RetrievalPass:
     """Hits at each k and AP@R of every query, from tiles of similarities fed in any order.
 
-    ``row_labels`` (N,) of the queries, ``col_labels`` (M,) of the candidates, ``r`` (N,) each query's
-    R (relevant candidates).  ``symmetric``: the tiles come from ``tcmlib.metrics._pairs.upper_tiles``
-    (queries = candidates) and each also serves its columns.  :func:`per_query_retrieval` drives one
+    ``row_labels`` (N,) of the queries, ``col_labels`` (M,) of the candidates, sorted ascending (each
+    query's R, its relevant candidates, is read off them).  ``symmetric``: the tiles come from
+    ``tcmlib.metrics._pairs.upper_tiles`` (queries = candidates) and each also serves its columns.  :func:`per_query_retrieval` drives one
     pass; :func:`tcmlib.metrics.evaluation.evaluate` lets it ride on OPIS's first pass.
     """
 
-    def __init__(self, row_labels: torch.Tensor, col_labels: torch.Tensor, r: torch.Tensor, ks: list[int],
-                 *, symmetric: bool, dtype: torch.dtype) -> None:
+    def __init__(self, row_labels: torch.Tensor, col_labels: torch.Tensor, ks: list[int], *, symmetric: bool,
+                 dtype: torch.dtype) -> None:
+        # (N,) R: the candidates with the query's label (not counting the query itself in one set)
+        r = (torch.searchsorted(col_labels, row_labels, right=True) - torch.searchsorted(col_labels, row_labels)
+             - (1 if symmetric else 0))
         depth = torch.clamp(r, min=max(ks, default=1))  # (N,) deepest rank each query needs, >= 1
         self.topk = TopK(depth, row_labels, col_labels, dtype)
         self.r, self.ks, self.symmetric = r, ks, symmetric
@@ -188,9 +191,7 @@ def per_query_retrieval(
                 raise ValueError(f"need at least 2 samples (a query and one other), got N = {n}")
             ks = _check_ks(ks, n - 1)
             xs, ys, order = sort_by_label(x, y)
-            _, counts = torch.unique_consecutive(ys, return_counts=True)
-            r = torch.repeat_interleave(counts - 1, counts)  # (N,) R = other samples of the same label
-            acc = RetrievalPass(ys, ys, r, ks, symmetric=True, dtype=xs.dtype)
+            acc = RetrievalPass(ys, ys, ks, symmetric=True, dtype=xs.dtype)
             for r0, c0, sim in upper_tiles(xs, chunk):
                 acc.add(r0, c0, sim)
             hits_s, ap_s = acc.result()
@@ -202,8 +203,7 @@ def per_query_retrieval(
         qn, qy, order = sort_by_label(x, y)  # both sides sorted, as tcmlib.metrics.opis does
         gn, gy, _ = sort_by_label(g, gy)
         work = torch.promote_types(qn.dtype, gn.dtype)
-        r = torch.searchsorted(gy, qy, right=True) - torch.searchsorted(gy, qy)  # (N,) R: items of q's label
-        acc = RetrievalPass(qy, gy, r, ks, symmetric=False, dtype=work)
+        acc = RetrievalPass(qy, gy, ks, symmetric=False, dtype=work)
         for r0, c0, sim in cross_tiles(qn.to(work), gn.to(work), chunk):
             acc.add(r0, c0, sim)
         hits_s, ap_s = acc.result()
