@@ -47,12 +47,15 @@ def brute_query_gallery(q, qy, g, gy, ks):
 
 
 # ----------------------------------------------------------------------------- the running top-k
-@pytest.mark.parametrize("chunk,tile_cols", [(7, 5), (16, 40), (64, 64)])
-def test_topk_of_symmetric_tiles_equals_dense_topk(chunk, tile_cols):
-    """Rows and (transposed) columns of upper-triangle tiles give every row its exact top-k."""
+@pytest.mark.parametrize("chunk,tile_cols,deep", [(7, 5, False), (16, 40, False), (64, 64, False), (64, 64, True)])
+def test_topk_of_symmetric_tiles_equals_dense_topk(chunk, tile_cols, deep):
+    """Rows and (transposed) columns of upper-triangle tiles give every row its exact top-k; ``deep``:
+    every row's k exceeds a tile's width, so rows stay unfilled over several tiles."""
     x, y = clustered(150, 9, 6, seed=3, dtype=torch.float32)
     xn = torch.nn.functional.normalize(x, dim=1)
     depth = torch.randint(1, 30, (150,), generator=torch.Generator().manual_seed(0))
+    if deep:
+        depth += 70
     top = TopK(depth, y, y, torch.float32)
     for r0, c0, sim in upper_tiles(xn, chunk, tile_cols):
         top.add(r0, c0, sim)
@@ -61,8 +64,8 @@ def test_topk_of_symmetric_tiles_equals_dense_topk(chunk, tile_cols):
     want = full.topk(int(depth.max()), dim=1)
     for i in range(150):
         d = int(depth[i])
-        torch.testing.assert_close(top.val[i, :d], want.values[i, :d], rtol=0, atol=1e-6)
-        assert top.rel[i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
+        torch.testing.assert_close(top.ranked()[0][i, :d], want.values[i, :d], rtol=0, atol=1e-6)
+        assert top.ranked()[1][i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
 
 
 @pytest.mark.parametrize("n,chunk,tile_cols", [(700, 128, 200), (1000, 96, 130)])
@@ -78,8 +81,8 @@ def test_topk_screened_cells_and_edges_equal_dense_topk(n, chunk, tile_cols):
     want = (xn @ xn.T).fill_diagonal_(float("-inf")).topk(int(depth.max()), dim=1)
     for i in range(n):
         d = int(depth[i])
-        torch.testing.assert_close(top.val[i, :d], want.values[i, :d], rtol=0, atol=1e-6)
-        assert top.rel[i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
+        torch.testing.assert_close(top.ranked()[0][i, :d], want.values[i, :d], rtol=0, atol=1e-6)
+        assert top.ranked()[1][i, :d].tolist() == (y[want.indices[i, :d]] == y[i]).tolist()
 
 
 def test_topk_first_contact_is_exact():
@@ -91,7 +94,7 @@ def test_topk_first_contact_is_exact():
     top = TopK(depth, lab[:40], lab, torch.float32)
     for c0 in range(0, 3000, 1000):
         top.add(0, c0, sim[:, c0 : c0 + 1000])
-    torch.testing.assert_close(top.val, sim.topk(25, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(top.ranked()[0], sim.topk(25, dim=1).values, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- query / gallery retrieval

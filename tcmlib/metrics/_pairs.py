@@ -11,7 +11,8 @@
   column side; a tile is screened by the maxima of small cells, and only the entries above a row's
   current k-th best are merged.
 
-Memory: one tile, plus ``O(N k)`` for the running top-k (k = the deepest rank asked for).
+Memory: one tile, plus ``O(N (k + 64))`` for the running top-k (k = the deepest rank asked for, 64
+candidates pending per row).
 """
 
 from __future__ import annotations
@@ -102,16 +103,20 @@ class TopK:
     ``depth`` (N,) ints >= 1, the k of each row; ``row_labels`` (N,) and ``col_labels`` (M,): only
     whether an item is *relevant* (same label as the row) is kept, not its index.  :meth:`add` feeds a
     tile from its rows' side; for a symmetric matrix, :meth:`add` the transposed tile as well (rows and
-    columns then index the same set) with ``columns=True``.  Every entry strictly above the row's current
-    ``depth``-th best (its *bar*) is merged (the order among equal values is unspecified, as in
-    torch.topk).  A tile is screened by the maxima of its *cells* (``CELLS`` consecutive entries of a
-    row of the tile, or of a column): only cells whose maximum beats the row's bar are read again.  So
-    once the rows have filled, a tile costs one read for the cell maxima and little else; a first
-    contact (most cells hot) merges a dense topk of the tile.
+    columns then index the same set) with ``columns=True``; :meth:`ranked` gives the result.  Every entry
+    strictly above the row's *bar* (its ``depth``-th best when last merged) is a candidate (the order
+    among equal values is unspecified, as in torch.topk).  A tile is screened by the maxima of its
+    *cells* (``CELLS`` consecutive entries of a row of the tile, or of a column): only cells whose
+    maximum beats the row's bar are read again.  Candidates wait in the row's pending buffer
+    (``PENDING`` slots); a row is merged (one topk of its k best, its pending ones and its new ones)
+    only when they would overflow it, so a merge serves many tiles.  A first contact (most cells hot)
+    takes a dense topk of the tile (rows that have seen nothing yet, e.g. in a diagonal block, keep it
+    as it is).
     """
 
     CELLS = (64, 16)  # entries per cell: along a row of the tile (contiguous), along a column (strided)
     DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge a dense topk of all its rows
+    PENDING = 64  # candidates a row may hold unmerged (its bar rises when they are merged)
 
     def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
         n = depth.shape[0]
@@ -121,7 +126,19 @@ class TopK:
         self.rel = torch.zeros(n, self.k, dtype=torch.bool, device=dev)  # (N, k) relevant?
         self.kpos = (depth - 1).to(dev)  # (N,) column of the depth-th best
         self.kth = self.val[:, 0].clone()  # (N,) the row's depth-th best so far (-inf until filled)
+        # candidates above the bar wait in a pending buffer, merged (one topk) when it fills or at the end
+        self.pend_v = torch.full((n, self.PENDING), float("-inf"), dtype=dtype, device=dev)  # (N, PENDING)
+        self.pend_r = torch.zeros(n, self.PENDING, dtype=torch.bool, device=dev)
+        self.fill = torch.zeros(n, dtype=torch.long, device=dev)  # (N,) pending candidates per row
         self.row_labels, self.col_labels = row_labels, col_labels
+
+    def ranked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(val, rel)`` (N, k): every row's top k so far, most similar first, and whether each is relevant
+        (merges what is pending)."""
+        g = flat_nonzero(self.fill > 0)
+        if g.numel():
+            self._merge(g, self.val.new_empty(g.numel(), 0), self.rel.new_empty(g.numel(), 0))
+        return self.val, self.rel
 
     def add(self, r0: int, c0: int, sim: torch.Tensor, *, columns: bool = False) -> None:
         """Merge the tile ``sim`` (B, W) of rows ``r0..r0+B-1`` and columns ``c0..c0+W-1``.
@@ -141,8 +158,11 @@ class TopK:
         hot = (cell_max > kth[:, None]).contiguous()  # (B, W // cell) bool; contiguous: nonzero is faster
         rows, cells = torch.nonzero(hot, as_tuple=True)  # (C,) hot cells, by row
         if rows.numel() > self.DENSE_SHARE * hot.numel():  # mostly hot (a first contact): all rows, dense
-            top = sim.topk(min(self.k, w), dim=1, sorted=False)  # (B, k'); entries <= the bar change nothing
+            if bool(self.val[r0 : r0 + b, 0].isneginf().all()) and not bool(self.fill[r0 : r0 + b].any()):
+                self._first(r0, c0, sim)  # nothing seen yet (e.g. a diagonal block): no merge needed
+                return
             g = torch.arange(r0, r0 + b, device=sim.device)
+            top = sim.topk(min(self.k, w), dim=1, sorted=False)  # (B, k'); entries <= the bar change nothing
             self._merge(g, top.values, self.col_labels[top.indices + c0] == self.row_labels[g, None])
             return
         # (index_select below: on the CPU a gather several times faster than indexing with a tensor)
@@ -158,25 +178,58 @@ class TopK:
         if rows.numel():
             self._sparse(r0, c0, rows, cols, vals)
 
+    def _first(self, r0: int, c0: int, sim: torch.Tensor) -> None:
+        """Rows ``r0..r0+B-1`` meet their first candidates, the tile ``sim`` (B, W): they keep its top k."""
+        b, kk = sim.shape[0], min(self.k, sim.shape[1])
+        top = sim.topk(kk, dim=1)  # (B, k'), sorted
+        col_lab = self.col_labels.index_select(0, top.indices.reshape(-1) + c0).view_as(top.indices)
+        self.val[r0 : r0 + b, :kk] = top.values
+        self.rel[r0 : r0 + b, :kk] = col_lab == self.row_labels[r0 : r0 + b, None]
+        self.kth[r0 : r0 + b] = self.val[r0 : r0 + b].gather(1, self.kpos[r0 : r0 + b, None]).squeeze(1)
+
     def _sparse(self, r0: int, c0: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
-        """Merge the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): padded into
-        one block per row, -inf where a row has fewer."""
+        """Take the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): into the rows'
+        pending buffers where they fit; a row whose buffer would overflow is merged now, with them."""
         # g (H,) the rows with candidates; which (P,) each candidate's row among them; counts (H,)
         g, which, counts = torch.unique_consecutive(rows, return_inverse=True, return_counts=True)
-        width = int(counts.max())
-        first = (counts.cumsum(0) - counts).index_select(0, which)  # (P,) the first candidate of its row
-        slot = torch.arange(rows.numel(), device=rows.device) - first  # (P,)
-        at = which * width + slot  # (P,) place in the (H, width) block
-        block = vals.new_full((g.numel() * width,), float("-inf")).index_copy_(0, at, vals)
-        rel = torch.zeros(g.numel() * width, dtype=torch.bool, device=rows.device)
-        rel.index_copy_(0, at, self.col_labels.index_select(0, cols + c0) == self.row_labels.index_select(0, rows + r0))
-        self._merge(g + r0, block.view(-1, width), rel.view(-1, width))
+        g = g + r0
+        rel = self.col_labels.index_select(0, cols + c0) == self.row_labels.index_select(0, rows + r0)  # (P,)
+        slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts).index_select(0, which)
+        fill = self.fill.index_select(0, g)  # (H,)
+        fits = fill + counts <= self.PENDING  # (H,) rows whose candidates fit into their pending buffer
+        fit_c = fits.index_select(0, which)  # (P,)
+        into = flat_nonzero(fit_c) if not bool(fit_c.all()) else None  # None: all of them
+        at = (g * self.PENDING + fill).index_select(0, which) + slot  # (P,) place in pend_v.view(-1)
+        if into is not None:
+            at, v_in, r_in = at.index_select(0, into), vals.index_select(0, into), rel.index_select(0, into)
+        else:
+            v_in, r_in = vals, rel
+        self.pend_v.view(-1).index_copy_(0, at, v_in)
+        self.pend_r.view(-1).index_copy_(0, at, r_in)
+        self.fill.index_copy_(0, g, fill + counts * fits)
+        if into is None:
+            return
+        # the rows that overflow: merged now with their pending ones and these, padded into one block per
+        # row (-inf where a row has fewer)
+        over = flat_nonzero(~fits)  # (H_o,) among g
+        out = flat_nonzero(~fit_c)  # (P_o,) their candidates
+        which_o = ((~fits).cumsum(0) - 1).index_select(0, which.index_select(0, out))  # (P_o,) row among them
+        width = int(counts.index_select(0, over).max())
+        at = which_o * width + slot.index_select(0, out)  # (P_o,) place in the (H_o, width) block
+        block = vals.new_full((over.numel() * width,), float("-inf")).index_copy_(0, at, vals.index_select(0, out))
+        rel_block = torch.zeros(over.numel() * width, dtype=torch.bool, device=rows.device)
+        rel_block.index_copy_(0, at, rel.index_select(0, out))
+        self._merge(g.index_select(0, over), block.view(-1, width), rel_block.view(-1, width))
 
     def _merge(self, g: torch.Tensor, vals: torch.Tensor, rel: torch.Tensor) -> None:
-        """Merge candidates ``vals`` / ``rel`` (H, c) of rows ``g`` (H,) into the buffers."""
-        cand_v = torch.cat([self.val.index_select(0, g), vals], dim=1)  # (H, k + c)
-        cand_r = torch.cat([self.rel.index_select(0, g), rel], dim=1)
+        """Merge candidates ``vals`` / ``rel`` (H, c) of rows ``g`` (H,), and their pending ones, into the
+        top k; their pending buffers empty."""
+        cand_v = torch.cat([self.val.index_select(0, g), self.pend_v.index_select(0, g), vals], dim=1)  # (H, k+P+c)
+        cand_r = torch.cat([self.rel.index_select(0, g), self.pend_r.index_select(0, g), rel], dim=1)
         top = cand_v.topk(self.k, dim=1)  # sorted, most similar first
         self.val.index_copy_(0, g, top.values)
         self.rel.index_copy_(0, g, cand_r.gather(1, top.indices))
         self.kth.index_copy_(0, g, top.values.gather(1, self.kpos.index_select(0, g)[:, None]).squeeze(1))
+        self.pend_v.index_fill_(0, g, float("-inf"))
+        self.pend_r.index_fill_(0, g, False)
+        self.fill.index_fill_(0, g, 0)

@@ -134,7 +134,7 @@ class RetrievalPass:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hits (N, len(ks)) bool, ap (N,) float64)`` in the order of ``row_labels``; NaN AP where R = 0."""
-        rel = self.topk.rel  # (N, K) rel(i), most similar first
+        rel = self.topk.ranked()[1]  # (N, K) rel(i), most similar first
         n, k_max = rel.shape
         col_k = torch.as_tensor([k - 1 for k in self.ks], dtype=torch.long, device=rel.device)  # (len(ks),)
         rank = torch.arange(1, k_max + 1, device=rel.device, dtype=torch.float64)  # (K,) 1-based rank i
