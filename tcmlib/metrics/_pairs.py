@@ -7,17 +7,22 @@
   ``TILE_COLS`` columns at a time; each tile serves its rows *and* (transposed) its columns.  One pass
   is half a full GEMM.
 * :func:`cross_tiles`: query x gallery, every tile of ``Q G^T`` once (no symmetry to use).
+* On the CPU both compute the next tile in a worker thread while the caller works on this one
+  (``TILES_AHEAD``): the GEMM uses every core, the caller's many small ops mostly one.
 * :class:`TopK`: the exact running top-k of every row, fed by tiles from the row side and from the
   column side; a tile is screened by the maxima of small cells, and only the entries above a row's
-  current k-th best are merged.
+  current k-th best are kept (merged when a row's pending buffer fills).
 
-Memory: one tile, plus ``O(N (k + 64))`` for the running top-k (k = the deepest rank asked for, 64
-candidates pending per row).
+Memory: two tiles (one computed ahead on the CPU), plus ``O(N (k + 64))`` for the running top-k
+(k = the deepest rank asked for, 64 candidates pending per row).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +30,9 @@ import torch
 __all__ = ["TILE_COLS", "TopK", "cross_tiles", "flat_nonzero", "nonzero_rc", "unit_rows", "upper_tiles"]
 
 TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
+TILES_AHEAD = 1  # on the CPU, tiles computed this many ahead in a worker thread (0: none)
+
+T = TypeVar("T")
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +81,10 @@ def upper_tiles(
     ``max(tile_cols, chunk_size)`` columns wide.  The order changes no value.  The caller may modify
     ``sim`` in place.
     """
+    return _ahead(_upper(xn, chunk_size, tile_cols), xn.device)
+
+
+def _upper(xn: torch.Tensor, chunk_size: int, tile_cols: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
     tile_cols = max(tile_cols, chunk_size)
@@ -91,10 +103,61 @@ def cross_tiles(
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)``: ``sim`` (B, W) = cosines of queries ``r0..`` with gallery items ``c0..``,
     every query x gallery pair once, in tiles of ``chunk_size`` rows by ``max(tile_cols, chunk_size)`` columns."""
-    tile_cols = max(tile_cols, chunk_size)
+    return _ahead(_cross(qn, gn, chunk_size, max(tile_cols, chunk_size)), qn.device)
+
+
+def _cross(qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     for r0 in range(0, qn.shape[0], chunk_size):
         for c0 in range(0, gn.shape[0], tile_cols):
             yield r0, c0, qn[r0 : r0 + chunk_size] @ gn[c0 : c0 + tile_cols].T
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _ahead(items: Iterator[T], device: torch.device) -> Iterator[T]:
+    """The same ``items`` in the same order, computed ``TILES_AHEAD`` ahead in a worker thread on the CPU:
+    the next tile's GEMM (all cores) runs while the caller works on this one (its small ops leave cores
+    idle).  On a GPU the kernels run asynchronously anyway: ``items`` as they are.  An error in the
+    worker is raised here; when the caller stops early, the worker stops after its current tile."""
+    if device.type != "cpu" or TILES_AHEAD < 1:
+        return items
+    return _worker_ahead(items)
+
+
+def _worker_ahead(items: Iterator[T]) -> Iterator[T]:
+    ready: queue.Queue[object] = queue.Queue(maxsize=TILES_AHEAD)
+    stop, end = threading.Event(), object()
+
+    def offer(item: object) -> bool:  # False once the caller has stopped
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                for item in items:
+                    if not offer(item):
+                        return
+            offer(end)
+        except BaseException as e:  # noqa: BLE001 (handed to the caller, raised there)
+            offer(_Failed(e))
+
+    threading.Thread(target=work, name="tcmlib-tiles-ahead", daemon=True).start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
 
 
 class TopK:
