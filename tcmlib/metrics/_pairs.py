@@ -13,8 +13,9 @@
   column side; a tile is screened by the maxima of small cells, and only the entries above a row's
   current k-th best are kept (merged when a row's pending buffer fills).
 
-Memory: two tiles (one computed ahead on the CPU), plus ``O(N (k + 64))`` for the running top-k
-(k = the deepest rank asked for, 64 candidates pending per row).
+Memory: up to three tiles (on the CPU: this one, the next, queued, and the one after, being computed),
+plus ``O(N (k + 64))`` for the running top-k (k = the deepest rank asked for, 64 candidates pending
+per row).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ similarity matrix is symmetric and only its upper triangle is computed: half a f
 then ``chunk_size`` rows by 4096 columns at a time, each tile serving its rows and (transposed) its
 columns.  A running top-k per query (k = max(ks) and the query's R) is merged exactly; once it has
 filled, a tile costs one read for the maxima of small cells and little else.  Memory beyond the
-inputs: the unit rows (N, D), one tile and the running top-k, N x max k values.
+inputs: the unit rows (N, D), up to three tiles (on the CPU the next ones are computed ahead in a
+worker thread) and the running top-k, N x (max k + 64) values.
 """
 
 from __future__ import annotations
