@@ -100,6 +100,37 @@ def test_topk_first_contact_is_exact():
     torch.testing.assert_close(top.ranked()[0], sim.topk(25, dim=1).values, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("columns", [False, True])
+def test_topk_raised_bars_are_exact_with_ties(monkeypatch, columns):
+    """Rows that have seen only low values meet mostly hot tiles: their bars are first raised from the
+    tiles' fine-cell maxima (a lower bound of each row's depth-th best, one step below it), then the tiles
+    are screened sparsely.  Values on a grid of 1/4, so the bounds tie with many entries; exact."""
+    g = torch.Generator().manual_seed(2)
+    sim = (torch.randn(48, 3000, generator=g) * 4).round() / 4  # (48, 3000) many ties
+    sim[:, :500] -= 10  # the first tile: low values only, so the bars start low
+    depth = torch.randint(1, 40, (48,), generator=g)
+    lab = torch.randint(0, 3, (3000,), generator=g)
+    raised = []
+    real = TopK._raise_bars
+    monkeypatch.setattr(TopK, "_raise_bars", lambda self, r0, cm: raised.append(r0) or real(self, r0, cm))
+    top = TopK(depth, lab[:48], lab, torch.float32)
+    for c0 in range(0, 3000, 500):
+        tile = sim[:, c0 : c0 + 500]  # (48, 500)
+        if columns:  # the same tile, seen from the column side of its transpose
+            top.add(c0, 0, tile.T.contiguous(), columns=True)
+        else:
+            top.add(0, c0, tile)
+    assert raised, "no tile raised the bars: the test misses the path it is about"
+    val, rel = top.ranked()
+    want = sim.topk(int(depth.max()), dim=1)
+    for i in range(48):
+        d = int(depth[i])
+        torch.testing.assert_close(val[i, :d], want.values[i, :d], rtol=0, atol=0)
+        # ties may order relevant and other entries differently, but strictly above the d-th value it is fixed
+        above = sim[i] > want.values[i, d - 1]
+        assert int(rel[i, : int(above.sum())].sum()) == int((above & (lab == lab[i])).sum())
+
+
 # ----------------------------------------------------------------------------- tiles computed ahead
 @pytest.mark.parametrize("ahead", [0, 1, 3])
 def test_tiles_computed_ahead_are_the_same_tiles_in_order(monkeypatch, ahead):

@@ -161,6 +161,17 @@ def _worker_ahead(items: Iterator[T]) -> Iterator[T]:
         stop.set()
 
 
+def _cells(sim: torch.Tensor, cell: int, columns: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(whole, body, cell_max)``: ``sim`` (B, W) cut into cells of ``cell`` consecutive entries of a row,
+    ``body`` (B, W // cell, cell) a view of the first ``whole`` columns, ``cell_max`` (B, W // cell) their
+    maxima; ``columns``: ``sim`` is a transposed view (reduced along the memory layout instead)."""
+    whole = sim.shape[1] // cell * cell  # the body: whole cells; the edge: the last W - whole entries
+    body = sim[:, :whole].unflatten(1, (-1, cell))  # (B, W // cell, cell), a view
+    # reduced along the memory layout: a transposed view reduces slowly otherwise
+    cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // cell)
+    return whole, body, cell_max
+
+
 class TopK:
     """Exact running top-k of every row of a matrix seen tile by tile: most similar first.
 
@@ -168,19 +179,22 @@ class TopK:
     whether an item is *relevant* (same label as the row) is kept, not its index.  :meth:`add` feeds a
     tile from its rows' side; for a symmetric matrix, :meth:`add` the transposed tile as well (rows and
     columns then index the same set) with ``columns=True``; :meth:`ranked` gives the result.  Every entry
-    strictly above the row's *bar* (its ``depth``-th best when last merged) is a candidate (the order
-    among equal values is unspecified, as in torch.topk).  A tile is screened by the maxima of its
-    *cells* (``CELLS`` consecutive entries of a row of the tile, or of a column): only cells whose
-    maximum beats the row's bar are read again.  Candidates wait in the row's pending buffer
-    (``PENDING`` slots); a row is merged (one topk of its k best, its pending ones and its new ones)
-    only when they would overflow it, so a merge serves many tiles.  A first contact (most cells hot)
-    takes a dense topk of the tile (rows that have seen nothing yet, e.g. in a diagonal block, keep it
-    as it is).
+    strictly above the row's *bar* (its ``depth``-th best when last merged, or a lower bound of its
+    depth-th best) is a candidate (the order among equal values is unspecified, as in torch.topk).  A tile
+    is screened by the maxima of its *cells* (``CELLS`` consecutive entries of a row of the tile, or of a
+    column): only cells whose maximum beats the row's bar are read again.  Candidates wait in the row's
+    pending buffer (``PENDING`` slots); a row is merged (one topk of its k best, its pending ones and its
+    new ones) only when they would overflow it, so a merge serves many tiles.  A tile whose cells are
+    mostly hot (the rows' bars are low: they have seen little) first raises the bars with the maxima of
+    ``FINE`` cells (:meth:`_raise_bars`) and is screened again; rows that have seen nothing yet (e.g. in a
+    diagonal block) keep its dense topk as it is, and a tile still mostly hot is merged through a dense
+    topk.
     """
 
     CELLS = (64, 16)  # entries per cell: along a row of the tile (contiguous), along a column (strided)
     DENSE_SHARE = 0.25  # above this share of hot cells in a tile, merge a dense topk of all its rows
     PENDING = 64  # candidates a row may hold unmerged (its bar rises when they are merged)
+    FINE = (16, 16)  # entries per cell when a tile is mostly hot: their maxima raise the bars first
 
     def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
         n = depth.shape[0]
@@ -215,16 +229,20 @@ class TopK:
         b, w = sim.shape
         kth = self.kth[r0 : r0 + b]
         cell = self.CELLS[columns]
-        whole = w // cell * cell  # the body: whole cells; the edge: the last w - whole entries
-        body = sim[:, :whole].unflatten(1, (-1, cell))  # (B, W // cell, cell), a view
-        # the cells' maxima, reduced along the memory layout (a transposed view reduces slowly otherwise)
-        cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // cell)
+        whole, body, cell_max = _cells(sim, cell, columns)
         hot = (cell_max > kth[:, None]).contiguous()  # (B, W // cell) bool; contiguous: nonzero is faster
         rows, cells = torch.nonzero(hot, as_tuple=True)  # (C,) hot cells, by row
-        if rows.numel() > self.DENSE_SHARE * hot.numel():  # mostly hot (a first contact): all rows, dense
+        if rows.numel() > self.DENSE_SHARE * hot.numel():  # mostly hot: the rows' bars are low
             if bool(self.val[r0 : r0 + b, 0].isneginf().all()) and not bool(self.fill[r0 : r0 + b].any()):
                 self._first(r0, c0, sim)  # nothing seen yet (e.g. a diagonal block): no merge needed
                 return
+            cell = self.FINE[columns]  # raise the bars with this tile's finer cells, then screen again
+            if cell != self.CELLS[columns]:
+                whole, body, cell_max = _cells(sim, cell, columns)
+            kth = self._raise_bars(r0, cell_max)
+            hot = (cell_max > kth[:, None]).contiguous()
+            rows, cells = torch.nonzero(hot, as_tuple=True)
+        if rows.numel() > self.DENSE_SHARE * hot.numel():  # still mostly hot: all rows, dense
             g = torch.arange(r0, r0 + b, device=sim.device)
             top = sim.topk(min(self.k, w), dim=1, sorted=False)  # (B, k'); entries <= the bar change nothing
             self._merge(g, top.values, self.col_labels[top.indices + c0] == self.row_labels[g, None])
@@ -241,6 +259,21 @@ class TopK:
             vals = torch.cat([vals, sim[er, ec + whole]])[order]
         if rows.numel():
             self._sparse(r0, c0, rows, cols, vals)
+
+    def _raise_bars(self, r0: int, cell_max: torch.Tensor) -> torch.Tensor:
+        """Raise the bars of rows ``r0..r0+B-1`` before a tile whose cells have maxima ``cell_max`` (B, C);
+        returns the new bars (B,).
+
+        The maxima, the rows' best and their pending candidates are distinct entries of each row, so the
+        depth-th best of them all is a lower bound on the row's depth-th best once the tile is in: an entry
+        below it can never rank.  The bar goes one step below that bound, so entries equal to it pass ``>``.
+        """
+        b = cell_max.shape[0]
+        seen = torch.cat([self.val[r0 : r0 + b], self.pend_v[r0 : r0 + b], cell_max], dim=1)  # (B, k+PENDING+C)
+        bound = seen.topk(self.k, dim=1).values.gather(1, self.kpos[r0 : r0 + b, None]).squeeze(1)  # (B,)
+        bar = torch.maximum(self.kth[r0 : r0 + b], torch.nextafter(bound, bound.new_tensor(float("-inf"))))
+        self.kth[r0 : r0 + b] = bar
+        return bar
 
     def _first(self, r0: int, c0: int, sim: torch.Tensor) -> None:
         """Rows ``r0..r0+B-1`` meet their first candidates, the tile ``sim`` (B, W): they keep its top k."""
