@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU checks of tcmlib in one command: the tests that run only on CUDA, then the benchmarks on the GPU
+# (the same code as on the CPU; the tiles run there, nothing computed ahead in a thread).  For a machine
+# with CUDA and no internet, such as a GPU machine lent for a few minutes: every step has a time limit,
+# and a failed step does not stop the others (the exit status says whether any failed).
+#
+#   bash benchmarks/gpu_check.sh            # tests + TCM, retrieval and OPIS benchmarks: about 5 minutes
+#   bash benchmarks/gpu_check.sh quick      # tests + the benchmarks at small sizes: about a minute
+#
+# Logs go to $OUT (where a device tool collects files), else _build/gpu-check.  Needs python3 (or $PY)
+# with torch (CUDA), numpy, scipy, tqdm and pytest.  What it lacks (pytorch-metric-learning, hypothesis,
+# faiss-cpu) is installed from ./.whl when that folder holds their wheels, fetched beforehand where pip
+# works, e.g. for Python 3.12:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#       pytorch-metric-learning hypothesis sortedcontainers attrs faiss-cpu
+# (with .whl/ ignored by git, a device tool must be told to carry it along with the working tree).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+LOG=${OUT:-_build/gpu-check}
+mkdir -p "$LOG"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_WAIT_POLICY=PASSIVE
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same steps here (a dry run of this script)
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...: run it with a time limit, its output to the screen and $LOG/NAME.txt
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.txt"
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "== $name FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ', time limit'))"
+        failed+=("$name")
+    fi
+    return "$rc"
+}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    step wheels 120 "$PY" -m pip install -q --no-deps --no-index --find-links .whl .whl/*.whl
+fi
+step device 60 "$PY" -c "
+import torch
+print('torch', torch.__version__)
+if '$DEVICE' == 'cuda':
+    assert torch.cuda.is_available(), 'no CUDA device: run this on a machine with a GPU (DEVICE=cpu for a dry run)'
+    print(torch.cuda.get_device_name(), torch.version.cuda)
+" || exit 1
+
+# the tests that skip without CUDA: retrieval, TCM (and its autocast), the one-call evaluation with OPIS
+step tests 300 "$PY" -m pytest -q -p no:cacheprovider -k cuda \
+    tests/test_retrieval.py tests/test_tcm_loss.py tests/test_evaluation.py
+
+if [ "${1:-}" = quick ]; then
+    step tcm 120 "$PY" benchmarks/tcm_vs_pml.py --device "$DEVICE" --sizes 256 1024 --repeats 3
+    step retrieval 120 "$PY" benchmarks/retrieval_vs_pml.py --device "$DEVICE" --sizes 6000 --repeats 1
+    step opis 120 "$PY" benchmarks/opis_cost.py --device "$DEVICE" --sizes 5000 --repeats 1 --no-report
+else
+    step tcm 240 "$PY" benchmarks/tcm_vs_pml.py --device "$DEVICE" --sizes 256 512 1024 4096 --pml-max-b 2048
+    step retrieval 300 "$PY" benchmarks/retrieval_vs_pml.py --device "$DEVICE" --sizes 20000 60000 200000
+    step opis 300 "$PY" benchmarks/opis_cost.py --device "$DEVICE" --sizes 20000 60000 200000 --repeats 3
+fi
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu_check: FAILED: ${failed[*]} (logs in $LOG)"
+    exit 1
+fi
+echo "gpu_check: all steps passed (logs in $LOG)"
