@@ -17,9 +17,13 @@ and multiplies the loss by N instead; the factor N is the same, it just sits els
 loss's own parameters (proxies, ArcFace centres) get the full dL/dp on every rank already;
 :func:`average_gradients` keeps them identical across ranks.
 
-Exactness caveats: BatchNorm in train mode normalises over each rank's slice, not the global
-batch (frozen BN, the resnet50 recipe, is exact); random augmentation draws differ from a
-single process (each rank draws for its own slice).
+The same run on any number of processes.  BatchNorm layers that train are synchronised
+(:func:`sync_batchnorm`: torch's ``SyncBatchNorm`` on a GPU, :class:`GlobalBatchNorm` on the CPU),
+so they normalise over the global batch as one process does; each sample's augmentation is drawn
+from a generator seeded by (run seed, epoch, sample index) (``tcmlib.data.seeded``), so every rank
+draws what one process would.  1, 2 or 3 processes then train the same run up to float rounding
+(sums taken in another order).  Not synchronised: dropout (a backbone that has it draws its masks
+per rank, so those runs are equal in distribution only).
 
 Evaluation (:func:`sharded_retrieval`, :func:`sharded_utility_curves`, :func:`evaluate_sharded`):
 each rank embeds a contiguous shard of the test set.  Then
@@ -49,7 +53,7 @@ import torch.nn as nn
 
 from tcmlib.normalize import l2_normalize
 
-__all__ = ["launched", "setup", "shutdown", "world_size", "rank", "gather_batch", "average_gradients", "broadcast_module",
+__all__ = ["launched", "setup", "shutdown", "world_size", "rank", "gather_batch", "GlobalBatchNorm", "sync_batchnorm", "average_gradients", "broadcast_module",
            "all_objects", "broadcast_object", "barrier", "shard_bounds", "sharded_retrieval",
            "sharded_utility_curves", "evaluate_sharded"]
 
@@ -127,6 +131,81 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's copy of the loss contributes (a reduce-scatter, written simply)
         return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum a tensor over ranks; backward: the sum over ranks of the gradient (every rank's copy of L)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm over the *global* batch of every rank, on any device (torch's ``SyncBatchNorm`` is GPU-only).
+
+    In training under an initialised process group of more than one rank, the per-channel mean and
+    (biased) variance are those of all ranks' inputs together, in two all-reduces with gradient
+    (sum, then sum of squared deviations): ``mu = sum x / n``, ``var = sum (x - mu)^2 / n`` over
+    the n = B x H x W values of a channel; the running statistics take the unbiased variance, as
+    ``nn.BatchNorm2d`` does.  Otherwise (one process, or eval mode) it is ``nn.BatchNorm2d``.
+    Input (B, C, H, W) or (B, C).
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (B, C, ...), got {input.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.ndim)]  # every axis but the channels
+        shape = [1, -1] + [1] * (x.ndim - 2)  # (1, C, 1, 1): broadcast per channel
+        n = _AllReduceWithGrad.apply(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
+        mean = _AllReduceWithGrad.apply(x.sum(dims)) / n  # (C,)
+        var = _AllReduceWithGrad.apply((x - mean.view(shape)).pow(2).sum(dims)) / n  # (C,) biased
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+                f = (1.0 / float(self.num_batches_tracked) if self.momentum is None  # type: ignore[arg-type]
+                     else self.momentum)
+                self.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+                self.running_var.mul_(1 - f).add_(var.detach() * n / (n - 1), alpha=f)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm of ``model`` by one that normalises over the global batch.
+
+    CUDA: ``nn.SyncBatchNorm.convert_sync_batchnorm``; other devices: :class:`GlobalBatchNorm`.
+    Weights, buffers and train/eval modes are kept (frozen BatchNorm stays frozen: in eval mode
+    both are plain BatchNorm).  Returns the model (changed in place where possible).
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            for p_new, p_old in zip(new.parameters(), child.parameters()):
+                p_new.requires_grad_(p_old.requires_grad)
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return model
 
 
 def gather_batch(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,7 +51,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tcmlib.models import Embedder, build_embedder
-from tcmlib.train import SMALL_DATASETS, TrainConfig, build_data, embed, fit, input_size, load_config
+from tcmlib.train import LEGACY_VALUES, SMALL_DATASETS, TrainConfig, build_data, embed, fit, input_size, load_config
 
 __all__ = ["RunResult", "run_cached", "run_grid", "summarize", "tcm_deltas", "config_key", "default_runs_dir",
            "format_table", "write_csv", "read_csv", "METRICS"]
@@ -86,6 +86,9 @@ def config_key(config: TrainConfig | Mapping[str, Any]) -> str:
     values = dataclasses.asdict(_as_config(config))
     for name in IGNORED_FIELDS:
         values.pop(name)
+    for name, old in LEGACY_VALUES.items():  # fields added later: hashed only when they change the old run
+        if values[name] == old:
+            values.pop(name)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -99,7 +99,7 @@ def for_backbone(p: Protocol, backbone: str) -> Protocol:
     return dataclasses.replace(p, **p.backbone_protocol.get(backbone, {}))
 
 
-_TRAIN = {"dataset": "glyphs", "dim": 64, "batch_size": 128, "m": 4, "optimizer": "adam", "lr": 1e-3,
+_TRAIN = {"dataset": "glyphs", "augment_rng": "process", "dim": 64, "batch_size": 128, "m": 4, "optimizer": "adam", "lr": 1e-3,
           "weight_decay": 0.0, "milestones": [], "eval_ks": [1, 2, 4, 8], "data_seed": 0, "progress": False,
           "checkpoint_every_steps": 0, "num_workers": 0}
 _GRID = ((0.9, 0.5, 1.0, 1.0),  # the paper's default

@@ -19,8 +19,9 @@ then the test classes (disjoint) are embedded and scored; one line per epoch goe
 ``run_dir/metrics.jsonl`` and ``run_dir/metrics.csv``.  Checkpoints (``tcmlib.checkpoint``) are
 written every ``checkpoint_every_steps`` steps and at each epoch end; ``resume=True`` continues
 from the newest one exactly: same batches, same random numbers, same weights as a run that was
-never interrupted (with ``num_workers=0``; with workers the batches are still exact, the
-augmentation draws are not).
+never interrupted.  Each image's augmentation is drawn from a generator seeded by (seed, epoch,
+image index) (``tcmlib.data.seeded``), so any ``num_workers`` and any number of processes see
+the same images.
 
 A batch larger than memory goes through the embedding-gradient cache (``chunk_size``, see
 ``tcmlib.gradcache``).  On a GPU: ``amp="bf16"`` (or ``"fp16"`` with a GradScaler),
@@ -32,8 +33,10 @@ More than one GPU (or CPU process)::
 
 runs the same ``fit`` in each process: DistributedDataParallel, each rank a slice of every global
 batch of ``batch_size``, the embeddings all-gathered so the loss sees the global batch (the
-gradient is the single-process one; see ``tcmlib.distributed``), sharded exact evaluation; rank 0
-writes checkpoints, metrics and progress.
+gradient is the single-process one; see ``tcmlib.distributed``), BatchNorm synchronised over the
+global batch, sharded exact evaluation; rank 0 writes checkpoints, metrics and progress.  The run is
+the single-process run up to float rounding (dropout masks, where a backbone has dropout, are drawn
+per rank).
 """
 
 from __future__ import annotations
@@ -61,10 +64,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tcmlib import distributed
+from tcmlib.distributed import sync_batchnorm
 from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loadable_checkpoint, read_checkpoint,
                                remove_stale_temporaries, rng_states, save_checkpoint)
 from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get_dataset
 from tcmlib.data.arrays import hold_out_classes
+from tcmlib.data.seeded import SeededAugmentation
 from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
 from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
@@ -75,7 +80,7 @@ from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "build_splits", "load_config",
-           "available_configs", "main"]
+           "config_from_record", "LEGACY_VALUES", "available_configs", "main"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields a resumed run may change: where and how verbosely it runs, how often it saves, how big its
@@ -90,6 +95,20 @@ RESUME_SAFE_FIELDS = ("epochs", "progress", "run_dir", "device", "num_workers", 
 # 1e6 is reached only by runaway growth, long before float overflow turns it into inf / NaN.
 DIVERGENCE_FACTOR = 1e6
 SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
+LR_SCHEDULES = ("step", "cosine")
+AUGMENT_RNGS = ("sample", "process")
+# What a field meant before it existed: a config (a results record, a checkpoint) written without the
+# field ran with this value.  ``config_from_record`` fills them in, and ``tcmlib.experiments.config_key``
+# leaves a field out of the hash while it has this value, so the keys of earlier runs stay what they were.
+LEGACY_VALUES: dict[str, Any] = {"augment_rng": "process", "lr_schedule": "step"}
+
+
+def config_from_record(values: dict[str, Any]) -> "TrainConfig":
+    """The :class:`TrainConfig` of a recorded run's config dict (``runs.jsonl``, a checkpoint, ``config.yaml``).
+
+    Fields the record predates get the value they had then (:data:`LEGACY_VALUES`), not today's default.
+    """
+    return load_config(None, **{**LEGACY_VALUES, **values})
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -125,7 +144,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "batch_size": (_INT, False), "m": (_INT, False), "steps_per_epoch": (_INT, True), "epochs": (_INT, False),
     "optimizer": (_STR, False), "lr": (_FLOAT, False), "head_lr_mult": (_FLOAT, False),
     "loss_lr_mult": (_FLOAT, True), "weight_decay": (_FLOAT, False), "milestones": ((list,), False),
-    "gamma": (_FLOAT, False), "amp": (_STR, True), "channels_last": (_BOOL, False), "chunk_size": (_INT, True),
+    "gamma": (_FLOAT, False), "lr_schedule": (_STR, False), "augment_rng": (_STR, False), "amp": (_STR, True), "channels_last": (_BOOL, False), "chunk_size": (_INT, True),
     "device": (_STR, False), "num_workers": (_INT, False), "deterministic": (_BOOL, False),
     "eval_ks": ((list,), False), "eval_every": (_INT, False), "eval_batch_size": (_INT, False),
     "checkpoint_every_steps": (_INT, False), "seed": (_INT, False), "run_dir": ((str, os.PathLike), False),
@@ -222,8 +241,11 @@ class TrainConfig:
     head_lr_mult: float = 0.0  # >0: LayerNorm + linear head at lr * mult; 0: same group, lr (RS@k)
     loss_lr_mult: float | None = None  # loss parameters (proxies): None = registry default
     weight_decay: float = 4e-4
-    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma
+    lr_schedule: str = "step"  # step: lr *= gamma at each milestone | cosine: cosine decay to 0 over `epochs`
+    milestones: list[int] = field(default_factory=list)  # epochs where lr *= gamma (lr_schedule: step)
     gamma: float = 0.3
+    augment_rng: str = "sample"  # sample: each image's augmentation seeded by (seed, epoch, index), the same
+    # on any number of processes and workers | process: the process's generator (runs recorded before 2026-12-07)
     # speed and memory
     amp: str | None = None  # None | bf16 | fp16
     channels_last: bool = False
@@ -268,6 +290,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"config key 'loss_kwargs' has options {unknown} that loss {self.loss!r} does not take; "
                              f"allowed: {', '.join(sorted(loss_kwarg_names(self.loss)))}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"config key 'lr_schedule' = {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.augment_rng not in AUGMENT_RNGS:
+            raise ValueError(f"config key 'augment_rng' = {self.augment_rng!r}; choose one of {', '.join(AUGMENT_RNGS)} "
+                             "('process' only to reproduce runs recorded before per-sample seeding)")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or adamw")
         if self.amp not in (None, *AMP_DTYPES):
@@ -480,6 +507,17 @@ def _make_optimizer(cfg: TrainConfig, model: Embedder, criterion: nn.Module) -> 
     return opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule: ``step`` (x gamma at each milestone) or ``cosine``.
+
+    cosine: epoch e (0-based) trains at ``lr * (1 + cos(pi e / E)) / 2`` for E = ``epochs``: the full
+    rate first, then a smooth decay towards 0 in the last epoch (torch's ``CosineAnnealingLR``).
+    """
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+
+
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the whole history (small; keeps resumes consistent)."""
     with open(run_dir / "metrics.jsonl", "w") as fh:
@@ -527,15 +565,18 @@ def _check_resume_config(saved: dict[str, Any] | None, cfg: TrainConfig, path: P
         warnings.warn(f"{path} stores no config; cannot check that the resumed run matches it")
         return
     now = dataclasses.asdict(cfg)
+    saved = {**LEGACY_VALUES, **saved}  # a checkpoint written before a field existed ran with its old meaning
     try:  # the checkpoint's values through the same normalisation (YAML strings -> floats, ...)
         saved = dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in now}))
     except (TypeError, ValueError):
         pass
-    differ = sorted(k for k in now if k not in RESUME_SAFE_FIELDS and saved.get(k) != now[k])
+    # a cosine schedule spans `epochs`: changing it changes every later learning rate
+    safe = [f for f in RESUME_SAFE_FIELDS if not (f == "epochs" and cfg.lr_schedule == "cosine")]
+    differ = sorted(k for k in now if k not in safe and saved.get(k) != now[k])
     if differ:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
         raise ValueError(f"cannot resume {path}: the config differs in {differ} ({detail}). Only "
-                         f"{', '.join(RESUME_SAFE_FIELDS)} may change on resume; use the run's own config "
+                         f"{', '.join(safe)} may change on resume; use the run's own config "
                          f"({Path(cfg.run_dir) / 'config.yaml'} before this call) or a new run_dir")
 
 
@@ -636,6 +677,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                          "processes (each takes an equal slice of every batch)")
     sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed, num_replicas=world,
                                     rank=rank)
+    seeded = SeededAugmentation(train_data, cfg.seed) if cfg.augment_rng == "sample" else None
+    train_data = seeded or train_data  # each image's augmentation: a function of (seed, epoch, index) alone
     # The loader's own generator: creating an iterator draws a worker base seed from it, which would
     # otherwise come from the global RNG and shift every later draw after a mid-epoch resume.
     loader_gen = torch.Generator()
@@ -648,13 +691,15 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net: nn.Module = model  # what the training step runs: the model, or its DDP wrapper
+    if ddp:  # BatchNorm that trains sees the global batch, as in one process
+        sync_batchnorm(model, device)
     if ddp:  # (DDP copies rank 0's weights to every rank)
         ids = [device.index] if device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
                           **cfg.loss_kwargs).to(device)
     optimizer = _make_optimizer(cfg, model, criterion)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
+    scheduler = _make_scheduler(cfg, optimizer)
     amp_dtype = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     local_batch = cfg.batch_size // world
@@ -666,7 +711,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
 
     if ddp:
         distributed.broadcast_module(criterion)  # the loss's parameters (proxies) as rank 0 drew them
-        if rank > 0:  # from here on each rank draws its own augmentation / dropout numbers
+        if rank > 0:  # from here on each rank draws its own dropout numbers (augment_rng process: augmentation too)
             seed_everything(cfg.seed + 1_000_003 * rank)
 
     norm_ref = max(_param_norm(model, criterion), 1.0)  # divergence guard: the initial weights' norm
@@ -733,6 +778,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         if start == 0:
             sums = {"loss": 0.0, "base": 0.0, "tcm": 0.0, "n": 0, "time": 0.0}
         sampler.set_epoch(epoch, start_batch=start)
+        if seeded is not None:
+            seeded.set_epoch(epoch)  # (before the loader's iterator copies the data set into its workers)
         loader_gen.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + start)  # worker seeds: a function of the position
         n_batches = len(sampler.plan(epoch))
         if cfg.steps_per_epoch is not None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 
 from tcmlib import distributed
 from tcmlib.checkpoint import latest_checkpoint, read_checkpoint
@@ -239,3 +240,77 @@ def test_sigkill_of_one_rank_then_resume_is_exact(tmp_path: Path) -> None:
     assert _metrics(killed) == _metrics(full)
     a, b = (read_checkpoint(latest_checkpoint(d)) for d in (full, killed))  # type: ignore[arg-type]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the same run on any number of processes and workers
+
+def _launch(run_dir: Path, procs: int, *extra: str) -> list[str]:
+    """``tcmlib.train`` on the tiny config: one process, or ``procs`` under torchrun."""
+    head = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+            if procs > 1 else [sys.executable])
+    return [*head, "-m", "tcmlib.train", "--config", "glyphs_tiny", "--override", f"run_dir={run_dir}",
+            "batch_size=48", "progress=false", "device=cpu", *extra]
+
+
+def test_one_step_is_the_single_process_step_on_2_and_3_processes(tmp_path: Path) -> None:
+    """Step 1 through ``fit``: same images (seeded per sample), BatchNorm over the global batch, so the
+    gradient (Adam's first moment = 0.1 g) and BatchNorm's running statistics equal one process's to
+    float32 rounding.  (Per-rank augmentation or per-rank BatchNorm statistics change both by far more.)"""
+    states = {}
+    for procs in (1, 2, 3):
+        run = tmp_path / f"p{procs}"
+        res = subprocess.run(_launch(run, procs, "epochs=1", "steps_per_epoch=1", "eval_ks=[1]"),
+                             capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        states[procs] = read_checkpoint(latest_checkpoint(run))  # type: ignore[arg-type]
+    one = states[1]
+    for procs in (2, 3):
+        other = states[procs]
+        for i, s in one["optimizer"]["state"].items():
+            g1, g2 = s["exp_avg"], other["optimizer"]["state"][i]["exp_avg"]
+            assert (g1 - g2).abs().max() <= 1e-3 * g1.abs().max(), (procs, i)
+        for k, v in one["model"].items():
+            if "running" in k:
+                assert torch.allclose(v, other["model"][k], rtol=1e-5, atol=1e-6), (procs, k)
+
+
+def test_dataloader_workers_do_not_change_a_run(tmp_path: Path) -> None:
+    """0 or 2 DataLoader workers: every image is drawn from its own seeded generator, so the run is bit-identical."""
+    out = {}
+    for workers in (0, 2):
+        res = subprocess.run(_launch(tmp_path / f"w{workers}", 1, f"num_workers={workers}", "steps_per_epoch=3"),
+                             capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[workers] = _metrics(tmp_path / f"w{workers}")
+    assert out[0] == out[2]
+
+
+def test_global_batchnorm_equals_batchnorm_over_the_whole_batch() -> None:
+    """Two ranks with half the batch each: output, input gradient and running statistics of the whole batch."""
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    ref = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    xr = x.clone().requires_grad_(True)
+    (ref(xr) * torch.arange(8.0, dtype=torch.float64).view(8, 1, 1, 1)).pow(2).sum().backward()
+    state = {k: v.clone() for k, v in ref.state_dict().items()}  # after one training forward
+    state["weight"], state["bias"] = ref.weight.detach().clone(), ref.bias.detach().clone()
+    _spawn(_check_global_bn, 2, x, state, xr.grad)
+
+
+def _check_global_bn(rank: int, world: int, x: torch.Tensor, state: dict, grad: torch.Tensor) -> None:
+    bn = distributed.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), torch.device("cpu"))[0].double()
+    assert isinstance(bn, distributed.GlobalBatchNorm)
+    with torch.no_grad():
+        bn.weight.copy_(state["weight"])
+        bn.bias.copy_(state["bias"])
+    rows = slice(4 * rank, 4 * rank + 4)
+    xs = x[rows].clone().requires_grad_(True)
+    y = bn(xs)
+    # the loss of the whole batch, as each rank's copy of it sees its own rows (the rest enter through the stats)
+    (y * torch.arange(8.0, dtype=torch.float64)[rows].view(4, 1, 1, 1)).pow(2).sum().backward()
+    torch.testing.assert_close(xs.grad, grad[rows])
+    torch.testing.assert_close(bn.running_mean, state["running_mean"])
+    torch.testing.assert_close(bn.running_var, state["running_var"])

@@ -17,7 +17,7 @@ from tcmlib.experiments import config_key
 from tcmlib.study import (PAPER_TCM, cells, comparisons, for_backbone, frontier_gap, load_runs, plateau_epoch,
                           protocol, reproduce, results_path, select_setting, selected_setting, stage_configs,
                           tuning_fell_back, tuning_means, variant_name)
-from tcmlib.train import fit, load_config
+from tcmlib.train import config_from_record, fit, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = sorted((ROOT / "tcmlib" / "results").glob("*/runs*.jsonl"))
@@ -131,7 +131,7 @@ def test_reproduce_smoke_study(tmp_path: Path) -> None:
     final = [r for r in runs if r["stage"] == "final"]
     assert {r["variant"] for r in final} >= {"base", variant_name(PAPER_TCM)}
     for r in runs:
-        assert r["key"] == config_key(r["config"]) and r["provenance"]["torch"] == torch.__version__
+        assert r["key"] == config_key(config_from_record(r["config"])) and r["provenance"]["torch"] == torch.__version__
         assert all("val_R@1" in h and "val_OPIS" in h for h in r["history"])  # validation after every epoch
         assert all("R@1" not in h for h in r["history"][:-1]) and "R@1" in r["final"]  # test: once, at the end
     for r in final:
@@ -183,7 +183,7 @@ def test_reproduce_smoke_study(tmp_path: Path) -> None:
 def test_committed_runs_match_what_the_code_builds(path: Path) -> None:
     """A committed run whose config key differs from what today's code builds from its config is stale."""
     for i, r in enumerate(load_runs(path)):
-        cfg = load_config(None, **r["config"])
+        cfg = config_from_record(r["config"])
         assert config_key(cfg) == r["key"], (
             f"{path.name} line {i + 1} ({r['name']}): its config no longer gives its key; the code changed what "
             "a run computes, so regenerate: python -m tcmlib.experiments reproduce " + r["study"])
@@ -213,7 +213,7 @@ def test_a_committed_run_reproduces(tmp_path: Path) -> None:
     # among runs whose cell and variant have >= 3 recorded seeds (the cross-platform check needs them)
     judged = [r for r in runs if len(seeds[r["backbone"], r["loss"], r["variant"]]) >= 3]
     cheapest = min(judged, key=lambda r: r["history"][0]["train_time_s"])
-    cfg = dataclasses.replace(load_config(None, **cheapest["config"]), epochs=1, run_dir=str(tmp_path / "run"),
+    cfg = dataclasses.replace(config_from_record(cheapest["config"]), epochs=1, run_dir=str(tmp_path / "run"),
                               progress=False, device="cpu")
     assert cfg.milestones == [], "the prefix argument needs a constant learning rate"
     threads = torch.get_num_threads()
