@@ -445,8 +445,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="cells (backbone/loss, e.g. small_cnn/smooth_ap) or backbones to run")
     rep.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     rep.add_argument("--results", default=None, help="results root (default: <repo>/results)")
+    pl = sub.add_parser("plan", help="write the power plan of every cell whose training length is decided "
+                                     "(commit it before the final runs, which wait for it)")
+    pl.add_argument("study", choices=[s for s in study.STUDIES if study.protocol(s, "cpu", smoke=False).planned])
+    pl.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: $TCMLIB_SCALE or cpu")
+    pl.add_argument("--results", default=None, help="results root (default: <repo>/results)")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "tcmlib.experiments", *(sys.argv[1:] if argv is None else argv)])
+    if args.command == "plan":
+        try:
+            written = study.write_plan(args.study, scale=args.scale, results_root=args.results, command=command)
+        except ValueError as e:
+            print(f"python -m tcmlib.experiments: error: {e}", file=sys.stderr)
+            return 2
+        print(f"plan updated: {written}" if written else "plan unchanged (no newly decided cell)")
+        return 0
     try:
         path = study.reproduce(args.study, scale=args.scale, only=args.only, results_root=args.results,
                                max_runs=args.max_runs, command=command)

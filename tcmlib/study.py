@@ -65,7 +65,7 @@ __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau
            "load_study", "where_from", "run_costs", "run_as_recorded", "for_backbone", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
-STUDIES = ("ch07", "ch08", "ch10")
+STUDIES = ("ch07", "ch08", "ch10", "converged")
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -92,6 +92,13 @@ class Protocol:
     test: str = "wilcoxon"  # the paired test Holm's correction adjusts: "wilcoxon" (signed-rank) or "t"
     backbone_protocol: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per-backbone overrides of
     # these fields (e.g. fewer losses or seeds for a costlier backbone): see :func:`for_backbone`
+    # -- the converged study (``converged``): training lengths tried in turn, each with its own cosine schedule
+    horizons: tuple[int, ...] = ()  # non-empty: the length rule of :func:`converged_length` instead of the plateau
+    length_metric: str = "val_R@1"  # what the length rule reads (validation classes only)
+    length_tol: float = 0.0  # doubling the length must gain no more than this (absolute) to count as converged
+    planned: bool = False  # final seeds from the committed power plan (:func:`power_plan`), not ``final_seeds``
+    budget_cpu_h: Mapping[str, float] = field(default_factory=dict)  # cell "backbone/loss" -> CPU hours for its finals
+    cell_seeds: Mapping[str, int] = field(default_factory=dict)  # planned: cell -> final seeds, from plan.json
 
 
 def for_backbone(p: Protocol, backbone: str) -> Protocol:
@@ -136,6 +143,8 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
         return _frontier_protocol(scale, smoke)
     if study == "ch10":
         return _ablation_protocol(scale, smoke)
+    if study == "converged":
+        return _converged_protocol(scale, smoke)
     losses = ("smooth_ap", "recall_surrogate")
     if smoke:
         return Protocol(backbones=("small_cnn",), losses=losses[:1], glyph_size="tiny", val_fraction=0.25,
@@ -219,6 +228,168 @@ def _ablation_protocol(scale: str, smoke: bool) -> Protocol:
         return dataclasses.replace(gpu, backbones=("small_cnn",), losses=("smooth_ap",), curve_seeds=(),
                                    final_seeds=(), tcm_grid=grid, stages=("tune",), epochs=15, reuse=("ch07",))
     raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+# ---- the converged study ---------------------------------------------------------------------------------------
+# Chapter 7's first study (``ch07``, now the pilot) stopped training while validation R@1 still rose, at a constant
+# learning rate, and its 10 seeds could not see a 10 % change of OPIS.  This study, fixed before any of its runs:
+# * every run decays its learning rate on a cosine over its own length (``lr_schedule: cosine``) and draws each
+#   image's augmentation from (seed, epoch, index) (``augment_rng: sample``);
+# * the length rule reads validation MAP@R (far from its ceiling, unlike validation R@1): lengths 8, 16, 32, 64
+#   epochs are trained in turn (2 seeds, base and base + TCM at the paper's margins); the length is the first L
+#   whose doubling gains at most ``length_tol`` for both (:func:`converged_length`), so the length chosen is never
+#   the longest one tried;
+# * the final stage's seeds come from a power plan computed, written to ``plan.json`` and committed before any final
+#   run (:func:`power_plan`): the number of pairs that gives the primary test 80 % power for a 10 % reduction of
+#   OPIS, from the pilot's paired spread, within a CPU budget per cell;
+# * the primary test (:data:`PRIMARY`): small CNN x Smooth-AP, base vs base + TCM at the paper's margins, test OPIS,
+#   paired t-test, two-sided, alpha 0.05.  Everything else is secondary (Holm) or exploratory.
+# * the glyph preset ``small_wide``: the pilot's 300 train classes, 1,000 test classes (OPIS is a spread over test
+#   classes; three times as many classes steady it at the same training cost).
+PRIMARY = {"backbone": "small_cnn", "loss": "smooth_ap", "variant": "tcm(m+=0.9, m-=0.5, l+=1, l-=1)", "metric": "OPIS",
+           "test": "paired t-test, two-sided", "alpha": 0.05}
+EFFECT_OF_INTEREST = -0.10  # the smallest change of OPIS (relative to the base's mean) worth detecting
+TARGET_POWER = 0.80
+_TRAIN_CONVERGED = {**_TRAIN, "augment_rng": "sample", "lr_schedule": "cosine"}
+
+
+def _converged_protocol(scale: str, smoke: bool) -> Protocol:
+    """The converged, power-planned study (see the comment above :data:`PRIMARY`)."""
+    if smoke:
+        return Protocol(backbones=("small_cnn",), losses=("smooth_ap",), glyph_size="tiny", val_fraction=0.25,
+                        max_epochs=2, curve_seeds=(0,), tune_seeds=(100,), final_seeds=(), plateau_tol=0.0,
+                        r1_tol=0.005, tcm_grid=_GRID[:2], train={**_SMOKE_TRAIN, "augment_rng": "sample",
+                                                                "lr_schedule": "cosine"},
+                        test="t", horizons=(1, 2), length_metric="val_MAP@R", length_tol=1.0, planned=True,
+                        budget_cpu_h={"small_cnn/smooth_ap": 0.002})
+    if scale == "cpu":
+        return Protocol(backbones=("small_cnn", "conv_vit_tiny"), losses=("smooth_ap", "recall_surrogate"),
+                        glyph_size="small_wide", val_fraction=0.25, max_epochs=64, curve_seeds=(0, 1),
+                        tune_seeds=(100, 101), final_seeds=(), plateau_tol=0.0, r1_tol=0.005, tcm_grid=_GRID_CPU,
+                        train=_TRAIN_CONVERGED, test="t", horizons=(8, 16, 32, 64), length_metric="val_MAP@R",
+                        length_tol=0.005, planned=True,
+                        budget_cpu_h={"small_cnn/smooth_ap": 7.0, "small_cnn/recall_surrogate": 3.0,
+                                      "conv_vit_tiny/smooth_ap": 1.5},
+                        # the conv-stem ViT costs ~2.5x the CNN an epoch: one loss, one curve seed, 8/16/32 epochs;
+                        # its comparisons are exploratory
+                        backbone_protocol={"conv_vit_tiny": {"losses": ("smooth_ap",), "curve_seeds": (0,),
+                                                             "horizons": (8, 16, 32), "tcm_grid": ()}})
+    if scale == "gpu":
+        return Protocol(backbones=("small_cnn", "conv_vit_tiny", "resnet18"), losses=("smooth_ap", "recall_surrogate"),
+                        glyph_size="default", val_fraction=0.2, max_epochs=80, curve_seeds=(0, 1, 2),
+                        tune_seeds=(100, 101, 102), final_seeds=(), plateau_tol=0.0, r1_tol=0.005, tcm_grid=_GRID,
+                        train={**_TRAIN_CONVERGED, "amp": "bf16", "channels_last": True},
+                        backbone_train={"resnet18": {"small_input": True, "lr": 3e-4}}, test="t",
+                        horizons=(10, 20, 40, 80), length_metric="val_MAP@R", length_tol=0.005, planned=True,
+                        budget_cpu_h={f"{b}/{loss}": 4.0 for b in ("small_cnn", "conv_vit_tiny", "resnet18")
+                                      for loss in ("smooth_ap", "recall_surrogate")})
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+def converged_length(ends: Mapping[str, Mapping[int, float]], horizons: Sequence[int], tol: float
+                     ) -> tuple[int | None, bool]:
+    """The length rule of the converged study: ``(length, converged)``.
+
+    ``ends[variant][H]`` is the seed-mean validation metric at the end of the runs trained for H epochs (each
+    with its own cosine schedule).  The length is the first ``horizons[i]`` whose doubling
+    ``horizons[i + 1]`` gains at most ``tol`` for every variant; ``(None, False)`` while a needed horizon is
+    unrecorded; ``(horizons[-1], False)`` when even the longest pair still gains more (not converged).
+    """
+    if len(ends) < 2:  # both variants (base and base + TCM) must be on record
+        return None, False
+    for h, h2 in zip(horizons, horizons[1:]):
+        if any(h not in e or h2 not in e for e in ends.values()):
+            return None, False
+        if all(e[h2] - e[h] <= tol for e in ends.values()):
+            return h, True
+    return (horizons[-1], False) if len(horizons) > 0 else (None, False)
+
+
+def _curve_ends(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str
+                ) -> dict[str, dict[int, float]]:
+    """``{variant: {H: seed-mean length metric at the end}}`` of a cell's recorded curves runs (complete seeds only)."""
+    paper = variant_name(PAPER_TCM)
+    have = {(r["stage"], r["key"]): r for r in runs}
+    ends: dict[str, dict[int, float]] = {}
+    for h in p.horizons:
+        for v, t in (("base", None), (paper, PAPER_TCM)):
+            found = [have.get(("curves", config_key(make_config(p, backbone, loss, t, s, h)))) for s in p.curve_seeds]
+            if all(f is not None for f in found):
+                ends.setdefault(v, {})[h] = sum(f["final"][p.length_metric] for f in found) / len(found)  # type: ignore[index]
+    return ends
+
+
+def _wanted_horizons(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> tuple[int, ...]:
+    """The lengths the curves stage trains so far: pairs in turn, until the rule has its answer."""
+    ends = _curve_ends(p, runs, backbone, loss)
+    for i, (h, h2) in enumerate(zip(p.horizons, p.horizons[1:])):
+        done = all(h in e and h2 in e for e in ends.values()) and len(ends) == 2
+        if not done or converged_length(ends, p.horizons[: i + 2], p.length_tol)[1]:
+            return p.horizons[: i + 2]
+    return p.horizons
+
+
+def plan_path(study: str, scale: str, root: str | os.PathLike | None = None, smoke: bool | None = None) -> Path:
+    """The power plan of a planned study: ``plan.json`` (``plan-gpu.json``, ``plan-smoke.json``) beside its runs."""
+    runs = results_path(study, scale, root, smoke=smoke)
+    return runs.with_name(runs.name.replace("runs", "plan").replace(".jsonl", ".json"))
+
+
+def power_plan(p: Protocol, runs: Sequence[Mapping[str, Any]], pilot: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The number of final seeds per cell, from the pilot's spread and the cost of a run at the chosen length.
+
+    * ``ratio``: the sd of the paired change of test OPIS over the pilot's mean base OPIS (``pilot``: chapter 7's
+      first study, small CNN x Smooth-AP, base vs paper margins, 10 pairs);
+    * ``n_power``: pairs for ``TARGET_POWER`` at the effect ``EFFECT_OF_INTEREST`` (Cohen's d = 0.10 / ratio),
+      paired t-test, two-sided, alpha 0.05 (``statsmodels``' ``TTestPower``);
+    * per cell, ``cost_pair_h``: twice the median wall time of the cell's curves runs at the chosen length (they
+      train that long and score the test classes once, as a final run does); ``seeds`` = min(n_power, what
+      ``budget_cpu_h`` affords), at least 10; ``detectable``: the relative effect the cell's seeds detect with 80 %
+      power.  Every number is from recorded runs; nothing here reads a final run.
+    """
+    import numpy as np
+    from statsmodels.stats.power import TTestPower
+
+    pairs = {}
+    for r in pilot:
+        if (r["stage"], r["backbone"], r["loss"]) == ("final", PRIMARY["backbone"], PRIMARY["loss"]):
+            pairs.setdefault(r["seed"], {})[r["variant"]] = r["final"]["OPIS"]
+    done = [v for v in pairs.values() if "base" in v and PRIMARY["variant"] in v]
+    if len(done) < 3:
+        raise ValueError("the pilot needs >= 3 recorded base / paper-TCM pairs of the primary cell")
+    base = np.array([v["base"] for v in done])
+    diff = np.array([v[PRIMARY["variant"]] - v["base"] for v in done])
+    ratio = float(diff.std(ddof=1) / base.mean())
+    power = TTestPower()
+    d = abs(EFFECT_OF_INTEREST) / ratio
+    n_power = int(np.ceil(power.solve_power(effect_size=d, alpha=PRIMARY["alpha"], power=TARGET_POWER,
+                                            alternative="two-sided")))
+    cells_out = {}
+    for backbone, loss in cells(p):
+        cp = for_backbone(p, backbone)
+        length, converged = converged_length(_curve_ends(cp, runs, backbone, loss), cp.horizons, cp.length_tol)
+        if length is None:
+            raise ValueError(f"{backbone}/{loss}: its training length is not decided yet (curves stage unfinished)")
+        walls = [r["wall_s"] for r in runs if r["stage"] == "curves" and (r["backbone"], r["loss"]) == (backbone, loss)
+                 and r["config"]["epochs"] == length]
+        cost_pair_h = 2 * float(np.median(walls)) / 3600
+        budget = p.budget_cpu_h.get(f"{backbone}/{loss}", 0.0)
+        seeds = max(10 if not smoke_plan(p) else 2, min(n_power, int(budget // cost_pair_h)))
+        detect = float(power.solve_power(nobs=seeds, alpha=PRIMARY["alpha"], power=TARGET_POWER,
+                                         alternative="two-sided")) * ratio
+        cells_out[f"{backbone}/{loss}"] = {"length": length, "converged": converged, "cost_pair_h": cost_pair_h,
+                                           "budget_cpu_h": budget, "seeds": seeds, "detectable_rel": -detect,
+                                           "power_at_effect": float(power.power(effect_size=d, nobs=seeds,
+                                                                                alpha=PRIMARY["alpha"]))}
+    return {"primary": PRIMARY, "effect_of_interest_rel": EFFECT_OF_INTEREST, "target_power": TARGET_POWER,
+            "pilot": {"study": "ch07", "pairs": len(done), "base_mean": float(base.mean()),
+                      "paired_sd": float(diff.std(ddof=1)), "ratio": ratio},
+            "cohens_d": d, "n_power": n_power, "cells": cells_out}
+
+
+def smoke_plan(p: Protocol) -> bool:
+    """A smoke-mode protocol (tiny glyphs): its plan may go below 10 seeds."""
+    return p.glyph_size == "tiny"
 
 
 def cells(p: Protocol) -> list[tuple[str, str]]:
@@ -407,8 +578,9 @@ def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str,
     if stage not in p.stages:
         raise ValueError(f"this study has no stage {stage!r}; its stages: {', '.join(p.stages)}")
     if stage == "curves":
-        return [(v, make_config(p, backbone, loss, t, s, p.max_epochs))
-                for s in p.curve_seeds for v, t in (("base", None), (paper, PAPER_TCM))]
+        lengths = _wanted_horizons(p, runs, backbone, loss) if p.horizons else (p.max_epochs,)
+        return [(v, make_config(p, backbone, loss, t, s, h))
+                for h in lengths for s in p.curve_seeds for v, t in (("base", None), (paper, PAPER_TCM))]
     epochs = p.epochs if p.epochs is not None else training_length(p, runs, backbone, loss)
     if epochs is None:
         return None
@@ -417,12 +589,85 @@ def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str,
         return [(v, make_config(p, backbone, loss, t, s, epochs))
                 for s in p.tune_seeds for v, t in (("base", None), *grid.items())]
     if stage == "final":
-        chosen = selected_setting(p, runs, backbone, loss) if "tune" in p.stages else paper
+        chosen = selected_setting(p, runs, backbone, loss) if "tune" in p.stages and grid else paper
         if chosen is None:
             return None
-        variants = [("base", None), (paper, PAPER_TCM)] + ([] if chosen == paper else [(chosen, grid[chosen])])
-        return [(v, make_config(p, backbone, loss, t, s, epochs)) for s in p.final_seeds for v, t in variants]
+        seeds = final_seeds(p, backbone, loss)
+        if seeds is None:
+            return None  # a planned study waits for its committed power plan
+        out = [(v, make_config(p, backbone, loss, t, s, epochs)) for s in seeds
+               for v, t in (("base", None), (paper, PAPER_TCM))]
+        if chosen != paper:  # the selected margins: on every seed, or the first SELECTED_SEEDS of a planned study
+            out += [(chosen, make_config(p, backbone, loss, grid[chosen], s, epochs))
+                    for s in (seeds[:SELECTED_SEEDS] if p.planned else seeds)]
+        return out
     raise ValueError(f"unknown stage {stage!r}; choose curves, tune or final")
+
+
+SELECTED_SEEDS = 20  # planned studies: the margins the tuning rule selects are trained on this many final seeds
+
+
+def final_seeds(p: Protocol, backbone: str, loss: str) -> tuple[int, ...] | None:
+    """The final seeds of a cell: ``p.final_seeds``, or those of the power plan (None while it has no entry)."""
+    if not p.planned:
+        return for_backbone(p, backbone).final_seeds
+    n = p.cell_seeds.get(f"{backbone}/{loss}")
+    return None if n is None else tuple(range(int(n)))
+
+
+def with_plan(p: Protocol, plan: Mapping[str, Any] | None) -> Protocol:
+    """``p`` with the final seeds of a power plan (``plan.json``) filled in; ``p`` itself without one."""
+    if plan is None:
+        return p
+    return dataclasses.replace(p, cell_seeds={c: v["seeds"] for c, v in plan["cells"].items()})
+
+
+def load_plan(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The power plan at ``path`` (None when there is none yet)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from git (git checkout -- {path})") from None
+
+
+def write_plan(study: str = "converged", *, scale: str | None = None, results_root: str | os.PathLike | None = None,
+               smoke: bool | None = None, command: str | None = None) -> Path | None:
+    """Add to ``plan.json`` every cell whose training length is now decided; never change a cell already planned.
+
+    Returns the plan's path when it changed, else None.  The plan must be committed before the cell's final runs
+    (which wait for it), so that the order is on record.
+    """
+    scale = scale or default_scale()
+    p = _protocol_of(study, scale, smoke=smoke)
+    if not p.planned:
+        raise ValueError(f"study {study!r} has no power plan (its final seeds are fixed in its protocol)")
+    path = plan_path(study, scale, results_root, smoke=smoke)
+    runs = load_runs(results_path(study, scale, results_root, smoke=smoke))
+    pilot = load_runs(results_path("ch07", "cpu", None, smoke=False))
+    old = load_plan(path)
+    ready = [(b, loss) for b, loss in cells(p)
+             if converged_length(_curve_ends(for_backbone(p, b), runs, b, loss), for_backbone(p, b).horizons,
+                                 p.length_tol)[0] is not None]
+    if not ready:
+        return None
+    new = power_plan(dataclasses.replace(p, backbones=tuple(dict.fromkeys(b for b, _ in ready)),
+                                         backbone_protocol={b: {**dict(p.backbone_protocol.get(b, {})),
+                                                                "losses": tuple(loss for bb, loss in ready if bb == b)}
+                                                            for b, _ in ready}), runs, pilot)
+    plan = old or {k: v for k, v in new.items() if k != "cells"} | {"cells": {}}
+    added = [c for c in new["cells"] if c not in plan["cells"]]
+    if not added:
+        return None
+    for c in added:
+        plan["cells"][c] = {**new["cells"][c], "provenance": provenance(command)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _complete(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, stage: str
@@ -439,6 +684,9 @@ def training_length(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: st
     """The plateau epoch of a cell from its recorded learning curves (None until all are recorded)."""
     if "curves" not in p.stages:
         return p.epochs
+    if p.horizons:
+        p = for_backbone(p, backbone)
+        return converged_length(_curve_ends(p, runs, backbone, loss), p.horizons, p.length_tol)[0]
     curve_runs = _complete(p, runs, backbone, loss, "curves")
     if curve_runs is None:
         return None
@@ -514,6 +762,9 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
     else:
         p = protocol
     path = results_path(study, scale, results_root, smoke=smoke)
+    unplanned = p
+    if p.planned:  # the final seeds of the cells planned so far (see write_plan)
+        p = with_plan(p, load_plan(plan_path(study, scale, results_root, smoke=smoke)))
     _code_version()  # pin the commit of the code this process runs
     chosen = [c for c in cells(p) if not only or f"{c[0]}/{c[1]}" in only or c[0] in only]
     if only and not chosen:
@@ -522,6 +773,10 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
     donors = _donors(p, scale, results_root, smoke)
     for backbone, loss in chosen:
         for stage in p.stages:
+            if stage == "final" and p.planned and (smoke if smoke is not None else is_smoke()):
+                # smoke mode plans as it goes; a real study's plan is written and committed by hand first
+                write_plan(study, scale=scale, results_root=results_root, smoke=smoke)
+                p = with_plan(unplanned, load_plan(plan_path(study, scale, results_root, smoke=smoke)))
             runs = load_runs(path)
             wanted = stage_configs(p, runs, backbone, loss, stage)
             if wanted is None:
