@@ -99,6 +99,8 @@ class Protocol:
     planned: bool = False  # final seeds from the committed power plan (:func:`power_plan`), not ``final_seeds``
     budget_cpu_h: Mapping[str, float] = field(default_factory=dict)  # cell "backbone/loss" -> CPU hours for its finals
     cell_seeds: Mapping[str, int] = field(default_factory=dict)  # planned: cell -> final seeds, from plan.json
+    class_curves_every: int = 0  # k > 0: a final run keeps every k-th threshold of its per-class utility curves
+    # (``classes/<key>.npz``, float16), what a bootstrap over seeds *and* test classes needs (:func:`class_utility`)
 
 
 def for_backbone(p: Protocol, backbone: str) -> Protocol:
@@ -261,13 +263,13 @@ def _converged_protocol(scale: str, smoke: bool) -> Protocol:
                         r1_tol=0.005, tcm_grid=_GRID[:2], train={**_SMOKE_TRAIN, "augment_rng": "sample",
                                                                 "lr_schedule": "cosine"},
                         test="t", horizons=(1, 2), length_metric="val_MAP@R", length_tol=1.0, planned=True,
-                        budget_cpu_h={"small_cnn/smooth_ap": 0.002})
+                        budget_cpu_h={"small_cnn/smooth_ap": 0.002}, class_curves_every=4)
     if scale == "cpu":
         return Protocol(backbones=("small_cnn", "conv_vit_tiny"), losses=("smooth_ap", "recall_surrogate"),
                         glyph_size="small_wide", val_fraction=0.25, max_epochs=64, curve_seeds=(0, 1),
                         tune_seeds=(100, 101), final_seeds=(), plateau_tol=0.0, r1_tol=0.005, tcm_grid=_GRID_CPU,
                         train=_TRAIN_CONVERGED, test="t", horizons=(8, 16, 32, 64), length_metric="val_MAP@R",
-                        length_tol=0.005, planned=True,
+                        length_tol=0.005, planned=True, class_curves_every=4,
                         budget_cpu_h={"small_cnn/smooth_ap": 7.0, "small_cnn/recall_surrogate": 3.0,
                                       "conv_vit_tiny/smooth_ap": 1.5},
                         # the conv-stem ViT costs ~2.5x the CNN an epoch: one loss, one curve seed, 8/16/32 epochs;
@@ -281,6 +283,7 @@ def _converged_protocol(scale: str, smoke: bool) -> Protocol:
                         train={**_TRAIN_CONVERGED, "amp": "bf16", "channels_last": True},
                         backbone_train={"resnet18": {"small_input": True, "lr": 3e-4}}, test="t",
                         horizons=(10, 20, 40, 80), length_metric="val_MAP@R", length_tol=0.005, planned=True,
+                        class_curves_every=4,
                         budget_cpu_h={f"{b}/{loss}": 4.0 for b in ("small_cnn", "conv_vit_tiny", "resnet18")
                                       for loss in ("smooth_ap", "recall_surrogate")})
     raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
@@ -545,8 +548,16 @@ def provenance(command: str | None = None) -> dict[str, Any]:
 
 def run_record(study: str, stage: str, backbone: str, loss: str, variant: str, cfg: TrainConfig,
                *, cache_dir: str | os.PathLike | None = None, command: str | None = None,
-               n_boot: int = 1000) -> dict[str, Any]:
-    """Train (or load from the run cache) one run and return its results line."""
+               n_boot: int = 1000, class_store: Path | None = None, class_every: int = 0) -> dict[str, Any]:
+    """Train (or load from the run cache) one run and return its results line.
+
+    ``class_store`` (final runs of a study that keeps them): the folder where the run's per-class utility curves go,
+    every ``class_every``-th threshold, as ``<key>.npz`` (``utility`` float16 (K', T), ``thresholds`` (K',),
+    ``class_ids`` (T,)); the record holds the file's sha256.
+    """
+    import numpy as np
+
+    from tcmlib.metrics import utility_curves
     from tcmlib.report import opis_bootstrap_ci
 
     t0 = time.perf_counter()
@@ -557,13 +568,49 @@ def run_record(study: str, stage: str, backbone: str, loss: str, variant: str, c
                               "config": dataclasses.asdict(cfg), "history": res.history, "final": res.final}
     if stage == "final":
         emb, labels = res.test_embeddings()
-        ci = opis_bootstrap_ci(emb, labels, n_boot=n_boot, seed=cfg.seed)
+        curves = utility_curves(emb, labels)
+        ci = opis_bootstrap_ci(curves, n_boot=n_boot, seed=cfg.seed)
         record["test_opis_ci"] = [ci.lo, ci.hi]
+        if class_store is not None and class_every > 0:
+            class_store.mkdir(parents=True, exist_ok=True)
+            target = class_store / f"{record['key']}.npz"
+            tmp = class_store / f".{record['key']}.tmp.npz"
+            np.savez_compressed(tmp, utility=curves.utility[::class_every].numpy().astype(np.float16),
+                                thresholds=curves.thresholds[::class_every].numpy(),
+                                class_ids=curves.class_ids.numpy())
+            os.replace(tmp, target)
+            record["class_curves"] = {"file": f"classes/{target.name}", "sha256": _sha256_file(target),
+                                      "every": class_every}
     record["wall_s"] = round(time.perf_counter() - t0, 2)
     record["train_wall_s"] = round(wall, 2)
     record["trained_now"] = res.trained
     record["provenance"] = provenance(command)
     return record
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def class_utility(path: str | os.PathLike, record: Mapping[str, Any]) -> Any:
+    """The per-class utility curves a final run kept: float64 array (K', T), checked against its recorded sha256.
+
+    ``path``: the study's ``runs.jsonl`` (the curves lie in ``classes/`` beside it).
+    """
+    import numpy as np
+
+    info = record.get("class_curves")
+    if info is None:
+        raise ValueError(f"run {record.get('name')} kept no per-class curves (only the converged study's final runs do)")
+    file = Path(path).parent / info["file"]
+    if not file.exists():
+        raise FileNotFoundError(f"{file} is missing: its run's per-class curves; restore it from git")
+    if _sha256_file(file) != info["sha256"]:
+        raise ValueError(f"{file} does not match the sha256 its run recorded; restore it from git")
+    with np.load(file) as z:
+        return z["utility"].astype(np.float64)
 
 
 def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, stage: str
@@ -801,8 +848,11 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
                             _append(path, {**donor, "study": study, "reused_from": donor["study"]})
                         else:
                             bar.set_postfix_str(f"{variant} seed {cfg.seed}")
+                            keep = for_backbone(p, backbone).class_curves_every
                             _append(path, run_record(study, stage, backbone, loss, variant, cfg,
-                                                     cache_dir=cache_dir, command=command))
+                                                     cache_dir=cache_dir, command=command,
+                                                     class_store=path.parent / "classes" if keep else None,
+                                                     class_every=keep))
                             new += 1
                     ran = True
                     bar.update(1)
