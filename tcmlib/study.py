@@ -43,6 +43,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import shlex
@@ -248,7 +249,7 @@ def _ablation_protocol(scale: str, smoke: bool) -> Protocol:
 #   paired t-test, two-sided, alpha 0.05.  Everything else is secondary (Holm) or exploratory.
 # * the glyph preset ``small_wide``: the pilot's 300 train classes, 1,000 test classes (OPIS is a spread over test
 #   classes; three times as many classes steady it at the same training cost).
-PRIMARY = {"backbone": "small_cnn", "loss": "smooth_ap", "variant": "tcm(m+=0.9, m-=0.5, l+=1, l-=1)", "metric": "OPIS",
+PRIMARY: dict[str, Any] = {"backbone": "small_cnn", "loss": "smooth_ap", "variant": "tcm(m+=0.9, m-=0.5, l+=1, l-=1)", "metric": "OPIS",
            "test": "paired t-test, two-sided", "alpha": 0.05}
 EFFECT_OF_INTEREST = -0.10  # the smallest change of OPIS (relative to the base's mean) worth detecting
 TARGET_POWER = 0.80
@@ -353,7 +354,7 @@ def power_plan(p: Protocol, runs: Sequence[Mapping[str, Any]], pilot: Sequence[M
     import numpy as np
     from statsmodels.stats.power import TTestPower
 
-    pairs = {}
+    pairs: dict[int, dict[str, float]] = {}
     for r in pilot:
         if (r["stage"], r["backbone"], r["loss"]) == ("final", PRIMARY["backbone"], PRIMARY["loss"]):
             pairs.setdefault(r["seed"], {})[r["variant"]] = r["final"]["OPIS"]
@@ -377,7 +378,7 @@ def power_plan(p: Protocol, runs: Sequence[Mapping[str, Any]], pilot: Sequence[M
                  and r["config"]["epochs"] == length]
         cost_pair_h = 2 * float(np.median(walls)) / 3600
         budget = p.budget_cpu_h.get(f"{backbone}/{loss}", 0.0)
-        seeds = max(10 if not smoke_plan(p) else 2, min(n_power, int(budget // cost_pair_h)))
+        seeds = max(10 if not smoke_plan(p) else 2, min(n_power, math.floor(budget / cost_pair_h + 1e-9)))
         detect = float(power.solve_power(nobs=seeds, alpha=PRIMARY["alpha"], power=TARGET_POWER,
                                          alternative="two-sided")) * ratio
         cells_out[f"{backbone}/{loss}"] = {"length": length, "converged": converged, "cost_pair_h": cost_pair_h,
