@@ -321,7 +321,8 @@ def test_do_nothing_reducer_gives_the_per_query_losses_of_queries_with_a_positiv
     g = torch.Generator().manual_seed(5)
     x = torch.randn(len(LABELS_WITH_SINGLETONS), 6, generator=g, dtype=torch.float64)
     expected = loop_rs_per_query(x, LABELS_WITH_SINGLETONS, ks=(1, 2, 4))
-    out = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=DoNothingReducer())(x, torch.tensor(LABELS_WITH_SINGLETONS))
+    loss = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=DoNothingReducer())
+    out = loss(x, torch.tensor(LABELS_WITH_SINGLETONS))
     info = out["loss"]
     assert info["reduction_type"] == "element" and info["indices"].tolist() == sorted(expected)
     torch.testing.assert_close(info["losses"], torch.tensor([expected[q] for q in sorted(expected)],
@@ -352,7 +353,8 @@ def test_reducers_reduce_the_per_query_losses():
         out = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=reducer, chunk_size=2)(x, labels)
         assert out.item() == pytest.approx(expected, rel=1e-9), type(reducer).__name__
     mean = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=reducers.MeanReducer())
-    assert mean(x, labels).item() == pytest.approx(recall_surrogate_loss(x, labels, ks=(1, 2, 4)).item(), rel=1e-12)
+    plain = recall_surrogate_loss(x, labels, ks=(1, 2, 4))
+    assert mean(x, labels).item() == pytest.approx(plain.item(), rel=1e-12)
 
 
 def test_reducer_with_simix_indexes_the_virtual_rows():
@@ -362,10 +364,12 @@ def test_reducer_with_simix_indexes_the_virtual_rows():
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
     gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
-    info = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.DoNothingReducer())(x, y)["loss"]
+    loss = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.DoNothingReducer())
+    info = loss(x, y)["loss"]
     assert info["indices"].tolist() == list(range(9 + 3 * 3))  # 9 real + C(3, 2) = 3 virtual per class
     mean = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.MeanReducer())(x, y)
-    assert mean.item() == pytest.approx(recall_surrogate_loss(x, y, simix=True, generator=gen()).item(), rel=1e-12)
+    plain = recall_surrogate_loss(x, y, simix=True, generator=gen())
+    assert mean.item() == pytest.approx(plain.item(), rel=1e-12)
     # ClassWeightedReducer looks the virtual rows' labels up: only class 2 weighs
     w = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.ClassWeightedReducer(
         torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)))(x, y)

@@ -277,7 +277,8 @@ def _pml_reducers():
 
     return {
         "mean": reducers.MeanReducer(), "sum": reducers.SumReducer(),
-        "threshold": reducers.ThresholdReducer(low=0.05, high=0.3), "avg_non_zero": reducers.AvgNonZeroReducer(),
+        "threshold": reducers.ThresholdReducer(low=0.05, high=0.3),
+        "avg_non_zero": reducers.AvgNonZeroReducer(),
         "class_weighted": reducers.ClassWeightedReducer(torch.tensor([0.5, 1.0, 2.0, 4.0])),
         "per_anchor": reducers.PerAnchorReducer(reducers.SumReducer()),
         "multiple": reducers.MultipleReducers({"ap_loss": reducers.SumReducer()}),
@@ -287,7 +288,7 @@ def _pml_reducers():
 @pytest.mark.parametrize("name", ["mean", "sum", "threshold", "avg_non_zero", "class_weighted", "per_anchor",
                                   "multiple"])
 def test_reducers_match_pml(name):
-    """Where pml's SmoothAPLoss is right (C == m), ours with a pml reducer equals pml's, value and gradient."""
+    """Where pml's SmoothAPLoss is right (C == m), ours with a pml reducer equals it (value, gradient)."""
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
     if not hasattr(pml_losses, "SmoothAPLoss"):
         pytest.skip("this pytorch-metric-learning has no SmoothAPLoss")
@@ -319,7 +320,8 @@ def test_do_nothing_reducer_gives_the_per_query_losses():
     info = out["ap_loss"]
     assert info["reduction_type"] == "element" and info["indices"].tolist() == list(range(len(labels)))
     expected = [1.0 - ap for ap in loop_aps(x, labels)]
-    torch.testing.assert_close(info["losses"], torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+    expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(info["losses"], expected, rtol=1e-9, atol=1e-12)
     mean = SmoothAPLoss(reducer=MeanReducer(), chunk_size=3)(x, torch.tensor(labels))
     assert mean.item() == pytest.approx(loop_smooth_ap(x, labels), rel=1e-9)
 

@@ -409,7 +409,8 @@ def test_labels_none_with_mined_pairs_and_a_reference_set_needs_no_ref_labels():
     """With a tuple neither labels nor ref_labels are needed; value as the brute force over the tuple."""
     x, _ = _batch(17, 6, 3, 2)
     r, _ = _batch(18, 5, 3, 2)
-    a1, p, a2, n = torch.tensor([0, 1, 5]), torch.tensor([4, 0, 2]), torch.tensor([2, 3]), torch.tensor([1, 1])
+    a1, p = torch.tensor([0, 1, 5]), torch.tensor([4, 0, 2])
+    a2, n = torch.tensor([2, 3]), torch.tensor([1, 1])
     cos = lambda u, v: float(torch.nn.functional.cosine_similarity(u, v, dim=0))  # noqa: E731
     sp = [cos(x[i], r[j]) for i, j in zip(a1.tolist(), p.tolist())]
     sn = [cos(x[i], r[j]) for i, j in zip(a2.tolist(), n.tolist())]
@@ -543,7 +544,8 @@ def test_as_pml_loss_pickles_and_takes_labels_none():
         wrapped = as_pml_loss(loss)
         copy = pickle.loads(pickle.dumps(DistributedLossWrapper(wrapped)))
         assert isinstance(copy.loss, BaseMetricLossFunction)
-        assert type(copy.loss) is type(wrapped) and copy.loss.state_dict().keys() == wrapped.state_dict().keys()
+        assert type(copy.loss) is type(wrapped)
+        assert copy.loss.state_dict().keys() == wrapped.state_dict().keys()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "used in a non-distributed setting"
             assert copy(x, y).item() == loss(x, y).item()

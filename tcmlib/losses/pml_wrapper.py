@@ -42,4 +42,4 @@ class PMLLoss(BaseMetricLossFunction):  # type: ignore[misc]
         return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def extra_repr(self) -> str:
-        return "the tcmlib loss below, called as it is"
+        return "calls (loss) as it is; pml's distance and reducer below it are unused"

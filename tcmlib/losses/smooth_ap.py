@@ -163,7 +163,8 @@ class SmoothAPLoss(nn.Module):
         labels = check_labels_given(type(self).__name__, labels)
         check_whole_batch(type(self).__name__, embeddings, indices_tuple, ref_emb, ref_labels)
         if self.reducer is None:
-            return smooth_ap_loss(embeddings, labels, temperature=self.temperature, chunk_size=self.chunk_size)
+            return smooth_ap_loss(embeddings, labels, temperature=self.temperature,
+                                  chunk_size=self.chunk_size)
         ap, x, y = _average_precisions(embeddings, labels, self.temperature, self.chunk_size)
         queries = torch.arange(ap.numel(), device=ap.device)              # (B,)
         return reduce_per_query(self.reducer, 1.0 - ap, queries, x, y, name="ap_loss")
