@@ -79,20 +79,26 @@ def original_pos_mixup(tensor, num_id, alphas):
 
 def loop_rs(x, labels, ks=(1, 2, 4, 8, 16), tau1=0.01, tau2=1.0) -> float:
     """RS@k by explicit loops in float64; queries without a positive are skipped."""
+    losses = loop_rs_per_query(x, labels, ks, tau1, tau2)
+    return sum(losses.values()) / len(losses)
+
+
+def loop_rs_per_query(x, labels, ks=(1, 2, 4, 8, 16), tau1=0.01, tau2=1.0) -> dict[int, float]:
+    """``{q: 1 - mean_k rho_k}`` for every query q with a positive, by explicit loops in float64."""
     x = F.normalize(x.double(), dim=1)
     s = (x @ x.T).tolist()
     n = len(labels)
     sig = lambda t, tau: 1.0 / (1.0 + math.exp(max(-50.0, min(50.0, -t / tau))))  # noqa: E731
     kk = [min(k, n) for k in ks]
-    losses = []
+    losses = {}
     for q in range(n):
         pos = [i for i in range(n) if labels[i] == labels[q] and i != q]
         if not pos:
             continue
         r = {i: 1 + sum(sig(s[q][j] - s[q][i], tau1) for j in range(n) if j != i) for i in pos}
         rho = [min(sum(sig(k - r[i], tau2) for i in pos), k) / min(k, len(pos)) for k in kk]
-        losses.append(1 - sum(rho) / len(kk))
-    return sum(losses) / len(losses)
+        losses[q] = 1 - sum(rho) / len(kk)
+    return losses
 
 
 def _batch(seed, n, dim, dtype):
@@ -303,3 +309,90 @@ def test_mined_pairs_or_a_reference_set_raise_clearly():
         RecallAtKSurrogateLoss()(x, y, ref_emb=x.clone(), ref_labels=y)
     with pytest.raises(ValueError, match="reference set"):
         RecallAtKSurrogateLoss()(x, y, ref_labels=y)
+
+
+# ---------------------------------------------------------------- pml reducers, labels=None
+LABELS_WITH_SINGLETONS = [3, 3, 3, 7, 7, 1, 9, 9, 9, 9, 4, 0]  # 1, 4 and 0 have no positive
+
+
+def test_do_nothing_reducer_gives_the_per_query_losses_of_queries_with_a_positive():
+    from pytorch_metric_learning.reducers import DoNothingReducer
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(len(LABELS_WITH_SINGLETONS), 6, generator=g, dtype=torch.float64)
+    expected = loop_rs_per_query(x, LABELS_WITH_SINGLETONS, ks=(1, 2, 4))
+    loss = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=DoNothingReducer())
+    out = loss(x, torch.tensor(LABELS_WITH_SINGLETONS))
+    info = out["loss"]
+    assert info["reduction_type"] == "element" and info["indices"].tolist() == sorted(expected)
+    torch.testing.assert_close(info["losses"], torch.tensor([expected[q] for q in sorted(expected)],
+                                                            dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_reducers_reduce_the_per_query_losses():
+    """pml's reducers over the loop's per-query losses: sum, a threshold band, class weights."""
+    from pytorch_metric_learning import reducers
+
+    g = torch.Generator().manual_seed(6)
+    labels = torch.tensor(LABELS_WITH_SINGLETONS)
+    x = torch.randn(len(labels), 6, generator=g, dtype=torch.float64)
+    per_q = loop_rs_per_query(x, LABELS_WITH_SINGLETONS, ks=(1, 2, 4))
+    vals = torch.tensor(list(per_q.values()), dtype=torch.float64)
+    lo, hi = float(vals.quantile(0.2)), float(vals.quantile(0.8))
+    band = [v for v in per_q.values() if lo < v < hi]
+    assert 0 < len(band) < len(per_q)
+    weights = torch.arange(10, dtype=torch.float64) / 3 + 0.5  # by label id
+    cases = [
+        (reducers.MeanReducer(), sum(per_q.values()) / len(per_q)),
+        (reducers.SumReducer(), sum(per_q.values())),
+        (reducers.ThresholdReducer(low=lo, high=hi), sum(band) / len(band)),
+        (reducers.ClassWeightedReducer(weights),
+         sum(v * float(weights[LABELS_WITH_SINGLETONS[q]]) for q, v in per_q.items()) / len(per_q)),
+    ]
+    for reducer, expected in cases:
+        out = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=reducer, chunk_size=2)(x, labels)
+        assert out.item() == pytest.approx(expected, rel=1e-9), type(reducer).__name__
+    mean = RecallAtKSurrogateLoss(ks=(1, 2, 4), reducer=reducers.MeanReducer())
+    plain = recall_surrogate_loss(x, labels, ks=(1, 2, 4))
+    assert mean(x, labels).item() == pytest.approx(plain.item(), rel=1e-12)
+
+
+def test_reducer_with_simix_indexes_the_virtual_rows():
+    """SiMix rows are queries too: indices run past the batch, labels extended to match."""
+    from pytorch_metric_learning import reducers
+
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    gen = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    loss = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.DoNothingReducer())
+    info = loss(x, y)["loss"]
+    assert info["indices"].tolist() == list(range(9 + 3 * 3))  # 9 real + C(3, 2) = 3 virtual per class
+    mean = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.MeanReducer())(x, y)
+    plain = recall_surrogate_loss(x, y, simix=True, generator=gen())
+    assert mean.item() == pytest.approx(plain.item(), rel=1e-12)
+    # ClassWeightedReducer looks the virtual rows' labels up: only class 2 weighs
+    w = RecallAtKSurrogateLoss(simix=True, generator=gen(), reducer=reducers.ClassWeightedReducer(
+        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)))(x, y)
+    cls2 = [q for q in range(18) if (q >= 6 and q < 9) or q >= 15]  # real rows 6-8, virtual rows 15-17
+    assert w.item() == pytest.approx(float(info["losses"][cls2].sum()) / 18, rel=1e-12)
+
+
+def test_no_positive_pair_with_a_reducer_is_pml_zero_loss():
+    from pytorch_metric_learning import reducers
+
+    x = torch.randn(5, 3, requires_grad=True)
+    out = RecallAtKSurrogateLoss(reducer=reducers.SumReducer())(x, torch.arange(5))
+    out.backward()
+    assert out.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+    info = RecallAtKSurrogateLoss(reducer=reducers.DoNothingReducer())(x, torch.arange(5))["loss"]
+    assert info["losses"] == 0 and info["reduction_type"] == "already_reduced"
+
+
+def test_bad_reducer_or_labels_none_raise_clearly():
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    with pytest.raises(TypeError, match="RecallAtKSurrogateLoss.*pytorch-metric-learning reducer"):
+        RecallAtKSurrogateLoss(reducer=torch.mean)
+    x, y = torch.randn(12, 4), torch.arange(12) % 3
+    with pytest.raises(ValueError, match="RecallAtKSurrogateLoss needs labels.*pass_labels_to_loss_fn=True"):
+        RecallAtKSurrogateLoss()(x, None, MultiSimilarityMiner()(x, y))

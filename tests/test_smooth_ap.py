@@ -57,6 +57,12 @@ def original_smooth_ap(preds: torch.Tensor, num_id: int, anneal: float = 0.01) -
 
 def loop_smooth_ap(x: torch.Tensor, labels: list[int], tau: float = 0.01) -> float:
     """Smooth-AP by explicit loops in float64 (positives by label, q included)."""
+    aps = loop_aps(x, labels, tau)
+    return 1.0 - sum(aps) / len(aps)
+
+
+def loop_aps(x: torch.Tensor, labels: list[int], tau: float = 0.01) -> list[float]:
+    """AP_q of every query q, by explicit loops in float64."""
     x = F.normalize(x.double(), dim=1)
     s = (x @ x.T).tolist()
     n = len(labels)
@@ -70,7 +76,7 @@ def loop_smooth_ap(x: torch.Tensor, labels: list[int], tau: float = 0.01) -> flo
             r_pos = 1 + sum(sig(s[q][j] - s[q][i]) for j in pos if j != i)
             ratios.append(r_pos / r_all)
         aps.append(sum(ratios) / len(pos))
-    return 1.0 - sum(aps) / n
+    return aps
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -263,3 +269,70 @@ def test_mined_pairs_or_a_reference_set_raise_clearly():
         SmoothAPLoss()(x, y, ref_emb=x.clone(), ref_labels=y)
     with pytest.raises(ValueError, match="reference set"):
         SmoothAPLoss()(x, y, ref_labels=y)
+
+
+# ---------------------------------------------------------------- pml reducers, labels=None
+def _pml_reducers():
+    from pytorch_metric_learning import reducers
+
+    return {
+        "mean": reducers.MeanReducer(), "sum": reducers.SumReducer(),
+        "threshold": reducers.ThresholdReducer(low=0.05, high=0.3),
+        "avg_non_zero": reducers.AvgNonZeroReducer(),
+        "class_weighted": reducers.ClassWeightedReducer(torch.tensor([0.5, 1.0, 2.0, 4.0])),
+        "per_anchor": reducers.PerAnchorReducer(reducers.SumReducer()),
+        "multiple": reducers.MultipleReducers({"ap_loss": reducers.SumReducer()}),
+    }
+
+
+@pytest.mark.parametrize("name", ["mean", "sum", "threshold", "avg_non_zero", "class_weighted", "per_anchor",
+                                  "multiple"])
+def test_reducers_match_pml(name):
+    """Where pml's SmoothAPLoss is right (C == m), ours with a pml reducer equals it (value, gradient)."""
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    if not hasattr(pml_losses, "SmoothAPLoss"):
+        pytest.skip("this pytorch-metric-learning has no SmoothAPLoss")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 8, generator=g)
+    labels = torch.arange(4).repeat_interleave(4)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = SmoothAPLoss(reducer=_pml_reducers()[name])(x1, labels)
+    pml = pml_losses.SmoothAPLoss(reducer=_pml_reducers()[name])(x2, labels)
+    ours.backward()
+    pml.backward()
+    torch.testing.assert_close(ours, pml, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-6)
+    if name == "threshold":  # the band keeps some queries and drops others
+        per_query = 1.0 - torch.tensor(loop_aps(x, labels.tolist()))
+        kept = (per_query > 0.05) & (per_query < 0.3)
+        assert 0 < int(kept.sum()) < 16
+        assert ours.item() == pytest.approx(float(per_query[kept].mean()), rel=1e-5)
+
+
+def test_do_nothing_reducer_gives_the_per_query_losses():
+    """DoNothingReducer: pml's dict of 1 - AP_q for every query, any class sizes (loop oracle)."""
+    from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer
+
+    g = torch.Generator().manual_seed(4)
+    labels = [5, 1, 5, 5, 2, 1, 9, 2, 2, 2]
+    x = torch.randn(len(labels), 6, generator=g, dtype=torch.float64)
+    out = SmoothAPLoss(reducer=DoNothingReducer())(x, torch.tensor(labels))
+    info = out["ap_loss"]
+    assert info["reduction_type"] == "element" and info["indices"].tolist() == list(range(len(labels)))
+    expected = [1.0 - ap for ap in loop_aps(x, labels)]
+    expected = torch.tensor(expected, dtype=torch.float64)
+    torch.testing.assert_close(info["losses"], expected, rtol=1e-9, atol=1e-12)
+    mean = SmoothAPLoss(reducer=MeanReducer(), chunk_size=3)(x, torch.tensor(labels))
+    assert mean.item() == pytest.approx(loop_smooth_ap(x, labels), rel=1e-9)
+
+
+def test_bad_reducer_or_labels_none_raise_clearly():
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    with pytest.raises(TypeError, match="SmoothAPLoss.*pytorch-metric-learning reducer.*got str"):
+        SmoothAPLoss(reducer="mean")
+    x, y = torch.randn(12, 4), torch.arange(12) % 3
+    with pytest.raises(ValueError, match="SmoothAPLoss needs labels.*pass_labels_to_loss_fn=True"):
+        SmoothAPLoss()(x, None)
+    with pytest.raises(ValueError, match="SmoothAPLoss needs labels"):
+        SmoothAPLoss()(x, None, MultiSimilarityMiner()(x, y))

@@ -388,6 +388,67 @@ def test_mined_pairs_match_brute_force_with_repeats_and_a_reference_set():
     assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(), r.clone().requires_grad_()))
 
 
+@pytest.mark.parametrize("miner", range(5))
+def test_labels_none_with_mined_pairs_matches_pml(miner):
+    """pml's losses take labels=None with a tuple (pass_labels_to_loss_fn=False): so does TCMLoss."""
+    x, y = _batch(60 + miner, 40, 8, 5)
+    idx = _miners()[miner](x, y)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = TCMLoss(margin_neg=0.3)(x1, None, idx)
+    pml = ThresholdConsistentMarginLoss(margin_minus=0.3)(x2, None, idx)
+    ours.backward()
+    pml.backward()
+    torch.testing.assert_close(ours, pml, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    assert ours.item() == TCMLoss(margin_neg=0.3)(x, y, idx).item()  # the labels were not used anyway
+    # keyword form, as pml's distributed test calls it: loss(outputs, indices_tuple=..., ref_emb=...)
+    assert TCMLoss(margin_neg=0.3)(x, indices_tuple=idx).item() == ours.item()
+
+
+def test_labels_none_with_mined_pairs_and_a_reference_set_needs_no_ref_labels():
+    """With a tuple neither labels nor ref_labels are needed; value as the brute force over the tuple."""
+    x, _ = _batch(17, 6, 3, 2)
+    r, _ = _batch(18, 5, 3, 2)
+    a1, p = torch.tensor([0, 1, 5]), torch.tensor([4, 0, 2])
+    a2, n = torch.tensor([2, 3]), torch.tensor([1, 1])
+    cos = lambda u, v: float(torch.nn.functional.cosine_similarity(u, v, dim=0))  # noqa: E731
+    sp = [cos(x[i], r[j]) for i, j in zip(a1.tolist(), p.tolist())]
+    sn = [cos(x[i], r[j]) for i, j in zip(a2.tolist(), n.tolist())]
+    hp, hn = [0.9 - s for s in sp if s <= 0.9], [s + 0.5 for s in sn if s >= -0.5]
+    assert hp and hn
+    expected = sum(hp) / len(hp) + sum(hn) / len(hn)
+    out = TCMLoss(margin_neg=-0.5)(x, None, (a1, p, a2, n), ref_emb=r)
+    assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "needs labels.*indices_tuple"),
+        ({"ref_emb": X4}, "needs labels"),
+        ({"indices_tuple": (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])), "ref_labels": Y4},
+         "ref_labels without ref_emb"),
+    ],
+)
+def test_labels_none_without_a_tuple_raises_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tcm_loss(X4, None, **kwargs)
+
+
+def test_reducer_is_refused_because_pml_leaves_tcm_unchanged():
+    """pml's reducers pass its TCM value through (already reduced); TCMLoss(reducer=) says so."""
+    from pytorch_metric_learning import reducers
+
+    x, y = _batch(21, 24, 8, 4)
+    plain = ThresholdConsistentMarginLoss()(x, y)
+    for reducer in (reducers.MeanReducer(), reducers.SumReducer(), reducers.ThresholdReducer(low=10.0),
+                    reducers.AvgNonZeroReducer(), reducers.ClassWeightedReducer(torch.arange(4.0))):
+        assert ThresholdConsistentMarginLoss(reducer=reducer)(x, y).item() == plain.item()
+        with pytest.raises(ValueError, match="TCMLoss takes no reducer.*already reduced.*drop reducer="):
+            TCMLoss(reducer=reducer)
+    TCMLoss(reducer=None)  # the default
+
+
 def test_empty_mined_tuple_is_zero_like_pml():
     x, y = _batch(3, 8, 4, 2)
     e = torch.zeros(0, dtype=torch.long)
@@ -464,6 +525,35 @@ def test_distributed_loss_wrapper_accepts_the_adapted_loss():
         from tcmlib import distributed
 
         distributed.shutdown()  # one rank: the barrier waits for no one
+
+
+def test_as_pml_loss_pickles_and_takes_labels_none():
+    """mp.spawn pickles the loss: the wrapper class lives at module level, the copy computes the same."""
+    import pickle
+    import warnings
+
+    from pytorch_metric_learning.losses import BaseMetricLossFunction
+    from pytorch_metric_learning.miners import PairMarginMiner
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    from tcmlib.losses import WithTCM, as_pml_loss
+
+    x, y = _batch(31, 20, 8, 3)
+    idx = PairMarginMiner(pos_margin=0.5, neg_margin=0.5)(x, y)
+    for loss in (TCMLoss(margin_neg=0.3), WithTCM(ContrastiveLoss())):
+        wrapped = as_pml_loss(loss)
+        copy = pickle.loads(pickle.dumps(DistributedLossWrapper(wrapped)))
+        assert isinstance(copy.loss, BaseMetricLossFunction)
+        assert type(copy.loss) is type(wrapped)
+        assert copy.loss.state_dict().keys() == wrapped.state_dict().keys()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "used in a non-distributed setting"
+            assert copy(x, y).item() == loss(x, y).item()
+            assert copy(x, y, idx).item() == loss(x, y, idx).item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        out = DistributedLossWrapper(as_pml_loss(TCMLoss()))(x, indices_tuple=idx)
+    torch.testing.assert_close(out, ThresholdConsistentMarginLoss()(x, None, idx), rtol=1e-10, atol=1e-12)
 
 
 def _two_rank_worker(rank: int, port: int, out: str) -> None:

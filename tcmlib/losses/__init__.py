@@ -24,6 +24,11 @@ tcmlib                              pytorch-metric-learning (v2.9)
                                     miners=[miner, None])`` (TCM on every pair, as in the paper)
 ``indices_tuple``, ``ref_emb``,     the same names; Smooth-AP and RS@k rank the whole batch: they
 ``ref_labels``                      raise ``ValueError`` given a miner's tuple or a reference set
+``labels=None`` with a tuple        the same for TCM (pml's ``pass_labels_to_loss_fn=False``); Smooth-AP
+                                    and RS@k need labels and say so
+``reducer=``                        Smooth-AP, RS@k: a pml reducer of the per-query losses (``"element"``);
+                                    TCM: refused (already reduced; pml's reducers leave its value as is)
+``as_pml_loss(loss)``               a ``BaseMetricLossFunction`` for ``DistributedLossWrapper``; pickles
 ==================================  ======================================================================
 """
 from tcmlib.losses.tcm import TCMLoss, tcm_loss  # noqa: E402,F401

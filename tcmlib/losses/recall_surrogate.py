@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcmlib._checks import check_embeddings_labels
-from tcmlib.losses.pml_compat import check_whole_batch
+from tcmlib.losses.pml_compat import check_labels_given, check_reducer, check_whole_batch, reduce_per_query
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["RecallAtKSurrogateLoss", "recall_surrogate_loss", "simix_samples"]
@@ -123,6 +123,21 @@ def recall_surrogate_loss(
     Returns:
         Scalar tensor, differentiable w.r.t. ``embeddings``.
     """
+    losses, queries, x, y, sim = _per_query(embeddings, labels, ks, tau1, tau2, simix, generator, chunk_size)
+    if queries.numel() == 0:
+        return sim.sum() * 0.0                                        # no positive pair: loss 0
+    return losses.mean()                                              # scalar
+
+
+def _per_query(
+    embeddings: torch.Tensor, labels: torch.Tensor, ks: Sequence[int], tau1: float, tau2: float,
+    simix: bool, generator: torch.Generator | None, chunk_size: int | None,
+) -> tuple[torch.Tensor, ...]:
+    """Checked input -> ``(losses (Q,), queries (Q,), x (B', D), labels (B',), sim (B', B'))``.
+
+    ``queries``: the rows of ``x`` (SiMix samples after the batch) with a positive; ``losses``
+    their ``1 - mean_k rho_k``.  ``Q = 0``: both empty.
+    """
     x, y = check_embeddings_labels(embeddings, labels)
     if not tau1 > 0 or not tau2 > 0:
         raise ValueError(f"tau1 and tau2 must be > 0, got tau1={tau1}, tau2={tau2}")
@@ -140,7 +155,7 @@ def recall_surrogate_loss(
     pos_idx, valid = _positives_table(y)                              # (B', P), (B', P)
     queries = valid.any(1).nonzero().squeeze(1)                       # (Q,) queries with |P_q| >= 1
     if queries.numel() == 0:
-        return sim.sum() * 0.0                                        # no positive pair: loss 0
+        return sim.new_zeros(0), queries, x, y, sim
     b, p = pos_idx.shape
     c = chunk_size or max(1, _CHUNK_ELEMENTS // (p * b))
     losses = []
@@ -151,7 +166,7 @@ def recall_surrogate_loss(
             losses.append(checkpoint(_rs_chunk, *args, use_reentrant=False))  # recompute in backward
         else:
             losses.append(_rs_chunk(*args))
-    return torch.cat(losses).mean()                                   # scalar
+    return torch.cat(losses), queries, x, y, sim                      # (Q,), (Q,), (B', D), (B',), (B', B')
 
 
 class RecallAtKSurrogateLoss(nn.Module):
@@ -159,7 +174,13 @@ class RecallAtKSurrogateLoss(nn.Module):
 
     ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``, pml's calling
     convention, so it goes into pml's ``MultipleLosses``.  Recall@k ranks the whole batch for every
-    query, so a miner's ``indices_tuple`` or a separate reference set raise ``ValueError``.
+    query, so a miner's ``indices_tuple``, a separate reference set or ``labels=None`` raise
+    ``ValueError``.
+
+    ``reducer``: optional pml reducer of the per-query losses ``1 - mean_k rho_k`` of the queries
+    with a positive (an ``"element"`` reduction whose indices are those queries' rows, SiMix rows
+    after the batch's); ``None`` (default) is their mean, :func:`recall_surrogate_loss`.
+    ``DoNothingReducer()`` returns pml's dict of the per-query losses.
     """
 
     def __init__(
@@ -170,6 +191,7 @@ class RecallAtKSurrogateLoss(nn.Module):
         simix: bool = False,
         generator: torch.Generator | None = None,
         chunk_size: int | None = None,
+        reducer: Any = None,
     ) -> None:
         super().__init__()
         if not tau1 > 0 or not tau2 > 0:
@@ -181,21 +203,27 @@ class RecallAtKSurrogateLoss(nn.Module):
         self.simix = simix
         self.generator = generator
         self.chunk_size = chunk_size
+        self.reducer = check_reducer(type(self).__name__, reducer)
 
     def forward(
         self,
         embeddings: torch.Tensor,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         indices_tuple: Any = None,
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """pml's calling convention; a miner's pairs or a separate reference set raise (see module doc)."""
+        labels = check_labels_given(type(self).__name__, labels)
         check_whole_batch(type(self).__name__, embeddings, indices_tuple, ref_emb, ref_labels)
-        return recall_surrogate_loss(
-            embeddings, labels, ks=self.ks, tau1=self.tau1, tau2=self.tau2,
-            simix=self.simix, generator=self.generator, chunk_size=self.chunk_size,
-        )
+        if self.reducer is None:
+            return recall_surrogate_loss(
+                embeddings, labels, ks=self.ks, tau1=self.tau1, tau2=self.tau2,
+                simix=self.simix, generator=self.generator, chunk_size=self.chunk_size,
+            )
+        losses, queries, x, y, _ = _per_query(embeddings, labels, self.ks, self.tau1, self.tau2,
+                                              self.simix, self.generator, self.chunk_size)
+        return reduce_per_query(self.reducer, losses, queries, x, y)
 
     def extra_repr(self) -> str:
         return f"ks={self.ks}, tau1={self.tau1}, tau2={self.tau2}, simix={self.simix}"

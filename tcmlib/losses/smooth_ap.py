@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tcmlib._checks import check_embeddings_labels
-from tcmlib.losses.pml_compat import check_whole_batch
+from tcmlib.losses.pml_compat import check_labels_given, check_reducer, check_whole_batch, reduce_per_query
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["SmoothAPLoss", "smooth_ap_loss"]
@@ -99,6 +99,14 @@ def smooth_ap_loss(
     Returns:
         Scalar tensor in ``[0, 1)``, differentiable w.r.t. ``embeddings``.
     """
+    ap, _, _ = _average_precisions(embeddings, labels, temperature, chunk_size)
+    return 1.0 - ap.mean()                                            # scalar
+
+
+def _average_precisions(
+    embeddings: torch.Tensor, labels: torch.Tensor, temperature: float, chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked input -> ``(AP_q (B,), x (B, D) normalised, labels (B,) long)``."""
     x, y = check_embeddings_labels(embeddings, labels)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -118,7 +126,7 @@ def smooth_ap_loss(
             aps.append(checkpoint(_smooth_ap_chunk, *args, use_reentrant=False))
         else:
             aps.append(_smooth_ap_chunk(*args))
-    return 1.0 - torch.cat(aps).mean()                                # scalar
+    return torch.cat(aps), x, y                                       # (B,), (B, D), (B,)
 
 
 class SmoothAPLoss(nn.Module):
@@ -126,28 +134,40 @@ class SmoothAPLoss(nn.Module):
 
     ``forward(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)``, pml's calling
     convention, so it goes into pml's ``MultipleLosses``.  AP ranks the whole batch for every query,
-    so a miner's ``indices_tuple`` or a separate reference set raise ``ValueError`` (in
-    ``MultipleLosses`` give this loss no miner; ``DistributedLossWrapper`` with ``efficient=False``).
+    so a miner's ``indices_tuple``, a separate reference set or ``labels=None`` raise ``ValueError``
+    (in ``MultipleLosses`` give this loss no miner; ``DistributedLossWrapper`` with ``efficient=False``).
+
+    ``reducer``: optional pml reducer of the per-query losses ``1 - AP_q`` (B,), an ``"element"``
+    reduction named ``"ap_loss"``, as pml's ``SmoothAPLoss`` hands its reducer; ``None`` (default)
+    is their mean, :func:`smooth_ap_loss`; e.g. ``reducers.ThresholdReducer(low=0.1)`` averages the
+    queries whose loss exceeds 0.1.  ``DoNothingReducer()`` returns pml's dict of the ``(B,)`` losses.
     """
 
-    def __init__(self, temperature: float = 0.01, chunk_size: int | None = None) -> None:
+    def __init__(self, temperature: float = 0.01, chunk_size: int | None = None, reducer: Any = None) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
+        self.reducer = check_reducer(type(self).__name__, reducer)
 
     def forward(
         self,
         embeddings: torch.Tensor,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None,
         indices_tuple: Any = None,
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """pml's calling convention; a miner's pairs or a separate reference set raise (see module doc)."""
+        labels = check_labels_given(type(self).__name__, labels)
         check_whole_batch(type(self).__name__, embeddings, indices_tuple, ref_emb, ref_labels)
-        return smooth_ap_loss(embeddings, labels, temperature=self.temperature, chunk_size=self.chunk_size)
+        if self.reducer is None:
+            return smooth_ap_loss(embeddings, labels, temperature=self.temperature,
+                                  chunk_size=self.chunk_size)
+        ap, x, y = _average_precisions(embeddings, labels, self.temperature, self.chunk_size)
+        queries = torch.arange(ap.numel(), device=ap.device)              # (B,)
+        return reduce_per_query(self.reducer, 1.0 - ap, queries, x, y, name="ap_loss")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, chunk_size={self.chunk_size}"

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tcmlib._checks import check_embeddings_labels, check_margin
+from tcmlib._checks import check_embeddings, check_embeddings_labels, check_margin
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["tcm_loss", "TCMLoss"]
@@ -58,6 +58,13 @@ def _check_weight(value: float, name: str) -> float:
     if not (v >= 0.0 and v != float("inf")):
         raise ValueError(f"{name} = {value} must be a finite number >= 0")
     return v
+
+
+def _checked(emb: Any, labels: Any, emb_name: str, label_name: str) -> tuple[Tensor, Tensor | None]:
+    """Checked ``(N, D)`` embeddings and ``(N,)`` labels; ``labels=None`` passes as ``None``."""
+    if labels is None:
+        return check_embeddings(emb, emb_name), None
+    return check_embeddings_labels(emb, labels, emb_name=emb_name, label_name=label_name)
 
 
 def _pairs(indices_tuple: Any, n_rows: int, n_ref: int, device: torch.device) -> tuple[Tensor, ...]:
@@ -96,7 +103,7 @@ def _pairs(indices_tuple: Any, n_rows: int, n_ref: int, device: torch.device) ->
 
 def tcm_loss(
     embeddings: Tensor,
-    labels: Tensor,
+    labels: Tensor | None,
     *,
     indices_tuple: Any = None,
     margin_pos: float = 0.9,
@@ -111,14 +118,17 @@ def tcm_loss(
 
     Args:
         embeddings: ``(B, D)`` float, not necessarily normalised (we L2-normalise rows).
-        labels: ``(B,)`` integer class ids.
+        labels: ``(B,)`` integer class ids; may be ``None`` when ``indices_tuple`` is given (the
+            tuple says which pairs are positive), as pml's losses take it
+            (``pass_labels_to_loss_fn=False``).
         indices_tuple: optional pairs from a pml miner, ``(a, p, n)`` or ``(a1, p, a2, n)``
             (1-D index tensors); then only those pairs count, as given (repeats count repeatedly,
             labels are not re-checked), exactly as pml's ``ThresholdConsistentMarginLoss``.
         margin_pos: m+, a positive pair with cosine ``s <= m+`` is hard; in [-1, 1].
         margin_neg: m-, a negative pair with cosine ``s >= m-`` is hard; in [-1, 1].
         lambda_pos, lambda_neg: weights l+ and l- of the two terms.
-        ref_emb: optional ``(M, D)`` reference set; needs ``ref_labels`` ``(M,)`` (pml's names).
+        ref_emb: optional ``(M, D)`` reference set; needs ``ref_labels`` ``(M,)`` (pml's names),
+            except with ``indices_tuple``, where labels are not needed.
         ref_embeddings: deprecated name of ``ref_emb`` (DeprecationWarning).
 
     Which pairs count:
@@ -151,18 +161,26 @@ def tcm_loss(
         if ref_emb is not None:
             raise ValueError("pass the reference set once, as ref_emb= (ref_embeddings is its old name)")
         ref_emb = ref_embeddings
-    x, y = check_embeddings_labels(embeddings, labels)
+    if labels is None and indices_tuple is None:
+        raise ValueError(
+            "TCM needs labels to tell positive from negative pairs: pass labels, or a miner's "
+            "indices_tuple (then labels=None is fine, as in pml's pass_labels_to_loss_fn=False)"
+        )
+    x, y = _checked(embeddings, labels, "embeddings", "labels")
     m_pos = check_margin(margin_pos, "margin_pos")
     m_neg = check_margin(margin_neg, "margin_neg")
     l_pos = _check_weight(lambda_pos, "lambda_pos")
     l_neg = _check_weight(lambda_neg, "lambda_neg")
-    if (ref_emb is None) != (ref_labels is None):
-        raise ValueError("pass ref_emb and ref_labels together (or neither)")
+    if ref_labels is not None and ref_emb is None:
+        raise ValueError("ref_labels without ref_emb: pass ref_emb and ref_labels together (or neither)")
+    if ref_emb is not None and ref_labels is None and indices_tuple is None:
+        raise ValueError("ref_emb without ref_labels: pass ref_emb and ref_labels together (or neither), "
+                         "or a miner's indices_tuple (then the reference labels are not needed)")
     exclude_self = ref_emb is None or ref_emb is embeddings
     if ref_emb is None:
         r, ry = x, y
     else:
-        r, ry = check_embeddings_labels(ref_emb, ref_labels, emb_name="ref_emb", label_name="ref_labels")
+        r, ry = _checked(ref_emb, ref_labels, "ref_emb", "ref_labels")
         if r.shape[1] != x.shape[1]:
             raise ValueError(
                 f"ref_emb has dimension {r.shape[1]} but embeddings has {x.shape[1]}; "
@@ -170,7 +188,7 @@ def tcm_loss(
             )
         if r.device != x.device:
             raise ValueError(f"ref_emb is on {r.device} but embeddings on {x.device}; move one of them")
-        ry = ry.to(x.device)
+        ry = None if ry is None else ry.to(x.device)
     pairs = None if indices_tuple is None else _pairs(indices_tuple, x.shape[0], r.shape[0], x.device)
 
     xn = l2_normalize(x, dim=1)  # (B, D)
@@ -179,6 +197,7 @@ def tcm_loss(
     with torch.no_grad():
         s = (xn @ rn.T).to(acc)  # (B, M) cosines; the GEMM runs in the input (or autocast) dtype
         if pairs is None:
+            assert y is not None and ry is not None  # checked above: labels are needed without pairs
             same = y[:, None] == ry[None, :]  # (B, M)
             hard_pos = (s <= m_pos) & same  # (B, M), "<=" as pml
             if exclude_self:
@@ -238,8 +257,11 @@ class TCMLoss(nn.Module):
     ref_labels (M,)=None)`` (pml's calling convention, so it works in pml's ``MultipleLosses``, with
     its miners and, through :func:`tcmlib.losses.pml_compat.as_pml_loss`, in ``DistributedLossWrapper``)
     returns a 0-dim tensor.  With a miner's ``indices_tuple`` only the mined pairs count and the
-    value and gradient equal pml's ``ThresholdConsistentMarginLoss`` given the same tuple.  Add it to any base loss: ``loss = base(x, y) + TCMLoss()(x, y)``
-    (or use :class:`tcmlib.losses.combine.WithTCM`).
+    value and gradient equal pml's ``ThresholdConsistentMarginLoss`` given the same tuple; then
+    ``labels`` may be ``None``, as with pml's losses.  ``reducer=`` raises ``ValueError``: the value is
+    already a mean over the hard pairs of each term (pml's reducers leave its TCM value unchanged).
+    Add it to any base loss: ``loss = base(x, y) + TCMLoss()(x, y)`` (or use
+    :class:`tcmlib.losses.combine.WithTCM`).
     """
 
     def __init__(
@@ -248,8 +270,15 @@ class TCMLoss(nn.Module):
         margin_neg: float = 0.5,
         lambda_pos: float = 1.0,
         lambda_neg: float = 1.0,
+        reducer: Any = None,
     ) -> None:
         super().__init__()
+        if reducer is not None:
+            raise ValueError(
+                "TCMLoss takes no reducer: its value is already reduced (each term is the mean over its "
+                "hard pairs; pml's reducers pass ThresholdConsistentMarginLoss's value through unchanged); "
+                "drop reducer= (weigh the two terms with lambda_pos / lambda_neg)"
+            )
         self.margin_pos = check_margin(margin_pos, "margin_pos")
         self.margin_neg = check_margin(margin_neg, "margin_neg")
         self.lambda_pos = _check_weight(lambda_pos, "lambda_pos")
@@ -258,7 +287,7 @@ class TCMLoss(nn.Module):
     def forward(
         self,
         embeddings: Tensor,
-        labels: Tensor,
+        labels: Tensor | None = None,
         indices_tuple: Any = None,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
