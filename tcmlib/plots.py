@@ -171,9 +171,10 @@ def threshold_schematic(ax: Any = None, *, tcm: bool = False) -> Any:
     ax.axvline(_THRESHOLD, color="black", lw=1.5)
     ax.text(_THRESHOLD, 1.2, f"one threshold\naccept if s $\\geq$ {_THRESHOLD:g}", ha="center",
             va="bottom", fontsize=8, bbox=dict(fc="white", ec="none", pad=1))
-    for m, name, side in ((_M_NEG, "$m^-$", "right"), (_M_POS, "$m^+$", "left")):
+    for m, label, side in ((_M_NEG, f" $m^-$ = {_M_NEG:g}", "left"),
+                           (_M_POS, f"$m^+$ = {_M_POS:g} ", "right")):
         ax.axvline(m, color="0.4", lw=1, ls=":")
-        ax.text(m, 1.05, f"{name} = {m:g}", ha=side, va="bottom", fontsize=8, color="0.3")
+        ax.text(m, 1.02, label, ha=side, va="bottom", fontsize=8, color="0.3")
     if tcm:
         arrow = dict(arrowstyle="->", color="0.3", lw=1.2)
         for start, end in ((_M_POS - 0.1, _M_POS + 0.06), (_M_NEG + 0.02, _M_NEG - 0.18)):
