@@ -11,7 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tcmlib.plots import neighbour_grid, rate_bars  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+
+from tcmlib.plots import SCHEMATIC_CLASSES, neighbour_grid, rate_bars, threshold_schematic  # noqa: E402
 
 
 def test_rate_bars_heights_are_percentages() -> None:
@@ -67,3 +70,48 @@ def test_neighbour_grid_bad_input() -> None:
         neighbour_grid(torch.zeros(4, 2, 2), torch.zeros(4), sim, [0], n_show=4)
     with pytest.raises(ValueError, match="queries"):
         neighbour_grid(torch.zeros(4, 2, 2), torch.zeros(4), sim, [7], n_show=2)
+
+
+def _cut_normal_share_above(t: float, mean: float, std: float) -> float:
+    """P(S >= t) for S normal(mean, std) cut to [-1, 1]: the closed form, via erf."""
+    cdf = lambda v: 0.5 * (1 + math.erf((v - mean) / (std * math.sqrt(2))))  # noqa: E731
+    return (cdf(1.0) - cdf(t)) / (cdf(1.0) - cdf(-1.0))
+
+
+def _legend_utilities(ax) -> list[float]:
+    return [float(re.search(r"U = ([0-9.]+)$", t.get_text()).group(1))
+            for t in ax.get_legend().get_texts()]
+
+
+@pytest.mark.parametrize("tcm", [False, True])
+def test_threshold_schematic_utilities_match_the_closed_form(tcm: bool) -> None:
+    """Each legend utility is the F1 of TAR and TRR of the drawn normals at the drawn threshold."""
+    ax = threshold_schematic(tcm=tcm)
+    t = float(ax.lines[2 * len(SCHEMATIC_CLASSES[tcm])].get_xdata()[0])   # the threshold line
+    want = []
+    for _, _, (mp, sp), (mn, sn) in SCHEMATIC_CLASSES[tcm]:
+        tar = _cut_normal_share_above(t, mp, sp)
+        trr = 1 - _cut_normal_share_above(t, mn, sn)
+        want.append(2 * tar * trr / (tar + trr))
+    assert _legend_utilities(ax) == pytest.approx(want, abs=0.0051)
+    plt.close(ax.figure)
+
+
+def test_threshold_schematic_shows_inconsistency_and_tcm_narrows_it() -> None:
+    """Without TCM the classes get different utilities; with TCM every drawn density is narrower
+    and the utilities nearly agree."""
+    fig, (a0, a1) = plt.subplots(1, 2)
+    assert threshold_schematic(a0) is a0 and threshold_schematic(a1, tcm=True) is a1
+    u0, u1 = _legend_utilities(a0), _legend_utilities(a1)
+    assert max(u0) - min(u0) > 0.5
+    assert max(u1) - min(u1) < max(u0) - min(u0) and max(u1) - min(u1) < 0.02
+
+    def drawn_std(line) -> float:
+        x, w = torch.as_tensor(line.get_xdata()), torch.as_tensor(line.get_ydata())
+        mean = (w * x).sum() / w.sum()
+        return float(((w * (x - mean) ** 2).sum() / w.sum()).sqrt())
+
+    n = len(SCHEMATIC_CLASSES[False])
+    for k in range(2 * n):                      # every positive and negative density
+        assert drawn_std(a1.lines[k]) < drawn_std(a0.lines[k]), k
+    plt.close(fig)
