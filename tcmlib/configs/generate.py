@@ -76,7 +76,7 @@ def paper_config(dataset: str, backbone: str, loss: str, tcm: bool) -> dict:
         "weight_decay": 4e-4,
         "milestones": r["milestones"],
         "gamma": 0.3,
-        "amp": "bf16",
+        "amp": "auto",  # bf16 where the card has it natively, else fp16 + GradScaler (T4)
         "channels_last": not vit,
         "chunk_size": 128,
         "device": "auto",
