@@ -76,6 +76,7 @@ from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
 from tcmlib.losses.registry import available_losses, loss_kwarg_names, loss_param_groups, make_loss
 from tcmlib.losses.tcm import TCMLoss
+from tcmlib.memory import HOST_SHARE, machine_loader_settings
 from tcmlib.metrics import evaluate as evaluate_embeddings
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
@@ -716,7 +717,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     # The loader's own generator: creating an iterator draws a worker base seed from it, which would
     # otherwise come from the global RNG and shift every later draw after a mid-epoch resume.
     loader_gen = torch.Generator()
-    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.num_workers,
+    workers, prefetch = machine_loader_settings(cfg, world)  # <= the CPUs, the batches in flight fit the host
+    if workers < cfg.num_workers:
+        say(f"num_workers {cfg.num_workers} -> {workers} (prefetch {prefetch}): {os.cpu_count()} CPUs, batches of "
+            f"{cfg.batch_size // world} images in flight within {HOST_SHARE:.0%} of the host memory (tcmlib.memory)")
+    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers, prefetch_factor=prefetch or None,
                         pin_memory=device.type == "cuda", generator=loader_gen)
 
     # model, loss, optimiser, schedule, AMP
@@ -883,7 +888,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             guard_weights()
             t1 = time.perf_counter()
             eval_kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
-                           num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+                           num_workers=min(cfg.num_workers, os.cpu_count() or 1), channels_last=cfg.channels_last)
             score_fn = distributed.evaluate_sharded if ddp else evaluate  # ddp: each rank embeds a shard
             if val_data is not None:  # validation every time; the test classes only after the last epoch
                 rec.update({f"val_{k}": v for k, v in score_fn(model, val_data, **eval_kw).items()})
