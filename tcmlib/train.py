@@ -686,6 +686,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     if cfg.deterministic:  # bit-exact reruns and resumes (restored to the previous setting on return)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":  # every batch has the same shape: let cuDNN time its kernels once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed)
 
     # data: m-per-class batches from the train classes; the test classes are disjoint
@@ -840,7 +842,10 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                     loss, _ = direct_backward(net, x, y, loss_fn, amp_dtype=amp_dtype, scaler=scaler)
                 else:
                     loss, _ = cached_backward(net, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
-                loss_value = float(loss)
+                parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
+                read = [loss] + ([criterion.last_base, criterion.last_tcm] if parts else [])  # type: ignore[list-item]
+                values = torch.stack([t.detach().double().reshape(()) for t in read]).tolist()  # one device read
+                loss_value = values[0]
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"the loss is {loss_value}")
                 if loss_ref is None:
@@ -862,9 +867,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             else:
                 optimizer.step()
             step += 1
-            parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
-            base = float(criterion.last_base) if parts else loss_value  # type: ignore[arg-type]
-            tcm = float(criterion.last_tcm) if parts else 0.0  # type: ignore[arg-type]
+            base, tcm = (values[1], values[2]) if parts else (loss_value, 0.0)
             sums["loss"] += loss_value
             sums["base"] += base
             sums["tcm"] += tcm
