@@ -843,7 +843,9 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                 else:
                     loss, _ = cached_backward(net, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
                 parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
-                read = [loss] + ([criterion.last_base, criterion.last_tcm] if parts else [])  # type: ignore[list-item]
+                read: list[torch.Tensor] = [loss]
+                if parts:
+                    read += [criterion.last_base, criterion.last_tcm]  # type: ignore[list-item]
                 values = torch.stack([t.detach().double().reshape(()) for t in read]).tolist()  # one device read
                 loss_value = values[0]
                 if not math.isfinite(loss_value):
