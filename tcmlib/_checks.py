@@ -42,14 +42,18 @@ def check_embeddings(embeddings: Any, name: str = "embeddings", *, allow_zero_ro
                          "or torch.view_as_real(x).flatten(1), whichever your model means")
     if not torch.is_floating_point(x):
         x = x.float()
-    if not bool(torch.isfinite(x).all()):
+    # one read of the device for both checks: [all finite, number of all-zero rows]
+    finite = torch.isfinite(x).all()
+    flags = (finite, (x.detach().abs().sum(dim=1) == 0).sum()) if not allow_zero_rows else (finite,)
+    all_finite, *zero_rows = torch.stack([f.long() for f in flags]).tolist()
+    if not all_finite:
         bad = int((~torch.isfinite(x)).any(dim=1).sum())
         raise ValueError(
             f"{name} contains NaN or inf in {bad} of {x.shape[0]} rows; "
             "check the model output (a diverged run or a bad input image)"
         )
     if not allow_zero_rows:
-        zero = int((x.detach().abs().sum(dim=1) == 0).sum())
+        zero = zero_rows[0]
         if zero:
             raise ValueError(
                 f"{name} has {zero} all-zero rows; cosine similarity is undefined for a zero vector: "

@@ -24,8 +24,9 @@ image index) (``tcmlib.data.seeded``), so any ``num_workers`` and any number of 
 the same images.
 
 A batch larger than memory goes through the embedding-gradient cache (``chunk_size``, see
-``tcmlib.gradcache``).  On a GPU: ``amp="bf16"`` (or ``"fp16"`` with a GradScaler),
-``channels_last=True``, pinned-memory loaders.
+``tcmlib.gradcache``).  On a GPU: ``amp="auto"`` (bf16 on a card that computes it natively,
+compute capability >= 8.0; fp16 with a GradScaler on older cards such as a T4; see
+:func:`resolve_amp`), ``channels_last=True``, pinned-memory loaders.
 
 More than one GPU (or CPU process)::
 
@@ -75,12 +76,13 @@ from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
 from tcmlib.losses.registry import available_losses, loss_kwarg_names, loss_param_groups, make_loss
 from tcmlib.losses.tcm import TCMLoss
+from tcmlib.memory import HOST_SHARE, machine_loader_settings
 from tcmlib.metrics import evaluate as evaluate_embeddings
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "build_splits", "load_config",
-           "config_from_record", "LEGACY_VALUES", "available_configs", "main"]
+           "config_from_record", "LEGACY_VALUES", "available_configs", "main", "resolve_amp"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields a resumed run may change: where and how verbosely it runs, how often it saves, how big its
@@ -247,7 +249,7 @@ class TrainConfig:
     augment_rng: str = "sample"  # sample: each image's augmentation seeded by (seed, epoch, index), the same
     # on any number of processes and workers | process: the process's generator (runs recorded before 2026-12-07)
     # speed and memory
-    amp: str | None = None  # None | bf16 | fp16
+    amp: str | None = None  # None | auto | bf16 | fp16 (auto: bf16 where native, else fp16 on CUDA; see resolve_amp)
     channels_last: bool = False
     chunk_size: int | None = None  # gradient-cache chunk; None = whole batch in one pass
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
@@ -297,8 +299,8 @@ class TrainConfig:
                              "('process' only to reproduce runs recorded before per-sample seeding)")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or adamw")
-        if self.amp not in (None, *AMP_DTYPES):
-            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
+        if self.amp not in (None, "auto", *AMP_DTYPES):
+            raise ValueError(f"amp must be None, 'auto', 'bf16' or 'fp16', got {self.amp!r}")
         if self.m < 2:
             raise ValueError(f"config key 'm' = {self.m}: every class in a batch needs >= 2 samples (positives); "
                              "allowed: an integer >= 2")
@@ -458,6 +460,7 @@ def embed(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed a whole data set in eval mode: ``(embeddings (N, D) float32 on CPU, labels (N,))``."""
     device = torch.device(device)
+    amp_dtype = resolve_amp(amp, device)[0]
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -467,7 +470,7 @@ def embed(
         x = x.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext():
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             e = model(x)  # (b, D)
         embs.append(e.float().cpu())
         labels.append(torch.as_tensor(y))
@@ -540,6 +543,38 @@ def _param_norm(*modules: nn.Module) -> float:
     sq = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64).pow(2).to("cpu") for m in modules
           for p in m.parameters()]
     return math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA card ``device`` computes bf16 in hardware (not emulated): compute capability >= 8.0."""
+    return (torch.cuda.get_device_capability(device) >= (8, 0)
+            or torch.cuda.is_bf16_supported(including_emulation=False))  # (ROCm: by its own rule)
+
+
+def resolve_amp(amp: str | None, device: str | torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, whether to use a GradScaler)`` for config key ``amp`` on ``device``.
+
+    * ``None``: no autocast.
+    * ``"auto"``: on CUDA, bf16 where the card computes it natively (compute capability >= 8.0:
+      A100, H100, RTX 30xx+), else fp16 with a GradScaler (T4, V100); off on a CPU or MPS.
+    * ``"bf16"``: bf16.  On a CUDA card without native bf16 this raises ``ValueError``: emulated
+      bf16 runs on slow paths (or fails), so we refuse rather than silently run slowly.
+      On a CPU it is allowed (the CPU kernels support it; tests run the GPU path this way).
+    * ``"fp16"``: fp16 with a GradScaler (fp16's range is too narrow for unscaled gradients).
+    """
+    device = torch.device(device)
+    if amp is None or amp == "auto" and device.type != "cuda":
+        return None, False
+    if amp == "auto":
+        return (torch.bfloat16, False) if _native_bf16(device) else (torch.float16, True)
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'auto', 'bf16' or 'fp16', got {amp!r}")
+    if amp == "bf16" and device.type == "cuda" and not _native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"config key 'amp' = 'bf16', but this GPU ({torch.cuda.get_device_name(device)}, compute "
+                         f"capability {major}.{minor}) has no native bf16 (needs >= 8.0): use amp: auto (fp16 with "
+                         "a GradScaler here) or fp16")
+    return AMP_DTYPES[amp], amp == "fp16"
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -651,6 +686,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     if cfg.deterministic:  # bit-exact reruns and resumes (restored to the previous setting on return)
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":  # every batch has the same shape: let cuDNN time its kernels once and keep the fastest
+        torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed)
 
     # data: m-per-class batches from the train classes; the test classes are disjoint
@@ -682,7 +719,11 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     # The loader's own generator: creating an iterator draws a worker base seed from it, which would
     # otherwise come from the global RNG and shift every later draw after a mid-epoch resume.
     loader_gen = torch.Generator()
-    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.num_workers,
+    workers, prefetch = machine_loader_settings(cfg, world)  # <= the CPUs, the batches in flight fit the host
+    if workers < cfg.num_workers:
+        say(f"num_workers {cfg.num_workers} -> {workers} (prefetch {prefetch}): {os.cpu_count()} CPUs, batches of "
+            f"{cfg.batch_size // world} images in flight within {HOST_SHARE:.0%} of the host memory (tcmlib.memory)")
+    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers, prefetch_factor=prefetch or None,
                         pin_memory=device.type == "cuda", generator=loader_gen)
 
     # model, loss, optimiser, schedule, AMP
@@ -700,8 +741,8 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                           **cfg.loss_kwargs).to(device)
     optimizer = _make_optimizer(cfg, model, criterion)
     scheduler = _make_scheduler(cfg, optimizer)
-    amp_dtype = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    amp_dtype, use_scaler = resolve_amp(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     local_batch = cfg.batch_size // world
     chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < local_batch else None
     if chunk is not None and any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
@@ -801,7 +842,12 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
                     loss, _ = direct_backward(net, x, y, loss_fn, amp_dtype=amp_dtype, scaler=scaler)
                 else:
                     loss, _ = cached_backward(net, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
-                loss_value = float(loss)
+                parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
+                read: list[torch.Tensor] = [loss]
+                if parts:
+                    read += [criterion.last_base, criterion.last_tcm]  # type: ignore[list-item]
+                values = torch.stack([t.detach().double().reshape(()) for t in read]).tolist()  # one device read
+                loss_value = values[0]
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"the loss is {loss_value}")
                 if loss_ref is None:
@@ -823,9 +869,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             else:
                 optimizer.step()
             step += 1
-            parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
-            base = float(criterion.last_base) if parts else loss_value  # type: ignore[arg-type]
-            tcm = float(criterion.last_tcm) if parts else 0.0  # type: ignore[arg-type]
+            base, tcm = (values[1], values[2]) if parts else (loss_value, 0.0)
             sums["loss"] += loss_value
             sums["base"] += base
             sums["tcm"] += tcm
@@ -849,7 +893,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             guard_weights()
             t1 = time.perf_counter()
             eval_kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
-                           num_workers=cfg.num_workers, channels_last=cfg.channels_last)
+                           num_workers=min(cfg.num_workers, os.cpu_count() or 1), channels_last=cfg.channels_last)
             score_fn = distributed.evaluate_sharded if ddp else evaluate  # ddp: each rank embeds a shard
             if val_data is not None:  # validation every time; the test classes only after the last epoch
                 rec.update({f"val_{k}": v for k, v in score_fn(model, val_data, **eval_kw).items()})

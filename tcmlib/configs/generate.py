@@ -44,6 +44,7 @@ PAPER_HEADER = """\
 # 512-d, 4 images a class, frozen-BN ResNet-50 + GeM (Adam) or ViT-B/16 (AdamW), step lr x0.3,
 # weight decay 4e-4, head lr multiplier 0 = one lr for all (RS@k issue #8: x5 costs ~10 R@1 on Cars).
 # chunk_size: the embedding-gradient cache (exact: frozen BN / no BN); lower it if memory runs out.
+# Memory per recipe and what to change on a smaller card: tcmlib.memory, the book's chapter 11.
 # vit_b_16 is torchvision's ImageNet-1k model; the original used timm's ImageNet-21k ViT-B/16:
 #   --override backbone=timm:vit_base_patch16_224.augreg_in21k  (pip install timm).
 # TCM margins: the defaults m+ = 0.9, m- = 0.5; tune m- per data set (train/test drift, see the book).
@@ -76,9 +77,9 @@ def paper_config(dataset: str, backbone: str, loss: str, tcm: bool) -> dict:
         "weight_decay": 4e-4,
         "milestones": r["milestones"],
         "gamma": 0.3,
-        "amp": "bf16",
+        "amp": "auto",  # bf16 where the card has it natively, else fp16 + GradScaler (T4)
         "channels_last": not vit,
-        "chunk_size": 128,
+        "chunk_size": 64 if vit else 128,  # one chunk's activations within a T4's 15 GB (tcmlib.memory)
         "device": "auto",
         "num_workers": 8,
         "eval_ks": r["eval_ks"],

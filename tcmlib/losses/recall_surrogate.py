@@ -121,7 +121,8 @@ def recall_surrogate_loss(
         chunk_size: queries per chunk; ``None`` picks one with ~4M elements per intermediate.
 
     Returns:
-        Scalar tensor, differentiable w.r.t. ``embeddings``.
+        Scalar tensor, differentiable w.r.t. ``embeddings``; computed in float32 (float64 for float64
+        input), also inside a caller's ``torch.autocast`` (disabled here).
     """
     losses, queries, x, y, sim = _per_query(embeddings, labels, ks, tau1, tau2, simix, generator, chunk_size)
     if queries.numel() == 0:
@@ -147,26 +148,27 @@ def _per_query(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()                                                 # rank sums need > 8 bits
-    k_vals = torch.tensor([min(int(k), x.shape[0]) for k in ks], dtype=x.dtype, device=x.device)  # (K,)
-    x = l2_normalize(x, dim=1)                                        # (B, D)
-    if simix:
-        x, y = simix_samples(x, y, generator)                 # (B + V, D), (B + V,)
-    sim = x @ x.T                                                     # (B', B')
-    pos_idx, valid = _positives_table(y)                              # (B', P), (B', P)
-    queries = valid.any(1).nonzero().squeeze(1)                       # (Q,) queries with |P_q| >= 1
-    if queries.numel() == 0:
-        return sim.new_zeros(0), queries, x, y, sim
-    b, p = pos_idx.shape
-    c = chunk_size or max(1, _CHUNK_ELEMENTS // (p * b))
-    losses = []
-    for q0 in range(0, queries.numel(), c):
-        qs = queries[q0:q0 + c]                                       # (c,)
-        args = (sim[qs], pos_idx[qs], valid[qs], k_vals, float(tau1), float(tau2))
-        if c < queries.numel() and torch.is_grad_enabled() and sim.requires_grad:
-            losses.append(checkpoint(_rs_chunk, *args, use_reentrant=False))  # recompute in backward
-        else:
-            losses.append(_rs_chunk(*args))
-    return torch.cat(losses), queries, x, y, sim                      # (Q,), (Q,), (B', D), (B',), (B', B')
+    with torch.autocast(x.device.type, enabled=False):                # float32 inside a caller's autocast too
+        k_vals = torch.tensor([min(int(k), x.shape[0]) for k in ks], dtype=x.dtype, device=x.device)  # (K,)
+        x = l2_normalize(x, dim=1)                                    # (B, D)
+        if simix:
+            x, y = simix_samples(x, y, generator)                     # (B + V, D), (B + V,)
+        sim = x @ x.T                                                 # (B', B')
+        pos_idx, valid = _positives_table(y)                          # (B', P), (B', P)
+        queries = valid.any(1).nonzero().squeeze(1)                   # (Q,) queries with |P_q| >= 1
+        if queries.numel() == 0:
+            return sim.new_zeros(0), queries, x, y, sim
+        b, p = pos_idx.shape
+        c = chunk_size or max(1, _CHUNK_ELEMENTS // (p * b))
+        losses = []
+        for q0 in range(0, queries.numel(), c):
+            qs = queries[q0:q0 + c]                                   # (c,)
+            args = (sim[qs], pos_idx[qs], valid[qs], k_vals, float(tau1), float(tau2))
+            if c < queries.numel() and torch.is_grad_enabled() and sim.requires_grad:
+                losses.append(checkpoint(_rs_chunk, *args, use_reentrant=False))  # recompute in backward
+            else:
+                losses.append(_rs_chunk(*args))
+        return torch.cat(losses), queries, x, y, sim                  # (Q,), (Q,), (B', D), (B',), (B', B')
 
 
 class RecallAtKSurrogateLoss(nn.Module):

@@ -97,7 +97,8 @@ def smooth_ap_loss(
         chunk_size: queries per chunk; ``None`` picks one with ~4M elements per intermediate.
 
     Returns:
-        Scalar tensor in ``[0, 1)``, differentiable w.r.t. ``embeddings``.
+        Scalar tensor in ``[0, 1)``, differentiable w.r.t. ``embeddings``; computed in float32 (float64
+        for float64 input), also inside a caller's ``torch.autocast`` (disabled here).
     """
     ap, _, _ = _average_precisions(embeddings, labels, temperature, chunk_size)
     return 1.0 - ap.mean()                                            # scalar
@@ -114,19 +115,20 @@ def _average_precisions(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()                                                 # rank sums need > 8 bits
-    x = l2_normalize(x, dim=1)                                        # (B, D)
-    sim = x @ x.T                                                     # (B, B)
-    pos_idx, valid = _positives_table(y)                              # (B, P), (B, P)
-    b, p = pos_idx.shape
-    c = chunk_size or max(1, _CHUNK_ELEMENTS // (p * b))
-    aps = []
-    for q0 in range(0, b, c):
-        args = (sim[q0:q0 + c], pos_idx[q0:q0 + c], valid[q0:q0 + c], float(temperature))
-        if c < b and torch.is_grad_enabled() and sim.requires_grad:  # recompute chunk in backward
-            aps.append(checkpoint(_smooth_ap_chunk, *args, use_reentrant=False))
-        else:
-            aps.append(_smooth_ap_chunk(*args))
-    return torch.cat(aps), x, y                                       # (B,), (B, D), (B,)
+    with torch.autocast(x.device.type, enabled=False):                # float32 inside a caller's autocast too
+        x = l2_normalize(x, dim=1)                                    # (B, D)
+        sim = x @ x.T                                                 # (B, B)
+        pos_idx, valid = _positives_table(y)                          # (B, P), (B, P)
+        b, p = pos_idx.shape
+        c = chunk_size or max(1, _CHUNK_ELEMENTS // (p * b))
+        aps = []
+        for q0 in range(0, b, c):
+            args = (sim[q0:q0 + c], pos_idx[q0:q0 + c], valid[q0:q0 + c], float(temperature))
+            if c < b and torch.is_grad_enabled() and sim.requires_grad:  # recompute chunk in backward
+                aps.append(checkpoint(_smooth_ap_chunk, *args, use_reentrant=False))
+            else:
+                aps.append(_smooth_ap_chunk(*args))
+        return torch.cat(aps), x, y                                   # (B,), (B, D), (B,)
 
 
 class SmoothAPLoss(nn.Module):

@@ -150,10 +150,9 @@ def tcm_loss(
 
     Returns:
         A 0-dim tensor: float32 for float16 / bfloat16 / float32 input, float64 for float64.
-        The similarity GEMM runs in the input dtype (or the autocast dtype); the hinge, the
-        masks and the sums run in at least float32, so margins are compared precisely.
-        With float16 autocast use a ``GradScaler`` as usual: the gradient entries are l/n (n up
-        to ~B^2), below float16's range for large batches unless the loss is scaled.
+        Everything runs in float32 (float64 for float64 input), also inside a caller's
+        ``torch.autocast`` (disabled here; half inputs are cast up), so margins are compared
+        precisely and the gradient entries l/n (n up to ~B^2) do not underflow.
     """
     if ref_embeddings is not None:
         warnings.warn("tcm_loss(ref_embeddings=) is deprecated: use ref_emb= (pml's name)",
@@ -191,11 +190,22 @@ def tcm_loss(
         ry = None if ry is None else ry.to(x.device)
     pairs = None if indices_tuple is None else _pairs(indices_tuple, x.shape[0], r.shape[0], x.device)
 
+    with torch.autocast(x.device.type, enabled=False):  # float32 inside a caller's autocast too
+        return _tcm_body(x, y, r, ry, pairs, exclude_self, m_pos, m_neg, l_pos, l_neg)
+
+
+def _tcm_body(x: Tensor, y: Tensor, r: Tensor, ry: Tensor, pairs: tuple[Tensor, ...] | None, exclude_self: bool,
+              m_pos: float, m_neg: float, l_pos: float, l_neg: float) -> Tensor:
+    """tcm_loss after its checks, outside autocast: x (B, D), y (B,), r (M, D) (``r is x``: no reference set)."""
+    same_set = r is x
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # half inputs: the GEMM, the masks and the sums in float32
+    r = x if same_set else r.float() if r.dtype in (torch.float16, torch.bfloat16) else r
     xn = l2_normalize(x, dim=1)  # (B, D)
     rn = xn if r is x else l2_normalize(r, dim=1)  # (M, D)
     acc = torch.promote_types(xn.dtype, torch.float32)  # masks, hinge and sums: at least float32
     with torch.no_grad():
-        s = (xn @ rn.T).to(acc)  # (B, M) cosines; the GEMM runs in the input (or autocast) dtype
+        s = (xn @ rn.T).to(acc)  # (B, M) cosines
         if pairs is None:
             assert y is not None and ry is not None  # checked above: labels are needed without pairs
             same = y[:, None] == ry[None, :]  # (B, M)
@@ -220,14 +230,13 @@ def tcm_loss(
             if rn is xn:
                 w = w + w.T  # s_ij = s_ji: both orders of a pair move xn the same way
     # s = xn rn^T, so dL/dxn = W rn and dL/drn = W^T xn: hand them to autograd (_Gradient adds 0 to
-    # the value).  The GEMMs run in float32 even under autocast: the entries l/n of W underflow float16.
-    with torch.autocast(xn.device.type, enabled=False):
-        if rn is xn and xn.requires_grad:  # W symmetric (W + W^T for mined pairs): W xn + W^T xn
-            loss = loss + _Gradient.apply(xn, (2 * w if pairs is None else w) @ xn.to(acc))
-        if rn is not xn and xn.requires_grad:
-            loss = loss + _Gradient.apply(xn, w @ rn.to(acc))
-        if rn is not xn and rn.requires_grad:
-            loss = loss + _Gradient.apply(rn, w.T @ xn.to(acc))
+    # the value).  The GEMMs run in float32 (the caller's autocast is off): W's entries l/n underflow float16.
+    if rn is xn and xn.requires_grad:  # W symmetric (W + W^T for mined pairs): W xn + W^T xn
+        loss = loss + _Gradient.apply(xn, (2 * w if pairs is None else w) @ xn.to(acc))
+    if rn is not xn and xn.requires_grad:
+        loss = loss + _Gradient.apply(xn, w @ rn.to(acc))
+    if rn is not xn and rn.requires_grad:
+        loss = loss + _Gradient.apply(rn, w.T @ xn.to(acc))
     return loss
 
 
