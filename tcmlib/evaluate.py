@@ -3,6 +3,7 @@
 From the shell, on embeddings saved with ``numpy.save`` (or ``numpy.savez``)::
 
     tcmlib-eval emb.npy labels.npy --far 1e-3                 # leave-one-out on one set
+    tcmlib-eval emb.npy labels.npy --far 1e-3 --opis-far 1e-4 1e-2   # OPIS around that target
     tcmlib-eval data.npz --groups groups.npy --json           # .npz with arrays "embeddings", "labels"
     tcmlib-eval query.npy qlab.npy --gallery gal.npy glab.npy --plot curves.png
     tcmlib-eval emb.npy labels.npy --calibration cal.npy cal_labels.npy --posthoc
@@ -47,7 +48,7 @@ import torch
 from tcmlib._checks import check_embeddings_labels, check_labels
 from tcmlib.metrics.opis import UtilityCurves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
-from tcmlib.report import OPIS_SCALE, ThresholdReport, _check_calibration, threshold_report
+from tcmlib.report import OPIS_SCALE, ThresholdReport, _check_calibration, _check_far_target, threshold_report
 
 __all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
 
@@ -226,8 +227,9 @@ def evaluate(
         gallery: optional ``(embeddings (M, D), labels (M,))``: queries rank it for R@k / MAP@R and every
             pair-based number uses the query x gallery pairs (module docstring).
         calibration: optional held-out ``(embeddings, labels)`` on which the threshold is chosen.
-        far_target: global false-accept rate the threshold meets.  ks: the k of Recall@k.
-        far_range, num_thresholds: OPIS's thresholds span these global FAR quantiles.
+        far_target: global false-accept rate the threshold meets, a fraction in [0, 0.5].  ks: the k of Recall@k.
+        far_range, num_thresholds: OPIS's thresholds span these global FAR quantiles (whatever far_target is:
+            the report says so in one line).
         eps: eps-OPIS's worst share of classes.  n_boot, alpha, seed: the bootstrap over classes.
         posthoc, n_clusters: also compare per-class and per-cluster thresholds (tcmlib.posthoc).
         progress: a stage progress bar on stderr; ``None``: when N >= 20,000.
@@ -235,6 +237,7 @@ def evaluate(
     Every number is a call of a public tcmlib function (see the module docstring); nothing new is computed here.
     """
     x, y = check_embeddings_labels(embeddings, labels)
+    _check_far_target(far_target)  # before the retrieval pass, not after it
     g = None if groups is None else check_labels(groups, x.shape[0], "groups")
     gal = None
     if gallery is not None:
@@ -295,10 +298,14 @@ def _parser() -> argparse.ArgumentParser:
                         "threshold, FAR / FRR and OPIS use the query x gallery pairs")
     p.add_argument("--calibration", nargs="+", metavar="FILE",
                    help="held-out embeddings .npy and labels .npy (or one .npz) to choose the threshold on")
-    p.add_argument("--far", type=float, default=1e-2, help="global false-accept target (default 0.01)")
+    p.add_argument("--far", type=float, default=1e-2,
+                   help="global false-accept target of the one threshold, a fraction (default 0.01 = 1 %%); "
+                        "OPIS does not use it (see --opis-far)")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8], help="k of Recall@k (default 1 2 4 8)")
-    p.add_argument("--far-range", type=float, nargs=2, default=[1e-2, 1e-1], metavar=("LO", "HI"),
-                   help="global FAR bounds of OPIS's distance range (default 0.01 0.1)")
+    p.add_argument("--opis-far", "--far-range", dest="far_range", type=float, nargs=2, default=[1e-2, 1e-1],
+                   metavar=("LO", "HI"),
+                   help="OPIS and eps-OPIS average over the thresholds whose global FAR lies in [LO, HI], "
+                        "fractions (default 0.01 0.1, i.e. 1 %% .. 10 %%), whatever --far is")
     p.add_argument("--thresholds", type=int, default=100, help="thresholds in OPIS's range (default 100)")
     p.add_argument("--eps", type=float, default=0.1, help="eps-OPIS's worst share of classes (default 0.1)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for OPIS's CI (default 1000)")
@@ -330,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _check_far_target(args.far, "--far")
         emb, lab, groups = load_arrays(args.embeddings, args.labels)
         if args.groups is not None:
             g = _read(args.groups, "groups")

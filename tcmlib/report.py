@@ -143,6 +143,26 @@ def _check_far(far_target: float) -> float:
     return far
 
 
+MAX_FAR_TARGET = 0.5  # a deployed threshold accepting more than half of all impostor pairs is a typo
+
+
+def _check_far_target(far_target: float, name: str = "far_target") -> float:
+    """A deployment's false-accept target: a fraction in [0, MAX_FAR_TARGET], e.g. 1e-2 for 1 %.
+
+    1 or more would accept (nearly) every negative pair, and anything above 0.5 more than half of
+    them: such a value is almost surely a percentage typed as a number, so it is refused with the
+    fraction it probably meant, instead of a report at 100 % FAR.  ``name``: how the caller spells
+    the argument (``"--far"`` on the command line)."""
+    far = float(far_target)
+    if math.isfinite(far) and MAX_FAR_TARGET < far <= 100.0:
+        sep = "=" if name.isidentifier() else " "
+        raise ValueError(
+            f"{name} {far_target:g} would accept {min(far, 1.0):.0%} of all negative pairs; it is a fraction, "
+            f"not a percentage: for {far:g} % pass {name}{sep}{far / 100:g} (targets above {MAX_FAR_TARGET} "
+            "are refused)")
+    return _check_far(far)
+
+
 def _check_chunk(chunk_size: int) -> int:
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size = {chunk_size} must be >= 1")
@@ -501,7 +521,7 @@ def paired_bootstrap_difference(
         raise ValueError(f"n_boot = {n_boot} must be an integer >= 2 (1000 is a usual choice)")
     if not 0.0 < float(alpha) < 1.0:
         raise ValueError(f"alpha = {alpha} must lie strictly between 0 and 1 (0.05 gives a 95 % interval)")
-    far, chunk = _check_far(far_target), _check_chunk(chunk_size)
+    far, chunk = _check_far_target(far_target), _check_chunk(chunk_size)
     ids_a, fa = _class_metric(xa, ya, metric, far_range, eps, far, chunk)
     ids_b, fb = _class_metric(xb, yb, metric, far_range, eps, far, chunk)
     if not torch.equal(ids_a, ids_b):  # pragma: no cover - same labels give the same eligible classes
@@ -602,15 +622,23 @@ class ThresholdReport:
                 f"  per group ({self.group_rates.far.numel()}): FAR {pct(gs['FAR_min'])} .. {pct(gs['FAR_max'])}, "
                 f"FRR {pct(gs['FRR_min'])} .. {pct(gs['FRR_max'])}; {pct(gs['share_FAR_over_2x'])} above 2x the target"
             )
-        lo_f, hi_f = self.curves.far_range or (math.nan, math.nan)
         lines += [
-            (f"  OPIS {self.opis:.3g} ({100 * (1 - self.alpha):.0f} % bootstrap CI over classes "
-            f"{self.opis_ci.lo:.3g} .. {self.opis_ci.hi:.3g}); {100 * self.eps:.0f}%-OPIS {self.eps_opis:.3g}; "
-            f"thresholds at global FAR {100 * lo_f:g} % .. {100 * hi_f:g} %"),
-            f"  ({OPIS_SCALE})",
+            (f"  OPIS {self.opis:.3g} (at most 0.25; lower is more consistent), {100 * (1 - self.alpha):.0f} % "
+             f"bootstrap CI over classes {self.opis_ci.lo:.3g} .. {self.opis_ci.hi:.3g}; "
+             f"{100 * self.eps:.0f}%-OPIS {self.eps_opis:.3g} (at most 1; lower is more consistent)"),
+            "  " + self.far_range_note(),
             f"  R@1 {pct(self.recall_at_1)}",
         ]
         return "\n".join(lines)
+
+    def far_range_note(self) -> str:
+        """One line on the report's two FARs: the threshold's target, and the range OPIS averages over."""
+        lo, hi = self.curves.far_range or (math.nan, math.nan)
+        target = f"{100 * self.far_target:.2f} %"
+        where = (f"the threshold above (FAR {target}) is one of them" if lo <= self.far_target <= hi else
+                 f"not at the threshold above: its FAR {target} lies outside that range")
+        return (f"OPIS and eps-OPIS average over the thresholds at global FAR {100 * lo:g} % .. {100 * hi:g} %, "
+                f"{where} (set the range with far_range=, or tcmlib-eval --opis-far LO HI)")
 
     def __str__(self) -> str:
         return self.to_text()
@@ -681,6 +709,9 @@ def threshold_report(
 ) -> ThresholdReport:
     """Everything about deploying one threshold on ``embeddings`` (N, D) with ``labels`` (N,), in one call.
 
+    ``far_target`` is a fraction in [0, 0.5] (1e-2 for 1 %); 1 or more, or above 0.5, raises ``ValueError``
+    (a percentage typed as a number would otherwise give a report at 100 % FAR).
+
     The threshold meets ``far_target`` (global FAR) on ``calibration = (emb, labels)`` when given (the
     honest choice: held-out data), else on the evaluation data itself. Then, on the evaluation data:
     global / per-class (and per-group with ``groups`` (N,)) FAR and FRR at that threshold, OPIS over
@@ -695,7 +726,7 @@ def threshold_report(
     to evaluate one set, pass no reference.
     """
     x, y = check_embeddings_labels(embeddings, labels)
-    far = _check_far(far_target)
+    far = _check_far_target(far_target)
     chunk = _check_chunk(chunk_size)
     g = None if groups is None else check_labels(groups, x.shape[0], "groups")
     if reference is not None or reference_labels is not None:

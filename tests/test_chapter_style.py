@@ -37,7 +37,6 @@ PROCESS_WORDS = [
 # Chapters whose owners have yet to remove such words (file: where), checked as strict xfails so
 # that a fixed chapter must leave this list.
 PROCESS_WORDS_PENDING = {
-    "06_arcface_toy.md": "~:431 'the smoke build' (issue 24, chapter 6's owner)",
     "07_offline_benchmark.md": "~:424 names tests/test_study.py (issue 24, Part II's owner)",
 }
 

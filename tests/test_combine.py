@@ -89,3 +89,42 @@ def test_rejects_non_callable_base_and_bad_margins():
         WithTCM(3.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="margin_neg"):
         add_tcm(ContrastiveLoss(), margin_neg=1.5)
+
+
+PML_KW = dict(margin_plus=0.8, margin_minus=0.3, lambda_plus=0.5, lambda_minus=2.0)
+
+
+def test_pml_parameter_names_are_accepted():
+    """Code written for pml's ThresholdConsistentMarginLoss keeps its keywords: oracle = pml itself."""
+    from pytorch_metric_learning.losses import ThresholdConsistentMarginLoss
+
+    from tcmlib.losses import TCMLoss, make_loss
+
+    x, y = _batch(5)
+    x = x.double()
+    want = ThresholdConsistentMarginLoss(**PML_KW)(x, y)
+    base = ContrastiveLoss()
+    torch.testing.assert_close(TCMLoss(**PML_KW)(x, y), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(add_tcm(base, **PML_KW)(x, y) - base(x, y), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(WithTCM(base, **PML_KW)(x, y) - base(x, y), want, rtol=0, atol=1e-12)
+    made = make_loss("contrastive", tcm=PML_KW)
+    assert (made.tcm.margin_pos, made.tcm.margin_neg, made.tcm.lambda_pos, made.tcm.lambda_neg) == (
+        0.8, 0.3, 0.5, 2.0)
+    # mixed spellings, each parameter once: fine; defaults where nothing is given
+    mixed = add_tcm(base, margin_pos=0.8, margin_minus=0.3).tcm
+    assert (mixed.margin_pos, mixed.margin_neg, mixed.lambda_pos) == (0.8, 0.3, 1.0)
+
+
+def test_pml_names_twice_or_misspelt_are_named_in_the_error():
+    from tcmlib.losses import TCMLoss, make_loss
+
+    with pytest.raises(TypeError, match="'margin_pos' and pml's 'margin_plus'.*pass one"):
+        add_tcm(ContrastiveLoss(), margin_pos=0.8, margin_plus=0.8)
+    with pytest.raises(TypeError, match="unknown TCM parameter 'margin_plu'.*margin_pos.*margin_plus"):
+        TCMLoss(margin_plu=0.9)
+    with pytest.raises(TypeError, match="WithTCM got an unknown TCM parameter 'm_pos'"):
+        WithTCM(ContrastiveLoss(), m_pos=0.9)
+    with pytest.raises(ValueError, match="margin_neg = 1.5"):  # pml's name, checked as ours
+        add_tcm(ContrastiveLoss(), margin_minus=1.5)
+    with pytest.raises(ValueError, match=r"no option\(s\) \['m_minus'\].*pml's names margin_plus"):
+        make_loss("contrastive", tcm={"m_minus": 0.3})

@@ -213,3 +213,40 @@ def test_console_script_and_module_entry_point(files) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("tcmlib-eval: error: calibration embeddings have dimension 3, the evaluation ones "
                                    "8: both must come from the same model")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tcmlib.evaluate", *argv, "--no-progress"], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("far, meant", [("1", "0.01"), ("5", "0.05"), ("0.7", "0.007")])
+def test_a_far_target_that_looks_like_a_percent_is_refused(files, far, meant) -> None:
+    """--far 1 used to report at 100 % FAR without a word; now: exit 2, one line, the fraction it meant."""
+    proc = _cli(str(files["emb"]), str(files["lab"]), "--far", far)
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith(f"tcmlib-eval: error: --far {far} would accept")
+    assert f"not a percentage: for {float(far):g} % pass --far {meant}" in line
+
+
+def test_the_two_fars_are_named_in_one_line_and_opis_far_sets_the_range(files) -> None:
+    """--far sets the threshold, --opis-far (alias --far-range) OPIS's range; the report says which is which."""
+    proc = _cli(str(files["emb"]), str(files["lab"]), "--far", "1e-3", "--n-boot", "20")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    note = [ln for ln in proc.stdout.splitlines() if "OPIS and eps-OPIS average over" in ln]
+    assert len(note) == 1, proc.stdout
+    assert ("global FAR 1 % .. 10 %, not at the threshold above: its FAR 0.10 % lies outside that range"
+            in note[0]) and "--opis-far LO HI" in note[0]
+    assert "OPIS" in proc.stdout and "(at most 0.25; lower is more consistent)" in proc.stdout
+    x, y = (torch.from_numpy(np.load(files[k])) for k in ("emb", "lab"))
+    for flag in ("--opis-far", "--far-range"):
+        proc = _cli(str(files["emb"]), str(files["lab"]), "--far", "1e-3", flag, "1e-4", "1e-2", "--json",
+                    "--n-boot", "20")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got = json.loads(proc.stdout)
+        want = utility_curves(x, y, far_range=(1e-4, 1e-2))
+        assert got["FAR_range"] == [1e-4, 1e-2] and got["OPIS"] == want.opis
+        assert got["distance_range"] == list(want.distance_range) and got["FAR_target"] == 1e-3
+    proc = _cli(str(files["emb"]), str(files["lab"]), "--far", "0.05", "--n-boot", "20")
+    assert "the threshold above (FAR 5.00 %) is one of them" in proc.stdout

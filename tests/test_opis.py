@@ -390,3 +390,21 @@ def test_singletons_are_excluded_and_counted():
     res = utility_curves(torch.tensor(x), torch.tensor(y))
     assert res.num_eligible == 3 and res.num_excluded == 5
     assert res.utility.shape == (100, 3)
+
+
+def test_opis_scale_is_documented_and_its_extremes_are_reached():
+    """opis() returns a bare float: its docstring gives the scale (at most 0.25, lower is better), and the
+    extremes are what it says.  Oracle by hand: classes 0, 1 are two copies of one unit vector (positive
+    distance 0), classes 2, 3 a vector and its opposite (positive distance 2), all four axes orthogonal
+    (negative distance 1).  On thresholds in (0, 1): utility 1, 1, 0, 0, so the variance is 1/4 at every
+    threshold; eps-OPIS with the worst half: (0 - 1)^2 = 1."""
+    for doc in (opis_module.opis.__doc__, opis_module.UtilityCurves.opis.__doc__):
+        assert doc is not None and "0.25" in doc and "lower is more consistent" in doc
+    eye = torch.eye(4, dtype=torch.float64)
+    x = torch.stack([eye[0], eye[0], eye[1], eye[1], eye[2], -eye[2], eye[3], -eye[3]])
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    c = utility_curves(x, y, distance_range=(0.1, 0.9))
+    assert torch.equal(c.utility, torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64).expand(100, 4))
+    assert c.opis == 0.25 == opis(x, y, distance_range=(0.1, 0.9))
+    assert c.eps_opis(0.5) == 1.0
+    assert opis(x[:4], y[:4], distance_range=(0.1, 0.9)) == 0.0  # two tight classes: the same utility

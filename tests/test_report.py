@@ -14,6 +14,7 @@ from tcmlib.report import (
     compare_reports,
     load_embeddings_npy,
     opis_bootstrap_ci,
+    paired_bootstrap_difference,
     rates_at_threshold,
     threshold_for_far,
     threshold_report,
@@ -481,3 +482,28 @@ def test_report_units_are_stated_and_signatures_explicit():
         if inspect.isfunction(fn):
             kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
             assert inspect.Parameter.VAR_KEYWORD not in kinds, name
+
+
+@pytest.mark.parametrize("bad, meant", [(1, "0.01"), (1.0, "0.01"), (5, "0.05"), (0.7, "0.007"), (50, "0.5")])
+def test_report_refuses_a_far_target_that_looks_like_a_percent(bad, meant):
+    """far_target=1 once gave a report at 100 % FAR; anything above 0.5 is now refused, naming the fraction."""
+    x, y = toy(n=60)
+    with pytest.raises(ValueError, match=rf"would accept .* a fraction, not a percentage: .* far_target={meant}\b"):
+        threshold_report(x, y, far_target=bad, n_boot=10)
+    with pytest.raises(ValueError, match="not a percentage"):
+        paired_bootstrap_difference(x, x, y, "far_spread", far_target=bad, n_boot=10)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):  # no percent reading: out of range
+        threshold_report(x, y, far_target=150, n_boot=10)
+    rep = threshold_report(x, y, far_target=0.5, n_boot=10)  # the largest accepted target
+    assert rep.threshold == threshold_for_far(x, y, 0.5)
+
+
+def test_report_names_its_two_fars_in_one_line():
+    x, y = toy(n=60)
+    for far, where in [(1e-3, "not at the threshold above: its FAR 0.10 % lies outside that range"),
+                       (0.05, "the threshold above (FAR 5.00 %) is one of them")]:
+        text = threshold_report(x, y, far_target=far, n_boot=10).to_text()
+        lines = [ln for ln in text.splitlines() if "OPIS and eps-OPIS average over" in ln]
+        assert len(lines) == 1 and "global FAR 1 % .. 10 %" in lines[0] and where in lines[0], text
+    text = threshold_report(x, y, far_target=1e-3, far_range=(1e-4, 1e-2), n_boot=10).to_text()
+    assert "global FAR 0.01 % .. 1 %, the threshold above (FAR 0.10 %) is one of them" in text

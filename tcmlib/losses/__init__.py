@@ -14,8 +14,9 @@ tcmlib                              pytorch-metric-learning (v2.9)
 ``TCMLoss``, ``tcm_loss``           ``ThresholdConsistentMarginLoss``: equal value and gradient, with or
                                     without a miner's ``indices_tuple`` (with ``ref_emb`` pml pairs
                                     ``embeddings`` with ``embeddings``; we pair them with ``ref_emb``)
-``margin_pos`` / ``margin_neg``     ``margin_plus`` / ``margin_minus`` (defaults 0.9 / 0.5)
-``lambda_pos`` / ``lambda_neg``     ``lambda_plus`` / ``lambda_minus`` (defaults 1 / 1)
+``margin_pos`` / ``margin_neg``     ``margin_plus`` / ``margin_minus`` (defaults 0.9 / 0.5; ``TCMLoss``,
+                                    ``WithTCM``, ``add_tcm`` and ``make_loss(tcm=)`` take either name)
+``lambda_pos`` / ``lambda_neg``     ``lambda_plus`` / ``lambda_minus`` (defaults 1 / 1; either name)
 ``SmoothAPLoss(temperature=0.01)``  ``SmoothAPLoss(temperature=0.01)`` (not in pml 2.7); pml needs equal
                                     class sizes and groups positives by batch position (equal to ours
                                     only when #classes = samples per class); ours takes any batch

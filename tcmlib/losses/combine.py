@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from tcmlib.losses._names import tcm_parameters
 from tcmlib.losses.tcm import TCMLoss
 
 __all__ = ["WithTCM", "add_tcm"]
@@ -25,7 +26,9 @@ class WithTCM(nn.Module):
 
     Args:
         base: the base loss; an ``nn.Module`` (its parameters are exposed) or any callable.
-        margin_pos, margin_neg, lambda_pos, lambda_neg: TCM parameters, see :func:`tcm_loss`.
+        margin_pos, margin_neg, lambda_pos, lambda_neg: TCM parameters, see :func:`tcm_loss`;
+            ``None`` takes the default (0.9, 0.5, 1, 1).  pml's names ``margin_plus``,
+            ``margin_minus``, ``lambda_plus``, ``lambda_minus`` are accepted as aliases.
 
     ``forward(embeddings (B, D), labels (B,), indices_tuple=None, ref_emb (M, D)=None,
     ref_labels (M,)=None)`` (pml's calling convention) returns a 0-dim tensor.  ``indices_tuple``
@@ -42,16 +45,19 @@ class WithTCM(nn.Module):
         self,
         base: Callable[..., Tensor],
         *,
-        margin_pos: float = 0.9,
-        margin_neg: float = 0.5,
-        lambda_pos: float = 1.0,
-        lambda_neg: float = 1.0,
+        margin_pos: float | None = None,
+        margin_neg: float | None = None,
+        lambda_pos: float | None = None,
+        lambda_neg: float | None = None,
+        **pml_names: float,
     ) -> None:
         super().__init__()
         if not callable(base):
             raise TypeError(f"base must be a callable loss, got {type(base).__name__}")
+        p = tcm_parameters(dict(margin_pos=margin_pos, margin_neg=margin_neg, lambda_pos=lambda_pos,
+                                lambda_neg=lambda_neg, **pml_names), "WithTCM")
         self.base = base  # an nn.Module is registered as a submodule by this assignment
-        self.tcm = TCMLoss(margin_pos, margin_neg, lambda_pos, lambda_neg)
+        self.tcm = TCMLoss(**p)
         self.last_base: Tensor | None = None
         self.last_tcm: Tensor | None = None
 
@@ -82,11 +88,16 @@ class WithTCM(nn.Module):
 def add_tcm(
     base_loss: Callable[..., Tensor],
     *,
-    margin_pos: float = 0.9,
-    margin_neg: float = 0.5,
-    lambda_pos: float = 1.0,
-    lambda_neg: float = 1.0,
+    margin_pos: float | None = None,
+    margin_neg: float | None = None,
+    lambda_pos: float | None = None,
+    lambda_neg: float | None = None,
+    **pml_names: float,
 ) -> WithTCM:
-    """``WithTCM(base_loss, ...)``: e.g. ``add_tcm(ArcFaceLoss(10, 128), margin_neg=0.4)``."""
-    return WithTCM(base_loss, margin_pos=margin_pos, margin_neg=margin_neg, lambda_pos=lambda_pos,
-                   lambda_neg=lambda_neg)
+    """``WithTCM(base_loss, ...)``: e.g. ``add_tcm(ArcFaceLoss(10, 128), margin_neg=0.4)``.
+
+    ``None`` takes TCM's default (0.9, 0.5, 1, 1); pml's names (``margin_plus=0.9`` ...) work too.
+    """
+    p = tcm_parameters(dict(margin_pos=margin_pos, margin_neg=margin_neg, lambda_pos=lambda_pos,
+                            lambda_neg=lambda_neg, **pml_names), "add_tcm")
+    return WithTCM(base_loss, **p)

@@ -34,6 +34,7 @@ from torch import nn
 
 from tcmlib._checks import check_embeddings, check_labels
 
+from tcmlib.losses._names import PML_NAMES
 from tcmlib.losses.combine import WithTCM, add_tcm
 from tcmlib.losses.recall_surrogate import RecallAtKSurrogateLoss
 from tcmlib.losses.smooth_ap import SmoothAPLoss
@@ -146,7 +147,8 @@ def make_loss(
     Args:
         name: one of :func:`available_losses` (case-insensitive).
         tcm: ``False``; ``True`` for ``L_base + L_TCM`` with TCM's defaults; or a dict of TCM
-            kwargs (``margin_pos``, ``margin_neg``, ``lambda_pos``, ``lambda_neg``).
+            kwargs (``margin_pos``, ``margin_neg``, ``lambda_pos``, ``lambda_neg``, or pml's names
+            ``margin_plus``, ``margin_minus``, ``lambda_plus``, ``lambda_minus``).
         num_classes, embedding_size: required by ``proxy_anchor`` and ``arcface``.
         **kwargs: override the base loss's defaults.
 
@@ -193,9 +195,10 @@ def make_loss(
     if tcm is True:
         return add_tcm(base)
     if isinstance(tcm, dict):
-        unknown_tcm = sorted(set(tcm) - _TCM_OPTIONS)
+        unknown_tcm = sorted(set(tcm) - _TCM_OPTIONS - set(PML_NAMES))
         if unknown_tcm:
-            raise ValueError(f"tcm has no option(s) {unknown_tcm}; valid: {', '.join(sorted(_TCM_OPTIONS))}")
+            raise ValueError(f"tcm has no option(s) {unknown_tcm}; valid: {', '.join(sorted(_TCM_OPTIONS))} "
+                             f"(or pml's names {', '.join(PML_NAMES)})")
         return add_tcm(base, **tcm)
     raise TypeError(f"tcm must be a bool or a dict of TCM kwargs, got {type(tcm).__name__}")
 

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from tcmlib._checks import check_embeddings, check_embeddings_labels, check_margin
+from tcmlib.losses._names import tcm_parameters
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["tcm_loss", "TCMLoss"]
@@ -262,6 +263,9 @@ class _Gradient(torch.autograd.Function):
 class TCMLoss(nn.Module):
     """Module form of :func:`tcm_loss`; same parameters, checked once at construction.
 
+    A parameter left as ``None`` takes its default (m+ 0.9, m- 0.5, l+ = l- = 1); pml's names
+    ``margin_plus``, ``margin_minus``, ``lambda_plus``, ``lambda_minus`` are accepted as aliases.
+
     ``forward(embeddings (B, D), labels (B,), indices_tuple=None, ref_emb (M, D)=None,
     ref_labels (M,)=None)`` (pml's calling convention, so it works in pml's ``MultipleLosses``, with
     its miners and, through :func:`tcmlib.losses.pml_compat.as_pml_loss`, in ``DistributedLossWrapper``)
@@ -275,11 +279,12 @@ class TCMLoss(nn.Module):
 
     def __init__(
         self,
-        margin_pos: float = 0.9,
-        margin_neg: float = 0.5,
-        lambda_pos: float = 1.0,
-        lambda_neg: float = 1.0,
+        margin_pos: float | None = None,
+        margin_neg: float | None = None,
+        lambda_pos: float | None = None,
+        lambda_neg: float | None = None,
         reducer: Any = None,
+        **pml_names: float,
     ) -> None:
         super().__init__()
         if reducer is not None:
@@ -288,10 +293,13 @@ class TCMLoss(nn.Module):
                 "hard pairs; pml's reducers pass ThresholdConsistentMarginLoss's value through unchanged); "
                 "drop reducer= (weigh the two terms with lambda_pos / lambda_neg)"
             )
-        self.margin_pos = check_margin(margin_pos, "margin_pos")
-        self.margin_neg = check_margin(margin_neg, "margin_neg")
-        self.lambda_pos = _check_weight(lambda_pos, "lambda_pos")
-        self.lambda_neg = _check_weight(lambda_neg, "lambda_neg")
+        # None: the default (0.9, 0.5, 1, 1); pml's names (margin_plus, ...) are accepted too
+        p = tcm_parameters(dict(margin_pos=margin_pos, margin_neg=margin_neg, lambda_pos=lambda_pos,
+                                lambda_neg=lambda_neg, **pml_names), "TCMLoss")
+        self.margin_pos = check_margin(p["margin_pos"], "margin_pos")
+        self.margin_neg = check_margin(p["margin_neg"], "margin_neg")
+        self.lambda_pos = _check_weight(p["lambda_pos"], "lambda_pos")
+        self.lambda_neg = _check_weight(p["lambda_neg"], "lambda_neg")
 
     def forward(
         self,

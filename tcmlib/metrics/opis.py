@@ -112,7 +112,10 @@ class UtilityCurves:
 
     @property
     def opis(self) -> float:
-        """Mean over thresholds of the population variance of utility across classes."""
+        """Mean over thresholds of the population variance of utility across classes.
+
+        A float in [0, 0.25] (utilities lie in [0, 1]; 0.25 when half the classes have utility 1 and
+        half 0 at every threshold); lower is more consistent, 0 means one utility for every class."""
         return float(self.utility.var(dim=1, unbiased=False).mean())
 
     @property
@@ -139,7 +142,9 @@ class UtilityCurves:
         return torch.sort(self.mean_utility, stable=True).indices[:w]
 
     def eps_opis(self, eps: float = 0.1) -> float:
-        """Mean over thresholds of (mean utility of the worst ceil(eps T) classes - mean of the rest)^2."""
+        """Mean over thresholds of (mean utility of the worst ceil(eps T) classes - mean of the rest)^2.
+
+        A float in [0, 1]; lower is more consistent."""
         worst = torch.zeros(self.num_eligible, dtype=torch.bool)
         worst[self.worst_classes(eps)] = True
         gap = self.utility[:, worst].mean(dim=1) - self.utility[:, ~worst].mean(dim=1)  # (K,)
@@ -432,8 +437,14 @@ def opis(
     reference_labels: Any = None,
 ) -> float:
     """OPIS of ``embeddings`` (N, D) with ``labels`` (N,): the mean over thresholds of the variance of
-    per-class utility.  Utilities lie in [0, 1], so OPIS lies in [0, 0.25]; lower is more consistent.
-    Keywords as :func:`utility_curves`."""
+    per-class utility (Zhang et al., ICLR 2024; the book's chapter 4).  Keywords as :func:`utility_curves`.
+
+    Returns:
+        A float in [0, 0.25]: lower is more consistent, 0 means every class has the same utility at every
+        threshold of the range; 0.25, the maximum, means half the classes have utility 1 and half 0.
+        (Utilities are F-scores in [0, 1], and a variance of values in [0, 1] is at most 1/4.)  The range
+        is that of the thresholds whose global FAR lies in ``far_range`` (default 1 % .. 10 %).
+    """
     return utility_curves(embeddings, labels, far_range=far_range, distance_range=distance_range,
                           num_thresholds=num_thresholds, beta=beta, groups=groups, chunk_size=chunk_size,
                           reference=reference, reference_labels=reference_labels).opis
@@ -454,7 +465,11 @@ def eps_opis(
     reference_labels: Any = None,
 ) -> float:
     """eps-OPIS: the mean over thresholds of (mean utility of the worst ceil(eps T) classes - mean of the
-    rest)^2, in [0, 1]; lower is more consistent.  Keywords as :func:`utility_curves`."""
+    rest)^2.  Keywords as :func:`utility_curves`.
+
+    Returns:
+        A float in [0, 1]: lower is more consistent; 1 means the worst classes have utility 0 and the others 1.
+    """
     if not 0.0 < float(eps) < 1.0:
         raise ValueError(f"eps = {eps} must lie strictly between 0 and 1 (eps = 0.1 is the 10%-OPIS)")
     return utility_curves(embeddings, labels, far_range=far_range, distance_range=distance_range,
