@@ -346,10 +346,9 @@ def power_plan(p: Protocol, runs: Sequence[Mapping[str, Any]], pilot: Sequence[M
       first study, small CNN x Smooth-AP, base vs paper margins, 10 pairs);
     * ``n_power``: pairs for ``TARGET_POWER`` at the effect ``EFFECT_OF_INTEREST`` (Cohen's d = 0.10 / ratio),
       paired t-test, two-sided, alpha 0.05 (``statsmodels``' ``TTestPower``);
-    * per cell, ``cost_pair_h``: twice the median wall time of the cell's curves runs at the chosen length (they
-      train that long and score the test classes once, as a final run does); ``seeds`` = min(n_power, what
-      ``budget_cpu_h`` affords), at least 10; ``detectable``: the relative effect the cell's seeds detect with 80 %
-      power.  Every number is from recorded runs; nothing here reads a final run.
+    * per cell, ``cost_pair_h``: two runs at the chosen length (:func:`_run_cost_s`); ``seeds`` = min(n_power, what
+      ``budget_cpu_h`` affords), at least 10; ``detectable_rel``: the relative effect the cell's seeds detect with
+      80 % power.  Every number is from recorded runs; nothing here reads a final run.
     """
     import numpy as np
     from statsmodels.stats.power import TTestPower
@@ -374,9 +373,7 @@ def power_plan(p: Protocol, runs: Sequence[Mapping[str, Any]], pilot: Sequence[M
         length, converged = converged_length(_curve_ends(cp, runs, backbone, loss), cp.horizons, cp.length_tol)
         if length is None:
             raise ValueError(f"{backbone}/{loss}: its training length is not decided yet (curves stage unfinished)")
-        walls = [r["wall_s"] for r in runs if r["stage"] == "curves" and (r["backbone"], r["loss"]) == (backbone, loss)
-                 and r["config"]["epochs"] == length]
-        cost_pair_h = 2 * float(np.median(walls)) / 3600
+        cost_pair_h = 2 * _run_cost_s(runs, pilot, backbone, loss, length) / 3600
         budget = p.budget_cpu_h.get(f"{backbone}/{loss}", 0.0)
         seeds = max(10 if not smoke_plan(p) else 2, min(n_power, math.floor(budget / cost_pair_h + 1e-9)))
         detect = float(power.solve_power(nobs=seeds, alpha=PRIMARY["alpha"], power=TARGET_POWER,
@@ -389,6 +386,32 @@ def power_plan(p: Protocol, runs: Sequence[Mapping[str, Any]], pilot: Sequence[M
             "pilot": {"study": "ch07", "pairs": len(done), "base_mean": float(base.mean()),
                       "paired_sd": float(diff.std(ddof=1)), "ratio": ratio},
             "cohens_d": d, "n_power": n_power, "cells": cells_out}
+
+
+def _run_cost_s(runs: Sequence[Mapping[str, Any]], pilot: Sequence[Mapping[str, Any]], backbone: str, loss: str,
+                length: int) -> float:
+    """Seconds one run of a cell costs at ``length`` epochs on one quiet core.
+
+    ``length`` x the pilot's median epoch (training + validation scoring, same train and validation classes, same
+    backbone and loss) + the test scoring the cell's curves runs at that length did after their last epoch (their
+    last evaluation minus their median validation-only one).  The pilot's epochs are used because the curves runs
+    may share the machine with other work; where the pilot lacks the cell, the curves runs' own median epoch.
+    """
+    import numpy as np
+
+    def epoch_s(rs: Sequence[Mapping[str, Any]]) -> float:
+        return float(np.median([h["train_time_s"] + h.get("eval_time_s", 0.0) for r in rs for h in r["history"][:-1]]))
+
+    mine = [r for r in runs if r["stage"] == "curves" and (r["backbone"], r["loss"]) == (backbone, loss)
+            and r["config"]["epochs"] == length]
+    if not mine:
+        raise ValueError(f"{backbone}/{loss}: no curves run of {length} epochs recorded")
+    theirs = [r for r in pilot if r["stage"] == "final" and (r.get("backbone"), r["loss"]) == (backbone, loss)]
+    per_epoch = epoch_s(theirs) if theirs else epoch_s(mine)
+    test_s = float(np.median([r["history"][-1].get("eval_time_s", 0.0)
+                              - float(np.median([h.get("eval_time_s", 0.0) for h in r["history"][:-1]] or [0.0]))
+                              for r in mine]))
+    return length * per_epoch + max(test_s, 0.0)
 
 
 def smoke_plan(p: Protocol) -> bool:

@@ -37,7 +37,8 @@ def _pilot(diffs: list[float], base: float = 1.0) -> list[dict]:
     for s, d in enumerate(diffs):
         for v, val in (("base", base), (PRIMARY["variant"], base + d)):
             out.append({"stage": "final", "backbone": PRIMARY["backbone"], "loss": PRIMARY["loss"], "seed": s,
-                        "variant": v, "final": {"OPIS": val}})
+                        "variant": v, "final": {"OPIS": val},
+                        "history": [{"train_time_s": 40.0, "eval_time_s": 5.0}] * 4})  # 45 s an epoch
     return out
 
 
@@ -55,17 +56,19 @@ def test_power_plan_matches_the_textbook_sample_size() -> None:
                 from tcmlib.study import make_config
                 cfg = make_config(p, "small_cnn", "smooth_ap", t, s, h)
                 curves.append({"stage": "curves", "key": config_key(cfg), "backbone": "small_cnn", "loss": "smooth_ap",
-                               "config": {"epochs": h}, "wall_s": 360.0 * h / 8, "final": {"val_MAP@R": 0.5}})
+                               "config": {"epochs": h}, "final": {"val_MAP@R": 0.5},  # loaded: 90 s an epoch
+                               "history": [{"train_time_s": 80.0, "eval_time_s": 10.0}] * (h - 1)
+                               + [{"train_time_s": 80.0, "eval_time_s": 10.0 + 8.0}]})  # + 8 s test scoring
     plan = power_plan(p, curves, _pilot(diffs))
     assert plan["pilot"]["ratio"] == pytest.approx(0.2)
     assert plan["n_power"] == 34
     cell = plan["cells"]["small_cnn/smooth_ap"]
     assert cell["length"] == 8 and cell["converged"] and cell["seeds"] == 34
-    assert cell["cost_pair_h"] == pytest.approx(0.2)  # two runs of 360 s
+    assert cell["cost_pair_h"] == pytest.approx(2 * (8 * 45 + 8) / 3600)  # the pilot's epochs + the test scoring
     assert cell["power_at_effect"] == pytest.approx(0.80, abs=0.01)
-    p_small = p.__class__(**{**p.__dict__, "budget_cpu_h": {"small_cnn/smooth_ap": 3.0}})  # affords 15 pairs
+    p_small = p.__class__(**{**p.__dict__, "budget_cpu_h": {"small_cnn/smooth_ap": 3.0}})  # 3 h / 736 s: 14 pairs
     small = power_plan(p_small, curves, _pilot(diffs))["cells"]["small_cnn/smooth_ap"]
-    assert small["seeds"] == 15 and small["detectable_rel"] < -0.10  # fewer pairs see only a larger effect
+    assert small["seeds"] == 14 and small["detectable_rel"] < -0.10  # fewer pairs see only a larger effect
     d_pilot = [0.5 * (-1) ** i for i in range(2)]
     with pytest.raises(ValueError, match=">= 3"):
         power_plan(p, curves, _pilot(d_pilot))

@@ -195,7 +195,7 @@ def tcm_loss(
         return _tcm_body(x, y, r, ry, pairs, exclude_self, m_pos, m_neg, l_pos, l_neg)
 
 
-def _tcm_body(x: Tensor, y: Tensor, r: Tensor, ry: Tensor, pairs: tuple[Tensor, ...] | None, exclude_self: bool,
+def _tcm_body(x: Tensor, y: Tensor | None, r: Tensor, ry: Tensor | None, pairs: tuple[Tensor, ...] | None, exclude_self: bool,
               m_pos: float, m_neg: float, l_pos: float, l_neg: float) -> Tensor:
     """tcm_loss after its checks, outside autocast: x (B, D), y (B,), r (M, D) (``r is x``: no reference set)."""
     same_set = r is x
