@@ -246,7 +246,9 @@ def _ablation_protocol(scale: str, smoke: bool) -> Protocol:
 #   run (:func:`power_plan`): the number of pairs that gives the primary test 80 % power for a 10 % reduction of
 #   OPIS, from the pilot's paired spread, within a CPU budget per cell;
 # * the primary test (:data:`PRIMARY`): small CNN x Smooth-AP, base vs base + TCM at the paper's margins, test OPIS,
-#   paired t-test, two-sided, alpha 0.05.  Everything else is secondary (Holm) or exploratory.
+#   paired t-test, two-sided, alpha 0.05.  Everything else is secondary (Holm) or exploratory.  Stages run in the
+#   order curves, final, tune: the primary pairs need no tuning; the margins tuning selects join the final stage
+#   (on the first SELECTED_SEEDS seeds) once it has chosen them.
 # * the glyph preset ``small_wide``: the pilot's 300 train classes, 1,000 test classes (OPIS is a spread over test
 #   classes; three times as many classes steady it at the same training cost).
 PRIMARY: dict[str, Any] = {"backbone": "small_cnn", "loss": "smooth_ap", "variant": "tcm(m+=0.9, m-=0.5, l+=1, l-=1)", "metric": "OPIS",
@@ -263,13 +265,15 @@ def _converged_protocol(scale: str, smoke: bool) -> Protocol:
                         max_epochs=2, curve_seeds=(0,), tune_seeds=(100,), final_seeds=(), plateau_tol=0.0,
                         r1_tol=0.005, tcm_grid=_GRID[:2], train={**_SMOKE_TRAIN, "augment_rng": "sample",
                                                                 "lr_schedule": "cosine"},
-                        test="t", horizons=(1, 2), length_metric="val_MAP@R", length_tol=1.0, planned=True,
+                        test="t", stages=("curves", "final", "tune"), horizons=(1, 2), length_metric="val_MAP@R",
+                        length_tol=1.0, planned=True,
                         budget_cpu_h={"small_cnn/smooth_ap": 0.002}, class_curves_every=4)
     if scale == "cpu":
         return Protocol(backbones=("small_cnn", "conv_vit_tiny"), losses=("smooth_ap", "recall_surrogate"),
                         glyph_size="small_wide", val_fraction=0.25, max_epochs=64, curve_seeds=(0, 1),
                         tune_seeds=(100, 101), final_seeds=(), plateau_tol=0.0, r1_tol=0.005, tcm_grid=_GRID_CPU,
-                        train=_TRAIN_CONVERGED, test="t", horizons=(8, 16, 32, 64), length_metric="val_MAP@R",
+                        train=_TRAIN_CONVERGED, test="t", stages=("curves", "final", "tune"),
+                        horizons=(8, 16, 32, 64), length_metric="val_MAP@R",
                         length_tol=0.005, planned=True, class_curves_every=4,
                         budget_cpu_h={"small_cnn/smooth_ap": 7.0, "small_cnn/recall_surrogate": 3.0,
                                       "conv_vit_tiny/smooth_ap": 1.5},
@@ -281,7 +285,7 @@ def _converged_protocol(scale: str, smoke: bool) -> Protocol:
         return Protocol(backbones=("small_cnn", "conv_vit_tiny", "resnet18"), losses=("smooth_ap", "recall_surrogate"),
                         glyph_size="default", val_fraction=0.2, max_epochs=80, curve_seeds=(0, 1, 2),
                         tune_seeds=(100, 101, 102), final_seeds=(), plateau_tol=0.0, r1_tol=0.005, tcm_grid=_GRID,
-                        train={**_TRAIN_CONVERGED, "amp": "bf16", "channels_last": True},
+                        train={**_TRAIN_CONVERGED, "amp": "bf16", "channels_last": True}, stages=("curves", "final", "tune"),
                         backbone_train={"resnet18": {"small_input": True, "lr": 3e-4}}, test="t",
                         horizons=(10, 20, 40, 80), length_metric="val_MAP@R", length_tol=0.005, planned=True,
                         class_curves_every=4,
@@ -661,7 +665,9 @@ def stage_configs(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str,
                 for s in p.tune_seeds for v, t in (("base", None), *grid.items())]
     if stage == "final":
         chosen = selected_setting(p, runs, backbone, loss) if "tune" in p.stages and grid else paper
-        if chosen is None:
+        if chosen is None and p.planned:
+            chosen = paper  # the primary pairs first; the selected margins join once tuning has chosen them
+        elif chosen is None:
             return None
         seeds = final_seeds(p, backbone, loss)
         if seeds is None:
@@ -843,7 +849,8 @@ def reproduce(study: str = "ch07", *, scale: str | None = None, only: Sequence[s
     new = 0
     donors = _donors(p, scale, results_root, smoke)
     for backbone, loss in chosen:
-        for stage in p.stages:
+        # a planned study's final stage runs again after tuning: the selected margins join it then
+        for stage in (*p.stages, *(("final",) if p.planned and p.stages[-1] == "tune" else ())):
             if stage == "final" and p.planned and (smoke if smoke is not None else is_smoke()):
                 # smoke mode plans as it goes; a real study's plan is written and committed by hand first
                 write_plan(study, scale=scale, results_root=results_root, smoke=smoke)
