@@ -28,7 +28,8 @@ from scipy import stats
 __all__ = ["paired_comparison", "holm"]
 
 
-def paired_comparison(base: Sequence[float], treat: Sequence[float], *, confidence: float = 0.95) -> dict[str, Any]:
+def paired_comparison(base: Sequence[float] | np.ndarray, treat: Sequence[float] | np.ndarray, *,
+                      confidence: float = 0.95) -> dict[str, Any]:
     """Summarise ``treat - base`` over paired runs (same seed in both lists, same order).
 
     Returns a dict: ``n``, ``base_mean``, ``treat_mean``, ``delta`` (mean paired change), ``ci_low`` /
