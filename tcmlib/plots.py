@@ -171,7 +171,7 @@ def threshold_schematic(ax: Any = None, *, tcm: bool = False) -> Any:
     ax.axvline(_THRESHOLD, color="black", lw=1.5)
     ax.text(_THRESHOLD, 1.2, f"one threshold\naccept if s $\\geq$ {_THRESHOLD:g}", ha="center",
             va="bottom", fontsize=8, bbox=dict(fc="white", ec="none", pad=1))
-    for m, label, side in ((_M_NEG, f" $m^-$ = {_M_NEG:g}", "left"),
+    for m, label, side in ((_M_NEG, f"$m^-$ = {_M_NEG:g} ", "right"),
                            (_M_POS, f"$m^+$ = {_M_POS:g} ", "right")):
         ax.axvline(m, color="0.4", lw=1, ls=":")
         ax.text(m, 1.02, label, ha=side, va="bottom", fontsize=8, color="0.3")
