@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--results", default=None, help="results root (default: <repo>/results)")
     args = parser.parse_args(argv)
     if args.max_runs is not None and args.max_runs < 0:
-        parser.error(f"--max-runs must be >= 0 (how many new runs to train before stopping), got {args.max_runs}")
+        rep.error(f"--max-runs must be >= 0 (how many new runs to train before stopping), got {args.max_runs}")
     command = shlex.join(["python", "-m", "tcmlib.experiments", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "plan":
         try:
