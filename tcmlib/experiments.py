@@ -288,10 +288,11 @@ def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.P
                 warnings.warn(msg, stacklevel=2)
                 print(msg, file=sys.stderr)
                 _clear(run_dir)
-        # new or interrupted: fit() resumes from the newest checkpoint if there is one
+        # new or interrupted: fit() resumes from the newest checkpoint if there is one, else starts over
+        # (restart: this folder is the cache's own, named by the config's key, and holds no finished run)
         quiet = not cfg.progress if quiet is None else quiet
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            result = fit(cfg, resume=True, run_dir=str(run_dir))
+            result = fit(cfg, resume=True, restart=True, run_dir=str(run_dir))
         state = result.model.state_dict()
         _atomic_write(run_dir / "model.pt", lambda fh: torch.save(state, fh))
         summary = {"key": key, "config": dataclasses.asdict(cfg), "final": result.final, "history": result.history,

@@ -139,6 +139,19 @@ def test_restart_never_deletes_checkpoints(tmp_path: Path) -> None:
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 0
 
 
+def test_run_cached_starts_over_in_its_own_unfinished_entry(tmp_path: Path) -> None:
+    """The cache's folder (named by the config key) killed after a result but before a checkpoint: retrained."""
+    import tcmlib.experiments as ex
+
+    cfg = tiny(tmp_path / "ignored")
+    entry = tmp_path / "cache" / f"{ex.run_name(cfg)}-{ex.config_key(cfg)}"
+    entry.mkdir(parents=True)
+    (entry / "config.yaml").write_text(yaml.safe_dump(dict(vars(cfg))))
+    (entry / "metrics.jsonl").write_text('{"epoch": 1, "marker": "half-written run"}\n')
+    res = ex.run_cached(cfg, cache_dir=tmp_path / "cache")
+    assert res.trained and res.run_dir == entry and "marker" not in res.final and res.final["epoch"] == 1
+
+
 # --------------------------------------------------------------------------- tcmlib-eval outputs
 
 @pytest.fixture
