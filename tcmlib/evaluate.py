@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ PROGRESS_MIN_N = 20_000  # show a progress bar (stderr) from this many samples o
 # ----------------------------------------------------------------------------- files
 def _read(path: str | Path, what: str) -> np.ndarray | dict[str, np.ndarray]:
     p = Path(path)
+    if p.is_dir():
+        inside = sorted(f.name for f in p.iterdir() if f.suffix in (".npy", ".npz"))[:5]
+        hint = f" (it holds {', '.join(inside)}{', ...' if len(inside) == 5 else ''})" if inside else ""
+        raise FileNotFoundError(f"{what} file {p} is a folder, not a file{hint}; pass the path of the .npy / "
+                                ".npz file itself")
     if not p.is_file():
         raise FileNotFoundError(f"{what} file {p} does not exist (save arrays with numpy.save / numpy.savez)")
     try:
@@ -332,12 +338,56 @@ def _pair(files: list[str] | None, what: str) -> tuple[np.ndarray, np.ndarray] |
     return emb, lab
 
 
+def _check_plot_path(path: str) -> None:
+    """Refuse a ``--plot`` path that cannot be written, before any work: ``ValueError`` saying why and what to do."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    p = Path(path)
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if p.is_dir():
+        raise ValueError(f"--plot {p} is a folder; give a file name in it, such as {p / 'curves.png'}")
+    if p.suffix.lower().lstrip(".") not in formats:
+        raise ValueError(f"--plot {p}: the file name must end in a figure format ({', '.join(formats)}), "
+                         "such as curves.png")
+    folder = p.parent
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--plot {p}: {folder} is a file, not a folder; choose another path")
+    if not folder.is_dir():
+        raise ValueError(f"--plot {p}: the folder {folder} does not exist; create it first (mkdir -p {folder}) "
+                         "or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--plot {p}: {p if p.exists() else folder} is not writable; choose another path")
+
+
+def _save_plot(result: EvalReport, path: str) -> str | None:
+    """Draw and save the figure; the reason it failed, or None (the report is printed either way)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    try:
+        fig = result.plot()
+        fig.savefig(path, dpi=120)
+    except Exception as e:  # noqa: BLE001 -- any failure here must not cost the report
+        return f"{type(e).__name__}: {' '.join(str(e).split())}"
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``tcmlib-eval`` command; returns the exit status (2 for bad input, with a one-line reason)."""
+    """The ``tcmlib-eval`` command; returns the exit status (2 for bad input, with a one-line reason).
+
+    Output options are checked before the work; the report (text or JSON) is printed even when the
+    figure cannot be saved (then exit status 1, with the reason on stderr).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         _check_far_target(args.far, "--far")
+        if args.plot:
+            _check_plot_path(args.plot)
         emb, lab, groups = load_arrays(args.embeddings, args.labels)
         if args.groups is not None:
             g = _read(args.groups, "groups")
@@ -358,17 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"tcmlib-eval: error: {e}", file=sys.stderr)
         return 2
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        result.plot().savefig(args.plot, dpi=120)
+    plot_error = _save_plot(result, args.plot) if args.plot else None
+    saved = args.plot if args.plot and plot_error is None else None
     if args.json:
-        print(json.dumps({**result.to_dict(), "plot": args.plot}, indent=2))
+        print(json.dumps({**result.to_dict(), "plot": saved}, indent=2))
     else:
         print(result.to_text())
-        if args.plot:
-            print(f"\nfigure: {args.plot}")
+        if saved:
+            print(f"\nfigure: {saved}")
+    if plot_error is not None:
+        print(f"tcmlib-eval: error: the report is complete, but the figure was not saved to {args.plot}: "
+              f"{plot_error}", file=sys.stderr)
+        return 1
     return 0
 
 

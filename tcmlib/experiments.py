@@ -288,10 +288,11 @@ def run_cached(config: TrainConfig | Mapping[str, Any], *, cache_dir: str | os.P
                 warnings.warn(msg, stacklevel=2)
                 print(msg, file=sys.stderr)
                 _clear(run_dir)
-        # new or interrupted: fit() resumes from the newest checkpoint if there is one
+        # new or interrupted: fit() resumes from the newest checkpoint if there is one, else starts over
+        # (restart: this folder is the cache's own, named by the config's key, and holds no finished run)
         quiet = not cfg.progress if quiet is None else quiet
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            result = fit(cfg, resume=True, run_dir=str(run_dir))
+            result = fit(cfg, resume=True, restart=True, run_dir=str(run_dir))
         state = result.model.state_dict()
         _atomic_write(run_dir / "model.pt", lambda fh: torch.save(state, fh))
         summary = {"key": key, "config": dataclasses.asdict(cfg), "final": result.final, "history": result.history,
@@ -451,6 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--scale", choices=("cpu", "gpu"), default=None, help="default: $TCMLIB_SCALE or cpu")
     pl.add_argument("--results", default=None, help="results root (default: <repo>/results)")
     args = parser.parse_args(argv)
+    if args.max_runs is not None and args.max_runs < 0:
+        rep.error(f"--max-runs must be >= 0 (how many new runs to train before stopping), got {args.max_runs}")
     command = shlex.join(["python", "-m", "tcmlib.experiments", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "plan":
         try:

@@ -513,6 +513,13 @@ def load_runs(path: str | os.PathLike) -> list[dict[str, Any]]:
             if i == len(lines) - 1:
                 continue  # interrupted while appending: that run is simply not finished
             raise ValueError(f"{path}:{i + 1} is not valid JSON ({e}); fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{i + 1} is a JSON {type(record).__name__}, not a run record (an object); "
+                             "fix or delete that line")
+        missing = [k for k in ("stage", "key") if k not in record]
+        if missing:
+            raise ValueError(f"{path}:{i + 1}: the run record lacks its {' and '.join(missing)} field (every "
+                             "line of a runs.jsonl names its stage and config key); fix or delete that line")
         if (record.get("stage"), record.get("key")) in seen:
             continue  # one run recorded twice (two processes raced): the same config, the first counts
         seen.add((record.get("stage"), record.get("key")))

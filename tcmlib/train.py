@@ -9,7 +9,7 @@ From a notebook::
 
 From a shell (``tcmlib-train`` is the same)::
 
-    python -m tcmlib.train --config glyphs_tiny [--resume] [--override epochs=3 tcm=true]
+    python -m tcmlib.train --config glyphs_tiny [--resume] [--restart] [--override epochs=3 tcm=true]
 
 ``--config`` takes the name of a config that ships with tcmlib (``tcmlib/configs/<name>.yaml``,
 listed by :func:`available_configs`; no checkout needed, e.g. on Colab) or the path of a YAML file.
@@ -348,6 +348,29 @@ def available_configs() -> list[str]:
     return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
+class _DuplicateKeyError(ValueError):
+    """A YAML mapping gives one key twice (PyYAML would silently keep the last value)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping giving a key twice, naming the key and both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may be overridden, that is its point
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKeyError(f"key {key!r} is given twice (lines {first[key]} and {line}); keep one")
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_config(path: str | Path) -> dict[str, Any]:
     """The YAML mapping of ``path``: an existing file, else the packaged config of that name."""
     text = str(path)
@@ -361,7 +384,9 @@ def _read_config(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"no config file or packaged config named {text!r}; packaged configs: {', '.join(names)}")
         source = _packaged_configs().joinpath(f"{name}.yaml").read_text()
     try:
-        loaded = yaml.safe_load(source)
+        loaded = yaml.load(source, Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as e:
+        raise _DuplicateKeyError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
     if loaded is not None and not isinstance(loaded, dict):
@@ -459,7 +484,7 @@ def embed(
     amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed a whole data set in eval mode: ``(embeddings (N, D) float32 on CPU, labels (N,))``."""
-    device = torch.device(device)
+    device = _usable_device(device, "embed")
     amp_dtype = resolve_amp(amp, device)[0]
     was_training = model.training
     model.eval()
@@ -577,6 +602,24 @@ def resolve_amp(amp: str | None, device: str | torch.device) -> tuple[torch.dtyp
     return AMP_DTYPES[amp], amp == "fp16"
 
 
+def _usable_device(device: str | torch.device, caller: str) -> torch.device:
+    """``torch.device(device)`` if this machine has it, else ``ValueError`` saying what to pass instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{caller}(device={device!r}): not a device name; pass 'cpu', 'cuda', 'cuda:<index>' "
+                         "or 'mps'") from None
+    fix = "pass device='cpu', or tcmlib.runtime.default_device() for the best one this machine has"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{caller}(device={device!r}): torch sees no CUDA GPU on this machine; {fix}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{caller}(device={device!r}): this machine has only {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0; {fix}")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{caller}(device={device!r}): MPS is not available on this machine; {fix}")
+    return dev
+
+
 def _resolve_device(name: str) -> torch.device:
     """``auto`` -> the best available; otherwise the device named, if this machine has it (else ValueError)."""
     if name == "auto":
@@ -594,28 +637,72 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
+def _config_differences(saved: dict[str, Any], cfg: TrainConfig, label: str,
+                        safe: Sequence[str] = RESUME_SAFE_FIELDS) -> tuple[list[str], str]:
+    """``(keys, detail)``: the fields outside ``safe`` where a stored config differs from ``cfg``.
+
+    ``detail`` reads ``"lr: <label> 0.001, now 0.01; ..."``.
+    """
+    now = dataclasses.asdict(cfg)
+    saved = {**LEGACY_VALUES, **saved}  # a config written before a field existed ran with its old meaning
+    try:  # the stored values through the same normalisation (YAML strings -> floats, ...)
+        saved = dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in now}))
+    except (TypeError, ValueError):
+        pass
+    differ = sorted(k for k in now if k not in safe and saved.get(k) != now[k])
+    return differ, "; ".join(f"{k}: {label} {saved.get(k)!r}, now {now[k]!r}" for k in differ)
+
+
 def _check_resume_config(saved: dict[str, Any] | None, cfg: TrainConfig, path: Path) -> None:
     """Refuse to resume a checkpoint under a config that differs in a field not in RESUME_SAFE_FIELDS."""
     if saved is None:
         warnings.warn(f"{path} stores no config; cannot check that the resumed run matches it")
         return
-    now = dataclasses.asdict(cfg)
-    saved = {**LEGACY_VALUES, **saved}  # a checkpoint written before a field existed ran with its old meaning
-    try:  # the checkpoint's values through the same normalisation (YAML strings -> floats, ...)
-        saved = dataclasses.asdict(TrainConfig(**{k: v for k, v in saved.items() if k in now}))
-    except (TypeError, ValueError):
-        pass
     # a cosine schedule spans `epochs`: changing it changes every later learning rate
-    safe = [f for f in RESUME_SAFE_FIELDS if not (f == "epochs" and cfg.lr_schedule == "cosine")]
-    differ = sorted(k for k in now if k not in safe and saved.get(k) != now[k])
+    safe = tuple(f for f in RESUME_SAFE_FIELDS if not (f == "epochs" and cfg.lr_schedule == "cosine"))
+    differ, detail = _config_differences(saved, cfg, "checkpoint", safe)
     if differ:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in differ)
         raise ValueError(f"cannot resume {path}: the config differs in {differ} ({detail}). Only "
                          f"{', '.join(safe)} may change on resume; use the run's own config "
                          f"({Path(cfg.run_dir) / 'config.yaml'} before this call) or a new run_dir")
 
 
-def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False,
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, *, resume: bool) -> None:
+    """Refuse to start a run over a folder (without checkpoints) that holds another run's record.
+
+    A run folder is a record: ``config.yaml`` that differs from ``cfg`` (outside RESUME_SAFE_FIELDS),
+    or that cannot be read, and any ``metrics.jsonl`` results would be overwritten by a fresh start,
+    so both raise ``FileExistsError`` naming what is there; ``fit(..., restart=True)`` (``--restart``)
+    is the explicit way to start over.  A folder holding only this run's own ``config.yaml`` (a run
+    stopped before its first result) starts again without a word.
+    """
+    found = []
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        try:
+            saved = yaml.safe_load(saved_path.read_text())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            saved = None
+        if not isinstance(saved, dict):
+            found.append("a config.yaml that does not read as a run config")
+        else:
+            differ, detail = _config_differences(saved, cfg, "config.yaml")
+            if differ:
+                found.append(f"another run's config.yaml (it differs in {differ}: {detail})")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        n = sum(1 for line in metrics.read_text(errors="replace").splitlines() if line.strip())
+        found.append(f"the results of a run (metrics.jsonl, {n} epoch record{'s' * (n != 1)})")
+    if not found:
+        return
+    what = " and ".join(found)
+    head = (f"cannot resume {run_dir}: it holds {what}, but no checkpoint to resume from" if resume
+            else f"{run_dir} holds {what}")
+    raise FileExistsError(f"{head}; starting over would overwrite them. Pass --restart (fit(..., restart=True)) to "
+                          "train from scratch there, replacing its config.yaml and metrics, or choose a new run_dir")
+
+
+def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, restart: bool = False,
         train_data: Dataset | None = None, test_data: Dataset | None = None, val_data: Dataset | None = None,
         **kwargs: Any) -> FitResult:
     """Train and evaluate as ``config`` says (a :class:`TrainConfig`, a dict, or keyword arguments).
@@ -624,6 +711,9 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         config: the run; keyword arguments override its fields.
         resume: continue from the newest checkpoint in ``run_dir`` (start fresh if there is none).
             Without it, a ``run_dir`` that already holds checkpoints is an error.
+        restart: start over in a ``run_dir`` without checkpoints that holds another run's
+            ``config.yaml`` or any ``metrics.jsonl`` (removed first); without it, such a folder is an
+            error (``FileExistsError``), with or without ``resume``.  Checkpoints are never deleted.
         train_data, test_data: use these data sets (items ``(image tensor, label)``, a ``labels``
             attribute on the train set) instead of loading ``config.dataset``.
         val_data: validation classes to score at every evaluation (keys ``val_R@1``, ``val_OPIS``,
@@ -653,7 +743,17 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints ({ckpt_path.name}); pass resume=True "
-                              "(--resume) to continue that run, or choose a new run_dir")
+                              "(--resume) to continue that run, or choose a new run_dir"
+                              + (" (restart does not delete checkpoints)" if restart else ""))
+    if ckpt_path is None:
+        if not restart:
+            _check_run_dir(run_dir, cfg, resume=resume)
+        distributed.barrier()  # every rank has read the folder before rank 0 writes to it
+        if master and restart:
+            for replaced in (run_dir / "metrics.jsonl", run_dir / "metrics.csv"):
+                if replaced.is_file():
+                    replaced.unlink()
+                    say(f"restart: removed {replaced}")
     if master:
         for stale in remove_stale_temporaries(run_dir):
             say(f"removed {stale}, the temporary file of an interrupted checkpoint write")
@@ -918,18 +1018,21 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tcmlib.train --config NAME_OR_PATH [--resume] [--override key=value ...]``."""
+    """``python -m tcmlib.train --config NAME_OR_PATH [--resume] [--restart] [--override key=value ...]``."""
     parser = argparse.ArgumentParser(prog="tcmlib-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True,
                         help="a packaged config name (glyphs_tiny, glyphs_small_cnn_smooth_ap, ...; "
                              "tcmlib.train.available_configs()) or the path of a YAML file of TrainConfig keys")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run_dir")
+    parser.add_argument("--restart", action="store_true",
+                        help="start over in a run_dir without checkpoints that holds another run's config.yaml "
+                             "or results (metrics.jsonl), replacing them")
     parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config keys; values are parsed as YAML (epochs=3, tcm=true, amp=null)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
-        result = fit(cfg, resume=args.resume)
+        result = fit(cfg, resume=args.resume, restart=args.restart)
     except (ValueError, OSError, FloatingPointError) as e:  # user errors: one line, no traceback
         # (ValueError covers bad configs, YAML and corrupt checkpoints; OSError missing / unreadable files)
         msg = " ".join(str(e).split()) or type(e).__name__
