@@ -702,6 +702,38 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, *, resume: bool) -> None:
                           "train from scratch there, replacing its config.yaml and metrics, or choose a new run_dir")
 
 
+@dataclass
+class _Parts:
+    """What a training run is made of: built once by :func:`_build_parts`, never saved (the weights are)."""
+
+    model: Embedder  # the embedder; ``net`` is it or its DDP wrapper (what a step runs)
+    net: nn.Module
+    criterion: nn.Module  # base loss (+ TCM)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    amp_dtype: torch.dtype | None
+    chunk: int | None  # gradient-cache chunk, None: the whole local batch in one pass
+    sampler: MPerClassBatchSampler
+    seeded: SeededAugmentation | None  # per-image augmentation seeds (augment_rng: sample)
+    loader: DataLoader
+    loader_gen: torch.Generator
+
+
+@dataclass
+class _State:
+    """What a run has done so far: saved in every checkpoint and restored on resume."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimiser steps taken
+    start_batch: int = 0  # batches of epoch ``epoch`` already trained (a mid-epoch checkpoint)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per finished epoch
+    best: dict[str, Any] = field(default_factory=dict)  # the best evaluation so far (by val R@1, else R@1)
+    sums: dict[str, Any] = field(default_factory=dict)  # running sums of the epoch in progress
+    loss_ref: float | None = None  # the first step's loss (divergence guard)
+    norm_ref: float = 1.0  # the initial weights' norm (divergence guard; not saved: rebuilt from the seed)
+
+
 def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = False, restart: bool = False,
         train_data: Dataset | None = None, test_data: Dataset | None = None, val_data: Dataset | None = None,
         **kwargs: Any) -> FitResult:
@@ -726,20 +758,56 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         ``FloatingPointError`` when the loss or the weights stop being finite (the last good
         checkpoint is kept).
     """
-    if isinstance(config, TrainConfig):
-        cfg = dataclasses.replace(config, **kwargs)
-    else:
-        cfg = load_config(None, **{**(config or {}), **kwargs})
+    cfg = dataclasses.replace(config, **kwargs) if isinstance(config, TrainConfig) else \
+        load_config(None, **{**(config or {}), **kwargs})
     cfg.validate()
     ddp = distributed.launched()  # under torchrun: one process per device, see tcmlib.distributed
-    if ddp:
-        device, own_group = distributed.setup(cfg.device)
-    else:
-        device, own_group = _resolve_device(cfg.device), False
-    rank, world = distributed.rank(), distributed.world_size()
-    master = rank == 0  # writes checkpoints, metrics and progress
+    device, own_group = distributed.setup(cfg.device) if ddp else (_resolve_device(cfg.device), False)
+    master = distributed.rank() == 0  # writes checkpoints, metrics and progress
     say: Callable[[str], None] = tqdm.write if master else (lambda _: None)
     run_dir = Path(cfg.run_dir)
+    ckpt_path, ckpt = _open_run_dir(cfg, run_dir, device, resume=resume, restart=restart, say=say)
+    was_deterministic = _set_determinism(cfg, device)
+    seed_everything(cfg.seed)
+
+    # data, model, loss, optimiser (in this order: the model's initial weights come from the seeded generator)
+    if train_data is None or test_data is None:
+        train_data, split_val, test_data, in_channels = build_splits(cfg)
+        val_data = split_val if val_data is None else val_data
+    else:
+        in_channels = int(train_data[0][0].shape[0])
+    _check_data(cfg, train_data, test_data, val_data)
+    parts = _build_parts(cfg, train_data, in_channels, device, say)
+    state = _State(norm_ref=max(_param_norm(parts.model, parts.criterion), 1.0))
+    if ckpt is not None:
+        state = _restore(ckpt, parts, state, cfg, run_dir, ckpt_path, say)
+    last_path = ckpt_path
+
+    for epoch in range(state.epoch, cfg.epochs):
+        _train_epoch(cfg, parts, state, epoch, device, run_dir, say)
+        rec = _epoch_record(parts, state, epoch)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            _guard_weights(parts, state, run_dir)
+            rec |= _evaluate_epoch(cfg, parts.model, val_data, test_data, device, last=epoch + 1 == cfg.epochs)
+            _keep_best(state, rec, epoch, val_data is not None, say)
+        state.history.append(rec)
+        state.epoch, state.start_batch = epoch + 1, 0
+        if master:
+            _write_metrics(run_dir, state.history)
+        last_path = _checkpoint(cfg, parts, state, run_dir, say)
+
+    torch.use_deterministic_algorithms(was_deterministic)
+    if own_group:
+        distributed.shutdown()
+    return FitResult(history=state.history, final=state.history[-1] if state.history else {}, run_dir=run_dir,
+                     model=parts.model, checkpoint=last_path)
+
+
+def _open_run_dir(cfg: TrainConfig, run_dir: Path, device: torch.device, *, resume: bool, restart: bool,
+                  say: Callable[[str], None]) -> tuple[Path | None, dict[str, Any] | None]:
+    """Check ``run_dir`` (a record: nothing overwritten by mistake), choose the checkpoint to resume, write
+    ``config.yaml``.  Returns ``(checkpoint path, checkpoint)`` or ``(None, None)`` for a fresh start."""
+    master, world = distributed.rank() == 0, distributed.world_size()
     ckpt_path = latest_checkpoint(run_dir)
     if ckpt_path is not None and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints ({ckpt_path.name}); pass resume=True "
@@ -763,7 +831,7 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
             found = newest_loadable_checkpoint(run_dir, map_location=device)
             assert found is not None
             ckpt_path, ckpt = found
-        if ddp:
+        if distributed.launched():
             ckpt_path = distributed.broadcast_object(ckpt_path)
             ckpt = ckpt if master else read_checkpoint(ckpt_path, map_location=device)
         assert ckpt is not None and ckpt_path is not None
@@ -780,42 +848,51 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "config.yaml", "w") as fh:
             yaml.safe_dump(dataclasses.asdict(cfg), fh, sort_keys=False)
-            if ddp:  # how the run was launched, not what it trains: a comment, so the file still loads
+            if distributed.launched():  # how the run was launched, not what it trains: a comment, so the file loads
                 fh.write(f"# world_size: {world}\n")
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if cfg.deterministic:  # bit-exact reruns and resumes (restored to the previous setting on return)
+    return ckpt_path, ckpt
+
+
+def _set_determinism(cfg: TrainConfig, device: torch.device) -> bool:
+    """Deterministic kernels when ``cfg.deterministic`` (bit-exact reruns), else cuDNN's autotuner on CUDA (every
+    batch has the same shape).  Returns the previous deterministic setting, restored when ``fit`` returns."""
+    was = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":  # every batch has the same shape: let cuDNN time its kernels once and keep the fastest
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    seed_everything(cfg.seed)
+    return was
 
-    # data: m-per-class batches from the train classes; the test classes are disjoint
-    if train_data is None or test_data is None:
-        train_data, split_val, test_data, in_channels = build_splits(cfg)
-        val_data = split_val if val_data is None else val_data
-    else:
-        in_channels = int(train_data[0][0].shape[0])
+
+def _check_data(cfg: TrainConfig, train_data: Dataset, test_data: Dataset, val_data: Dataset | None) -> None:
+    """Refuse data sets the run cannot use: no ``labels``, splits too small for ``eval_ks``, too few classes for a
+    batch, a batch that does not split evenly over the processes."""
     if not hasattr(train_data, "labels"):
         raise ValueError("train_data must expose a .labels array (one class id per sample) for m-per-class "
                          "batch sampling; tcmlib's datasets do, wrap yours or add the attribute")
-    train_labels = torch.as_tensor(getattr(train_data, "labels"))  # (N_train,)
     for name, data in (("test", test_data), ("validation", val_data)):
         n_eval = len(data) if data is not None and hasattr(data, "__len__") else None
         if n_eval is not None and max(cfg.eval_ks) >= n_eval:
             raise ValueError(f"config key 'eval_ks' = {cfg.eval_ks}: the {name} split has only {n_eval} samples, "
                              f"so R@k needs k < {n_eval}; drop the larger ks")
-    n_classes = int(train_labels.unique().numel())
+    n_classes = int(torch.as_tensor(getattr(train_data, "labels")).unique().numel())
     if n_classes < cfg.batch_size // cfg.m:
         raise ValueError(f"batch_size / m = {cfg.batch_size // cfg.m} classes per batch, but the train split "
                          f"has only {n_classes} classes; lower batch_size or raise m")
-    if cfg.batch_size % world:
-        raise ValueError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the {world} "
-                         "processes (each takes an equal slice of every batch)")
-    sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed, num_replicas=world,
-                                    rank=rank)
+    if cfg.batch_size % distributed.world_size():
+        raise ValueError(f"config key 'batch_size' = {cfg.batch_size} must be a multiple of the "
+                         f"{distributed.world_size()} processes (each takes an equal slice of every batch)")
+
+
+def _build_parts(cfg: TrainConfig, train_data: Dataset, in_channels: int, device: torch.device,
+                 say: Callable[[str], None]) -> _Parts:
+    """Batches (m per class, this rank's slice), the model (DDP-wrapped under torchrun), loss, optimiser, schedule
+    and AMP.  The random draws happen in a fixed order (model, then loss), after ``seed_everything(cfg.seed)``."""
+    rank, world, ddp = distributed.rank(), distributed.world_size(), distributed.launched()
+    train_labels = torch.as_tensor(getattr(train_data, "labels"))  # (N_train,)
+    sampler = MPerClassBatchSampler(train_labels, cfg.m, cfg.batch_size, seed=cfg.seed, num_replicas=world, rank=rank)
     seeded = SeededAugmentation(train_data, cfg.seed) if cfg.augment_rng == "sample" else None
-    train_data = seeded or train_data  # each image's augmentation: a function of (seed, epoch, index) alone
     # The loader's own generator: creating an iterator draws a worker base seed from it, which would
     # otherwise come from the global RNG and shift every later draw after a mid-epoch resume.
     loader_gen = torch.Generator()
@@ -823,198 +900,217 @@ def fit(config: TrainConfig | dict[str, Any] | None = None, *, resume: bool = Fa
     if workers < cfg.num_workers:
         say(f"num_workers {cfg.num_workers} -> {workers} (prefetch {prefetch}): {os.cpu_count()} CPUs, batches of "
             f"{cfg.batch_size // world} images in flight within {HOST_SHARE:.0%} of the host memory (tcmlib.memory)")
-    loader = DataLoader(train_data, batch_sampler=sampler, num_workers=workers, prefetch_factor=prefetch or None,
-                        pin_memory=device.type == "cuda", generator=loader_gen)
+    loader = DataLoader(seeded or train_data, batch_sampler=sampler, num_workers=workers,
+                        prefetch_factor=prefetch or None, pin_memory=device.type == "cuda", generator=loader_gen)
 
-    # model, loss, optimiser, schedule, AMP
     model = build_embedder(cfg.backbone, cfg.dim, cfg.pretrained, in_channels, small_input=cfg.small_input,
                            image_size=input_size(cfg), frozen_bn=cfg.frozen_bn).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net: nn.Module = model  # what the training step runs: the model, or its DDP wrapper
-    if ddp:  # BatchNorm that trains sees the global batch, as in one process
+    net: nn.Module = model
+    if ddp:  # BatchNorm that trains sees the global batch, as in one process; DDP copies rank 0's weights
         sync_batchnorm(model, device)
-    if ddp:  # (DDP copies rank 0's weights to every rank)
-        ids = [device.index] if device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = make_loss(cfg.loss, tcm=cfg.tcm, num_classes=int(train_labels.max()) + 1, embedding_size=cfg.dim,
                           **cfg.loss_kwargs).to(device)
     optimizer = _make_optimizer(cfg, model, criterion)
-    scheduler = _make_scheduler(cfg, optimizer)
     amp_dtype, use_scaler = resolve_amp(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    local_batch = cfg.batch_size // world
-    chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < local_batch else None
+    chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < cfg.batch_size // world else None
     if chunk is not None and any(isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training
                                  for mod in model.modules()):
         warnings.warn("gradient cache with BatchNorm in train mode: BN statistics are per chunk, so the gradient "
                       "is not exactly the full-batch one (freeze BN for exactness, see tcmlib.gradcache)")
-
     if ddp:
         distributed.broadcast_module(criterion)  # the loss's parameters (proxies) as rank 0 drew them
         if rank > 0:  # from here on each rank draws its own dropout numbers (augment_rng process: augmentation too)
             seed_everything(cfg.seed + 1_000_003 * rank)
+    return _Parts(model=model, net=net, criterion=criterion, optimizer=optimizer,
+                  scheduler=_make_scheduler(cfg, optimizer),
+                  scaler=torch.amp.GradScaler(device.type) if use_scaler else None, amp_dtype=amp_dtype, chunk=chunk,
+                  sampler=sampler, seeded=seeded, loader=loader, loader_gen=loader_gen)
 
-    norm_ref = max(_param_norm(model, criterion), 1.0)  # divergence guard: the initial weights' norm
-    loss_ref: float | None = None  # and the first step's loss
 
-    # resume
-    epoch0, step, history, best, sums = 0, 0, [], {}, {}
-    sampler_state: dict[str, Any] | None = None
-    if ckpt_path is not None and ckpt is not None:
-        apply_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=criterion,
-                         rank=rank)
-        epoch0, step, best = ckpt["epoch"], ckpt["step"], ckpt["best"]
-        history, sums, sampler_state = ckpt["extra"]["history"], ckpt["extra"]["sums"], ckpt["sampler"]
-        loss_ref = ckpt["extra"].get("loss_ref")
-        assert sampler_state is not None
-        if master:
-            _write_metrics(run_dir, history)  # drop lines written after that checkpoint
-        if epoch0 >= cfg.epochs:
-            say(f"{run_dir} holds a finished run ({epoch0} of {cfg.epochs} epochs, step {step}, {ckpt_path}); "
-                "nothing to train. Raise epochs to train on")
-        else:
-            say(f"resumed from {ckpt_path} (epoch {epoch0 + 1}, batch {sampler_state['start_batch']}, "
-                f"step {step})")
+def _restore(ckpt: dict[str, Any], parts: _Parts, state: _State, cfg: TrainConfig, run_dir: Path,
+             ckpt_path: Path | None, say: Callable[[str], None]) -> _State:
+    """Load a checkpoint into the parts and return the state it saved (metrics.jsonl rewritten to match it)."""
+    apply_checkpoint(ckpt, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
+                     scaler=parts.scaler, loss=parts.criterion, rank=distributed.rank())
+    state = _State(epoch=ckpt["epoch"], step=ckpt["step"], start_batch=ckpt["sampler"]["start_batch"],
+                   history=ckpt["extra"]["history"], best=ckpt["best"], sums=ckpt["extra"]["sums"],
+                   loss_ref=ckpt["extra"].get("loss_ref"), norm_ref=state.norm_ref)
+    if distributed.rank() == 0:
+        _write_metrics(run_dir, state.history)  # drop lines written after that checkpoint
+    if state.epoch >= cfg.epochs:
+        say(f"{run_dir} holds a finished run ({state.epoch} of {cfg.epochs} epochs, step {state.step}, {ckpt_path}); "
+            "nothing to train. Raise epochs to train on")
+    else:
+        say(f"resumed from {ckpt_path} (epoch {state.epoch + 1}, batch {state.start_batch}, step {state.step})")
+    sys.stdout.flush()
+    return state
+
+
+def _guard_weights(parts: _Parts, state: _State, run_dir: Path) -> None:
+    """Raise ``FloatingPointError`` (nothing saved) when a weight is NaN / inf or the weights' norm ran away."""
+    model, criterion = parts.model, parts.criterion
+    if not _all_finite(model) or not _all_finite(criterion):
+        raise FloatingPointError(f"training diverged: weights are NaN/inf at step {state.step}; not saving them. The "
+                                 f"last good checkpoint, {latest_checkpoint(run_dir)}, is kept")
+    norm = _param_norm(model, criterion)
+    if norm > DIVERGENCE_FACTOR * state.norm_ref:
+        raise FloatingPointError(
+            f"training diverged: the weight norm is {norm:.4g} at step {state.step}, more than {DIVERGENCE_FACTOR:g} "
+            f"times the initial {state.norm_ref:.4g}; not saving them. The last good checkpoint, "
+            f"{latest_checkpoint(run_dir)}, is kept. Lower lr or raise weight_decay")
+
+
+def _checkpoint(cfg: TrainConfig, parts: _Parts, state: _State, run_dir: Path, say: Callable[[str], None]) -> Path:
+    """Save everything an exact resume needs (every rank's random state under torchrun); rank 0 writes."""
+    _guard_weights(parts, state, run_dir)
+    ddp = distributed.launched()
+    rngs = distributed.all_objects(rng_states()) if ddp else None  # every rank's, for an exact resume
+    path = run_dir / "checkpoints" / f"step-{state.step:08d}.pt"
+    if distributed.rank() == 0:
+        path = save_checkpoint(
+            run_dir, model=parts.model, step=state.step, epoch=state.epoch, optimizer=parts.optimizer,
+            scheduler=parts.scheduler, scaler=parts.scaler, loss=parts.criterion,
+            sampler_state={"epoch": state.epoch, "start_batch": state.start_batch, "seed": cfg.seed},
+            best=state.best, config=dataclasses.asdict(cfg), rank_rngs=rngs,
+            extra={"history": state.history, "sums": state.sums, "loss_ref": state.loss_ref}
+            | ({"world_size": distributed.world_size()} if ddp else {}))
+        say(f"checkpoint step {state.step} -> {path}")
         sys.stdout.flush()
-    cfg_dict = dataclasses.asdict(cfg)
+    distributed.barrier()
+    return path
 
-    def guard_weights() -> None:
-        if not _all_finite(model) or not _all_finite(criterion):
-            raise FloatingPointError(f"training diverged: weights are NaN/inf at step {step}; not saving them. The "
-                                     f"last good checkpoint, {latest_checkpoint(run_dir)}, is kept")
-        norm = _param_norm(model, criterion)
-        if norm > DIVERGENCE_FACTOR * norm_ref:
-            raise FloatingPointError(
-                f"training diverged: the weight norm is {norm:.4g} at step {step}, more than {DIVERGENCE_FACTOR:g} "
-                f"times the initial {norm_ref:.4g}; not saving them. The last good checkpoint, "
-                f"{latest_checkpoint(run_dir)}, is kept. Lower lr or raise weight_decay")
 
-    def checkpoint(epoch: int, batches_done: int) -> Path:
-        guard_weights()
-        rngs = distributed.all_objects(rng_states()) if ddp else None  # every rank's, for an exact resume
-        path = run_dir / "checkpoints" / f"step-{step:08d}.pt"
-        if master:
-            path = save_checkpoint(
-                run_dir, model=model, step=step, epoch=epoch, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                loss=criterion, sampler_state={"epoch": epoch, "start_batch": batches_done, "seed": cfg.seed},
-                best=best, config=cfg_dict, rank_rngs=rngs,
-                extra={"history": history, "sums": sums, "loss_ref": loss_ref}
-                | ({"world_size": world} if ddp else {}))
-            say(f"checkpoint step {step} -> {path}")
-            sys.stdout.flush()
-        distributed.barrier()
-        return path
-
+def _loss_fn(criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss a step minimises: on the global batch under torchrun (see tcmlib.distributed for why the gradient
+    is exact), refusing non-finite embeddings (checked after the gather, so that every rank stops alike)."""
     def loss_fn(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if ddp:  # the loss sees the global batch; see tcmlib.distributed for why the gradient is exact
+        if distributed.launched():
             emb, labels = distributed.gather_batch(emb, labels)
-        if not bool(torch.isfinite(emb).all()):  # (after the gather, so that every rank stops alike)
+        if not bool(torch.isfinite(emb).all()):
             raise FloatingPointError("the embeddings contain NaN/inf")
         return criterion(emb, labels)
+    return loss_fn
 
-    last_path = ckpt_path
-    for epoch in range(epoch0, cfg.epochs):
-        start = sampler_state["start_batch"] if sampler_state is not None and epoch == epoch0 else 0
-        if start == 0:
-            sums = {"loss": 0.0, "base": 0.0, "tcm": 0.0, "n": 0, "time": 0.0}
-        sampler.set_epoch(epoch, start_batch=start)
-        if seeded is not None:
-            seeded.set_epoch(epoch)  # (before the loader's iterator copies the data set into its workers)
-        loader_gen.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + start)  # worker seeds: a function of the position
-        n_batches = len(sampler.plan(epoch))
-        if cfg.steps_per_epoch is not None:
-            n_batches = min(n_batches, cfg.steps_per_epoch)
-        model.train()
-        t0 = time.perf_counter()
-        bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and master), leave=False, dynamic_ncols=True)
-        for b, (x, y) in enumerate(loader, start=start):
-            if b >= n_batches:
-                break
-            x = x.to(device, non_blocking=True)  # (B, C, H, W)
-            y = torch.as_tensor(y).to(device, non_blocking=True)  # (B,)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                if chunk is None:
-                    loss, _ = direct_backward(net, x, y, loss_fn, amp_dtype=amp_dtype, scaler=scaler)
-                else:
-                    loss, _ = cached_backward(net, x, y, loss_fn, chunk, amp_dtype=amp_dtype, scaler=scaler)
-                parts = isinstance(criterion, WithTCM) and criterion.last_base is not None
-                read: list[torch.Tensor] = [loss]
-                if parts:
-                    read += [criterion.last_base, criterion.last_tcm]  # type: ignore[list-item]
-                values = torch.stack([t.detach().double().reshape(()) for t in read]).tolist()  # one device read
-                loss_value = values[0]
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"the loss is {loss_value}")
-                if loss_ref is None:
-                    loss_ref = max(abs(loss_value), 1.0)
-                elif abs(loss_value) > DIVERGENCE_FACTOR * loss_ref:
-                    raise FloatingPointError(f"the loss is {loss_value:.4g}, more than {DIVERGENCE_FACTOR:g} times "
-                                             f"the first step's {loss_ref:.4g}")
-            except FloatingPointError as e:
-                raise FloatingPointError(
-                    f"training diverged at step {step + 1} (epoch {epoch + 1}, batch {b + 1}): {e}. Stopped before "
-                    f"the optimiser step; the last good checkpoint is kept: {latest_checkpoint(run_dir)}. "
-                    "Lower lr, use amp='bf16' instead of 'fp16', or check the input data"
-                ) from None
-            if ddp:  # the loss's own parameters are outside DDP: keep them equal on every rank
-                distributed.average_gradients(criterion)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            step += 1
-            base, tcm = (values[1], values[2]) if parts else (loss_value, 0.0)
-            sums["loss"] += loss_value
-            sums["base"] += base
-            sums["tcm"] += tcm
-            sums["n"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", base=f"{base:.4f}", tcm=f"{tcm:.4f}")
-            if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
-                sums["time"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                last_path = checkpoint(epoch, b + 1)
-        bar.close()
-        sums["time"] += time.perf_counter() - t0
-        scheduler.step()
 
-        n = max(sums["n"], 1)
-        rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                               "loss": sums["loss"] / n, "loss_base": sums["base"] / n, "loss_tcm": sums["tcm"] / n,
-                               "train_time_s": round(sums["time"], 3)} | ({"world_size": world} if ddp else {})
-        last = epoch + 1 == cfg.epochs
-        if (epoch + 1) % cfg.eval_every == 0 or last:
-            guard_weights()
-            t1 = time.perf_counter()
-            eval_kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
-                           num_workers=min(cfg.num_workers, os.cpu_count() or 1), channels_last=cfg.channels_last)
-            score_fn = distributed.evaluate_sharded if ddp else evaluate  # ddp: each rank embeds a shard
-            if val_data is not None:  # validation every time; the test classes only after the last epoch
-                rec.update({f"val_{k}": v for k, v in score_fn(model, val_data, **eval_kw).items()})
-            if val_data is None or last:
-                rec.update(score_fn(model, test_data, **eval_kw))
-            rec["eval_time_s"] = round(time.perf_counter() - t1, 3)
-            score = "val_R@1" if val_data is not None else "R@1"
-            if rec.get(score, -1.0) > best.get(score, -1.0):
-                best = {k: v for k, v in rec.items() if k[0].isupper() or k.startswith(("eps", "val_"))} | {"epoch": epoch + 1}
-            summary = ", ".join(f"{k} {rec[k]:.4g}" for k in rec if k[0].isupper() or k.startswith(("eps", "val_")))
-            say(f"epoch {epoch + 1}: loss {rec['loss']:.4f} (base {rec['loss_base']:.4f}, "
-                       f"tcm {rec['loss_tcm']:.4f}); {summary}")
-        history.append(rec)
-        if master:
-            _write_metrics(run_dir, history)
-        last_path = checkpoint(epoch + 1, 0)
-    torch.use_deterministic_algorithms(was_deterministic)
-    if own_group:
-        distributed.shutdown()
-    return FitResult(history=history, final=history[-1] if history else {}, run_dir=run_dir, model=model,
-                     checkpoint=last_path)
+def _train_step(parts: _Parts, state: _State, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """One optimiser step on a batch (x (B, C, H, W), y (B,)): ``(loss, base part, TCM part)``.
+
+    The loss is checked before the step (finite, within ``DIVERGENCE_FACTOR`` of the first step's); a bad one
+    raises ``FloatingPointError`` and leaves the weights as they were.
+    """
+    p = parts
+    p.optimizer.zero_grad(set_to_none=True)
+    backward = direct_backward if p.chunk is None else cached_backward
+    extra = () if p.chunk is None else (p.chunk,)
+    loss, _ = backward(p.net, x, y, _loss_fn(p.criterion), *extra, amp_dtype=p.amp_dtype,  # type: ignore[operator]
+                       scaler=p.scaler)
+    split = isinstance(p.criterion, WithTCM) and p.criterion.last_base is not None
+    read: list[torch.Tensor] = [loss]
+    if split:
+        read += [p.criterion.last_base, p.criterion.last_tcm]  # type: ignore[list-item]
+    values = torch.stack([t.detach().double().reshape(()) for t in read]).tolist()  # one device read
+    if not math.isfinite(values[0]):
+        raise FloatingPointError(f"the loss is {values[0]}")
+    if state.loss_ref is None:
+        state.loss_ref = max(abs(values[0]), 1.0)
+    elif abs(values[0]) > DIVERGENCE_FACTOR * state.loss_ref:
+        raise FloatingPointError(f"the loss is {values[0]:.4g}, more than {DIVERGENCE_FACTOR:g} times "
+                                 f"the first step's {state.loss_ref:.4g}")
+    if distributed.launched():  # the loss's own parameters are outside DDP: keep them equal on every rank
+        distributed.average_gradients(p.criterion)
+    if p.scaler is not None:
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+    else:
+        p.optimizer.step()
+    state.step += 1
+    return (values[0], values[1], values[2]) if split else (values[0], values[0], 0.0)
+
+
+def _train_epoch(cfg: TrainConfig, parts: _Parts, state: _State, epoch: int, device: torch.device, run_dir: Path,
+                 say: Callable[[str], None]) -> None:
+    """Train epoch ``epoch`` from batch ``state.start_batch`` on (a resume), checkpointing every
+    ``checkpoint_every_steps`` steps; the epoch's loss sums and time go to ``state.sums``."""
+    start = state.start_batch if epoch == state.epoch else 0
+    if start == 0:
+        state.sums = {"loss": 0.0, "base": 0.0, "tcm": 0.0, "n": 0, "time": 0.0}
+    parts.sampler.set_epoch(epoch, start_batch=start)
+    if parts.seeded is not None:
+        parts.seeded.set_epoch(epoch)  # (before the loader's iterator copies the data set into its workers)
+    parts.loader_gen.manual_seed(cfg.seed * 100_003 + epoch * 1_009 + start)  # worker seeds: a function of the position
+    n_batches = len(parts.sampler.plan(epoch))
+    if cfg.steps_per_epoch is not None:
+        n_batches = min(n_batches, cfg.steps_per_epoch)
+    parts.model.train()
+    sums, t0 = state.sums, time.perf_counter()
+    bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and distributed.rank() == 0), leave=False, dynamic_ncols=True)
+    for b, (x, y) in enumerate(parts.loader, start=start):
+        if b >= n_batches:
+            break
+        x = x.to(device, non_blocking=True)  # (B, C, H, W)
+        y = torch.as_tensor(y).to(device, non_blocking=True)  # (B,)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            loss, base, tcm = _train_step(parts, state, x, y)
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"training diverged at step {state.step + 1} (epoch {epoch + 1}, batch {b + 1}): {e}. Stopped before "
+                f"the optimiser step; the last good checkpoint is kept: {latest_checkpoint(run_dir)}. "
+                "Lower lr, use amp='bf16' instead of 'fp16', or check the input data"
+            ) from None
+        for k, v in (("loss", loss), ("base", base), ("tcm", tcm), ("n", 1)):
+            sums[k] += v
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", base=f"{base:.4f}", tcm=f"{tcm:.4f}")
+        if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+            sums["time"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            state.epoch, state.start_batch = epoch, b + 1
+            _checkpoint(cfg, parts, state, run_dir, say)
+    bar.close()
+    sums["time"] += time.perf_counter() - t0
+    parts.scheduler.step()
+
+
+def _epoch_record(parts: _Parts, state: _State, epoch: int) -> dict[str, Any]:
+    """The epoch's line of ``metrics.jsonl`` before evaluation: lr, mean loss and its parts, training time."""
+    n = max(state.sums["n"], 1)
+    return {"epoch": epoch + 1, "step": state.step, "lr": parts.optimizer.param_groups[0]["lr"],
+            "loss": state.sums["loss"] / n, "loss_base": state.sums["base"] / n, "loss_tcm": state.sums["tcm"] / n,
+            "train_time_s": round(state.sums["time"], 3)} \
+        | ({"world_size": distributed.world_size()} if distributed.launched() else {})
+
+
+def _evaluate_epoch(cfg: TrainConfig, model: nn.Module, val_data: Dataset | None, test_data: Dataset,
+                    device: torch.device, *, last: bool) -> dict[str, Any]:
+    """Validation classes every time (keys ``val_...``); the test classes only after the last epoch when there
+    are validation classes (every time otherwise).  Sharded over the processes under torchrun."""
+    t1 = time.perf_counter()
+    kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
+                              num_workers=min(cfg.num_workers, os.cpu_count() or 1), channels_last=cfg.channels_last)
+    score = distributed.evaluate_sharded if distributed.launched() else evaluate  # ddp: each rank embeds a shard
+    rec: dict[str, Any] = {}
+    if val_data is not None:
+        rec.update({f"val_{k}": v for k, v in score(model, val_data, **kw).items()})
+    if val_data is None or last:
+        rec.update(score(model, test_data, **kw))
+    rec["eval_time_s"] = round(time.perf_counter() - t1, 3)
+    return rec
+
+
+def _keep_best(state: _State, rec: dict[str, Any], epoch: int, has_val: bool, say: Callable[[str], None]) -> None:
+    """Remember the best evaluation (by validation R@1, else test R@1) and print the epoch's line."""
+    score = "val_R@1" if has_val else "R@1"
+    metrics = {k: v for k, v in rec.items() if k[0].isupper() or k.startswith(("eps", "val_"))}
+    if rec.get(score, -1.0) > state.best.get(score, -1.0):
+        state.best = metrics | {"epoch": epoch + 1}
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    say(f"epoch {epoch + 1}: loss {rec['loss']:.4f} (base {rec['loss_base']:.4f}, tcm {rec['loss_tcm']:.4f}); {summary}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
