@@ -79,7 +79,7 @@ def tile_cols(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     if request.param is not None:
         monkeypatch.setattr(opis_module, "TILE_COLS", request.param)
         monkeypatch.setattr(retrieval_module, "upper_tiles",
-                            lambda xn, chunk: _pairs.upper_tiles(xn, chunk, request.param))
+                            lambda xn, chunk, want=None: _pairs.upper_tiles(xn, chunk, request.param, want))
     return request.param
 
 
