@@ -193,10 +193,10 @@ class RetrievalPass:
             rel_r = rl & (rank[None, :] <= r[:, None])  # (B, K) rel(i) for i <= R only
             precision = rel_r.cumsum(dim=1) / rank  # (B, K) P(i), float64
             ap[s0 : s0 + step] = (precision * rel_r).sum(dim=1) / r  # (B,) 0 / 0 = NaN where R = 0
-            rp[s0 : s0 + step] = rel_r.sum(dim=1) / r
+            rp[s0 : s0 + step] = rel_r.sum(dim=1).double() / r
             if k_rr:
                 first = rl[:, :k_rr].double().argmax(dim=1)  # (B,) 0-based rank of the first relevant (0: none)
-                rr[s0 : s0 + step] = torch.where(rl[:, :k_rr].any(dim=1), 1.0 / (first + 1), 0.0)
+                rr[s0 : s0 + step] = torch.where(rl[:, :k_rr].any(dim=1), 1.0 / (first + 1).double(), 0.0)
             else:
                 rr[s0 : s0 + step] = math.nan
         # rows with a tie among their exact ranks 1..depth+1: the expectation over the tie orders
