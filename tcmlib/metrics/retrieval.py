@@ -121,7 +121,8 @@ Replay = Callable[[Want], Iterable[tuple[int, int, torch.Tensor]]]  # the same t
 
 
 class PerQuery(NamedTuple):
-    """Per-query retrieval results, (N, ...) float64; NaN where R = 0 (no relevant candidate), 0 hits there.
+    """Per-query retrieval results, (N, ...) float64.  Where R = 0 (no relevant candidate): ``ap`` and
+    ``r_precision`` NaN, ``hits`` and ``reciprocal_rank`` 0 (every average leaves these queries out).
 
     ``hits`` (N, len(ks)): 1 when a relevant candidate is among the k nearest (with ties: its
     probability); ``ap`` AP@R; ``r_precision`` (relevant among the R nearest) / R; ``reciprocal_rank``
