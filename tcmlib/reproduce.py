@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tcmlib.experiments reproduce ch07 [--scale cpu|gpu] [--only CELL ...] [--max-runs N]``."""
+    """``python -m tcmlib.experiments reproduce ch07 [--scale cpu|gpu] [--only CELL ...] [--max-runs N]`` or ``plan ch07``."""
     import argparse
     import shlex
     import sys
