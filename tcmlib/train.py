@@ -70,6 +70,7 @@ from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loada
 from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get_dataset
 from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.seeded import SeededAugmentation
+from tcmlib.data.shapes import SMALL_DATASETS, input_size  # noqa: F401 (re-exported: tcmlib.train.input_size)
 from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
 from tcmlib.embedding import AMP_DTYPES, _native_bf16, embed, resolve_amp  # noqa: F401 (tcmlib.train.embed etc.)
 from tcmlib.gradcache import cached_backward, direct_backward
@@ -95,7 +96,6 @@ RESUME_SAFE_FIELDS = ("epochs", "progress", "run_dir", "device", "num_workers", 
 # Healthy runs stay within a small factor of both (losses fall, weight decay bounds the weights);
 # 1e6 is reached only by runaway growth, long before float overflow turns it into inf / NaN.
 DIVERGENCE_FACTOR = 1e6
-SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
 LR_SCHEDULES = ("step", "cosine")
 AUGMENT_RNGS = ("sample", "process")
 # What a field meant before it existed: a config (a results record, a checkpoint) written without the
@@ -402,13 +402,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
         raise ValueError(f"{path} does not say which data set to train on: add 'dataset: <name>' "
                          f"({', '.join(DATASET_NAMES)}) or --override dataset=<name>")
     return TrainConfig(**values)
-
-
-def input_size(cfg: TrainConfig) -> int:
-    """The image side a run feeds its model: ``cfg.image_size``, else 32 (glyphs), 16 (digits, MNIST), 224."""
-    if cfg.image_size:
-        return cfg.image_size
-    return 32 if cfg.dataset == "glyphs" else 16 if cfg.dataset in SMALL_DATASETS else 224
 
 
 def build_data(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
