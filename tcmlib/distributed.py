@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tcmlib.embedding import embed
 from tcmlib.normalize import l2_normalize
 
 __all__ = ["launched", "setup", "shutdown", "world_size", "rank", "gather_batch", "GlobalBatchNorm", "sync_batchnorm", "average_gradients", "broadcast_module",
@@ -489,8 +490,6 @@ def evaluate_sharded(model: nn.Module, dataset: Any, *, ks: Sequence[int] = (1, 
     """``tcmlib.train.evaluate`` over ranks: each embeds a contiguous shard of ``dataset``, then the
     sharded exact metrics; the same dict on every rank (R@k, MAP@R, OPIS, eps_OPIS at eps = 0.1)."""
     from torch.utils.data import Subset
-
-    from tcmlib.train import embed
 
     lo, hi = shard_bounds(len(dataset), world_size(), rank())
     emb, labels = embed(model, Subset(dataset, range(lo, hi)), batch_size=batch_size, device=device, amp=amp,

@@ -98,7 +98,7 @@ def host_memory_bytes() -> int | None:
 
 def _image_shape(cfg: Any) -> tuple[int, int]:
     """(channels, side) of the images a config's model sees."""
-    from tcmlib.train import SMALL_DATASETS, input_size
+    from tcmlib.data.shapes import SMALL_DATASETS, input_size
 
     return (1 if cfg.dataset in SMALL_DATASETS else 3), input_size(cfg)
 
@@ -171,7 +171,7 @@ def estimate_memory(cfg: Any, target: Target | None = None, *, world_size: int =
     would set it on that target (its CPUs and host memory); ``amp`` resolves for its CUDA
     capability (``auto``: bf16 from 8.0, else fp16).  Formula and assumptions: the module doc.
     """
-    from tcmlib.train import AMP_DTYPES
+    from tcmlib.embedding import AMP_DTYPES
 
     target = declared_target(cfg) if target is None else target
     if cfg.amp == "auto":

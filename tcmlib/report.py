@@ -57,6 +57,7 @@ from tcmlib.metrics.opis import (  # the one exact quantile, sorted order and cl
     _sort_pairs,
     _unit_totals,
     curves_and_extras,
+    pair_tiles,
     utility_curves,
 )
 from tcmlib.metrics.retrieval import RetrievalPass, _check_reference, average_retrieval
@@ -744,7 +745,8 @@ def threshold_report(
         """R@1 rides on the curves' first pass over the pairs (same sorted order)."""
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
         riders["R@1"] = RetrievalPass(pairs.lab, col_lab, [1], symmetric=pairs.symmetric,
-                                      dtype=pairs.rows.dtype)
+                                      dtype=pairs.rows.dtype,
+                                      replay=lambda want: pair_tiles(pairs.rows, chunk, pairs.cols, want))
         return riders["R@1"].add
 
     def on_sorted(pairs: SortedPairs, extras: list[float]) -> list[_RatesCounter]:

@@ -53,7 +53,6 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -71,7 +70,9 @@ from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loada
 from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get_dataset
 from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.seeded import SeededAugmentation
+from tcmlib.data.shapes import SMALL_DATASETS, input_size  # noqa: F401 (re-exported: tcmlib.train.input_size)
 from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
+from tcmlib.embedding import AMP_DTYPES, _native_bf16, _usable_device, embed, resolve_amp  # noqa: F401 (tcmlib.train.embed etc.)
 from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
 from tcmlib.losses.registry import available_losses, loss_kwarg_names, loss_param_groups, make_loss
@@ -84,7 +85,6 @@ from tcmlib.runtime import default_device, seed_everything
 __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "build_splits", "load_config",
            "config_from_record", "LEGACY_VALUES", "available_configs", "main", "resolve_amp"]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields a resumed run may change: where and how verbosely it runs, how often it saves, how big its
 # evaluation batches are, and how many more epochs it trains.  None changes a training step's
 # inputs or arithmetic (num_workers: the batches stay exact, see the module docstring).  Any other
@@ -96,7 +96,6 @@ RESUME_SAFE_FIELDS = ("epochs", "progress", "run_dir", "device", "num_workers", 
 # Healthy runs stay within a small factor of both (losses fall, weight decay bounds the weights);
 # 1e6 is reached only by runaway growth, long before float overflow turns it into inf / NaN.
 DIVERGENCE_FACTOR = 1e6
-SMALL_DATASETS = ("glyphs", "digits", "mnist")  # grey images in memory, small transforms
 LR_SCHEDULES = ("step", "cosine")
 AUGMENT_RNGS = ("sample", "process")
 # What a field meant before it existed: a config (a results record, a checkpoint) written without the
@@ -430,13 +429,6 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     return TrainConfig(**values)
 
 
-def input_size(cfg: TrainConfig) -> int:
-    """The image side a run feeds its model: ``cfg.image_size``, else 32 (glyphs), 16 (digits, MNIST), 224."""
-    if cfg.image_size:
-        return cfg.image_size
-    return 32 if cfg.dataset == "glyphs" else 16 if cfg.dataset in SMALL_DATASETS else 224
-
-
 def build_data(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
     """``(train split, test split, in_channels)`` of ``cfg.dataset`` with the standard transforms.
 
@@ -476,31 +468,6 @@ def _load_splits(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
     train = get_dataset(cfg.dataset, cfg.data_root, "train", transform=train_transform(size))
     test = get_dataset(cfg.dataset, cfg.data_root, "test", transform=test_transform(size, int(size * 256 / 224)))
     return train, test, 3
-
-
-@torch.no_grad()
-def embed(
-    model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
-    amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed a whole data set in eval mode: ``(embeddings (N, D) float32 on CPU, labels (N,))``."""
-    device = _usable_device(device, "embed")
-    amp_dtype = resolve_amp(amp, device)[0]
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
-    embs, labels = [], []
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-            e = model(x)  # (b, D)
-        embs.append(e.float().cpu())
-        labels.append(torch.as_tensor(y))
-    model.train(was_training)
-    return torch.cat(embs), torch.cat(labels).long()
 
 
 def evaluate(
@@ -568,56 +535,6 @@ def _param_norm(*modules: nn.Module) -> float:
     sq = [torch.linalg.vector_norm(p.detach(), dtype=torch.float64).pow(2).to("cpu") for m in modules
           for p in m.parameters()]
     return math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
-
-
-def _native_bf16(device: torch.device) -> bool:
-    """Whether the CUDA card ``device`` computes bf16 in hardware (not emulated): compute capability >= 8.0."""
-    return (torch.cuda.get_device_capability(device) >= (8, 0)
-            or torch.cuda.is_bf16_supported(including_emulation=False))  # (ROCm: by its own rule)
-
-
-def resolve_amp(amp: str | None, device: str | torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None, whether to use a GradScaler)`` for config key ``amp`` on ``device``.
-
-    * ``None``: no autocast.
-    * ``"auto"``: on CUDA, bf16 where the card computes it natively (compute capability >= 8.0:
-      A100, H100, RTX 30xx+), else fp16 with a GradScaler (T4, V100); off on a CPU or MPS.
-    * ``"bf16"``: bf16.  On a CUDA card without native bf16 this raises ``ValueError``: emulated
-      bf16 runs on slow paths (or fails), so we refuse rather than silently run slowly.
-      On a CPU it is allowed (the CPU kernels support it; tests run the GPU path this way).
-    * ``"fp16"``: fp16 with a GradScaler (fp16's range is too narrow for unscaled gradients).
-    """
-    device = torch.device(device)
-    if amp is None or amp == "auto" and device.type != "cuda":
-        return None, False
-    if amp == "auto":
-        return (torch.bfloat16, False) if _native_bf16(device) else (torch.float16, True)
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp must be None, 'auto', 'bf16' or 'fp16', got {amp!r}")
-    if amp == "bf16" and device.type == "cuda" and not _native_bf16(device):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise ValueError(f"config key 'amp' = 'bf16', but this GPU ({torch.cuda.get_device_name(device)}, compute "
-                         f"capability {major}.{minor}) has no native bf16 (needs >= 8.0): use amp: auto (fp16 with "
-                         "a GradScaler here) or fp16")
-    return AMP_DTYPES[amp], amp == "fp16"
-
-
-def _usable_device(device: str | torch.device, caller: str) -> torch.device:
-    """``torch.device(device)`` if this machine has it, else ``ValueError`` saying what to pass instead."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{caller}(device={device!r}): not a device name; pass 'cpu', 'cuda', 'cuda:<index>' "
-                         "or 'mps'") from None
-    fix = "pass device='cpu', or tcmlib.runtime.default_device() for the best one this machine has"
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{caller}(device={device!r}): torch sees no CUDA GPU on this machine; {fix}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"{caller}(device={device!r}): this machine has only {torch.cuda.device_count()} CUDA "
-                         f"device(s), numbered from 0; {fix}")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError(f"{caller}(device={device!r}): MPS is not available on this machine; {fix}")
-    return dev
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -70,8 +70,11 @@ def nonzero_rc(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return rows, flat - rows * mask.shape[1], flat
 
 
+Want = Callable[[int, int, int, int], bool]  # want(r0, c0, rows, cols): compute this tile?
+
+
 def upper_tiles(
-    xn: torch.Tensor, chunk_size: int, tile_cols: int = TILE_COLS
+    xn: torch.Tensor, chunk_size: int, tile_cols: int = TILE_COLS, want: Want | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)`` over the upper triangle of ``xn xn^T``, every pair ``a < b`` exactly once.
 
@@ -80,37 +83,46 @@ def upper_tiles(
     ``W == B``), the pairs with column <= row set to -inf (with labels sorted, a row's own class lies
     there, so a running top-k fills with good candidates early); then the tiles right of them,
     ``max(tile_cols, chunk_size)`` columns wide.  The order changes no value.  The caller may modify
-    ``sim`` in place.
+    ``sim`` in place.  ``want(r0, c0, B, W)`` (optional): a tile it returns False for is skipped, not
+    computed; the others are the same tiles, bit for bit (a second pass over some rows).
     """
-    return _ahead(_upper(xn, chunk_size, tile_cols), xn.device)
+    return _ahead(_upper(xn, chunk_size, tile_cols, want), xn.device)
 
 
-def _upper(xn: torch.Tensor, chunk_size: int, tile_cols: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _upper(xn: torch.Tensor, chunk_size: int, tile_cols: int, want: Want | None = None
+           ) -> Iterator[tuple[int, int, torch.Tensor]]:
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
     tile_cols = max(tile_cols, chunk_size)
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).tril()  # (B, B) col <= row
     for r0 in range(0, n, chunk_size):
+        if want is not None and not want(r0, r0, min(chunk_size, n - r0), min(chunk_size, n - r0)):
+            continue
         block = xn[r0 : r0 + chunk_size]
         sim = block @ block.T  # (B, B)
         yield r0, r0, sim.masked_fill_(lower[: sim.shape[0], : sim.shape[0]], float("-inf"))
     for r0 in range(0, n, chunk_size):
         for c0 in range(r0 + chunk_size, n, tile_cols):
-            yield r0, c0, xn[r0 : r0 + chunk_size] @ xn[c0 : c0 + tile_cols].T  # (B, W)
+            if want is None or want(r0, c0, min(chunk_size, n - r0), min(tile_cols, n - c0)):
+                yield r0, c0, xn[r0 : r0 + chunk_size] @ xn[c0 : c0 + tile_cols].T  # (B, W)
 
 
 def cross_tiles(
-    qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int = TILE_COLS
+    qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int = TILE_COLS, want: Want | None = None
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(r0, c0, sim)``: ``sim`` (B, W) = cosines of queries ``r0..`` with gallery items ``c0..``,
-    every query x gallery pair once, in tiles of ``chunk_size`` rows by ``max(tile_cols, chunk_size)`` columns."""
-    return _ahead(_cross(qn, gn, chunk_size, max(tile_cols, chunk_size)), qn.device)
+    every query x gallery pair once, in tiles of ``chunk_size`` rows by ``max(tile_cols, chunk_size)`` columns;
+    ``want`` as in :func:`upper_tiles`."""
+    return _ahead(_cross(qn, gn, chunk_size, max(tile_cols, chunk_size), want), qn.device)
 
 
-def _cross(qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    for r0 in range(0, qn.shape[0], chunk_size):
-        for c0 in range(0, gn.shape[0], tile_cols):
-            yield r0, c0, qn[r0 : r0 + chunk_size] @ gn[c0 : c0 + tile_cols].T
+def _cross(qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int, want: Want | None = None
+           ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    n, m = qn.shape[0], gn.shape[0]
+    for r0 in range(0, n, chunk_size):
+        for c0 in range(0, m, tile_cols):
+            if want is None or want(r0, c0, min(chunk_size, n - r0), min(tile_cols, m - c0)):
+                yield r0, c0, qn[r0 : r0 + chunk_size] @ gn[c0 : c0 + tile_cols].T
 
 
 class _Failed:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from tcmlib._checks import check_embeddings_labels
-from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE, SortedPairs, UtilityCurves, curves_and_extras
+from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE, SortedPairs, UtilityCurves, curves_and_extras, pair_tiles
 from tcmlib.metrics.retrieval import RetrievalPass, _check_ks, _check_reference, average_retrieval
 
 __all__ = ["Evaluation", "evaluate"]
@@ -51,7 +51,8 @@ class Evaluation:
 
     ``recall`` ``{k: R@k}``; ``map_at_r``; ``opis`` (in [0, 0.25]); ``eps_opis`` with its ``eps``;
     ``curves`` the per-class utility curves behind OPIS (thresholds, TAR, TRR, utility);
-    ``hits`` (N, len(ks)) bool and ``ap_at_r`` (N,) float64 per query (NaN: no relevant candidate).
+    ``hits`` (N, len(ks)) and ``ap_at_r`` (N,) float64 per query (NaN: no relevant candidate; with ties,
+    expectations: :func:`~tcmlib.metrics.retrieval.per_query_retrieval`).
     """
 
     recall: dict[int, float]
@@ -128,7 +129,8 @@ def evaluate(
         col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
         passes["order"] = pairs.order
         passes["retrieval"] = RetrievalPass(pairs.lab, col_lab, ks_list, symmetric=pairs.symmetric,
-                                            dtype=pairs.rows.dtype)
+                                            dtype=pairs.rows.dtype,
+                                            replay=lambda want: pair_tiles(pairs.rows, chunk_size, pairs.cols, want))
         return passes["retrieval"].add
 
     curves, _ = curves_and_extras(

@@ -71,6 +71,7 @@ accepted, and a quantile that lands on a pair's distance accepts that pair.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -497,6 +498,18 @@ def _pair_totals(
     return pos, touching - pos
 
 
+def pair_tiles(xn: torch.Tensor, chunk_size: int, cols: torch.Tensor | None = None, want: Any = None
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The tiles ``(r0, c0, sim)`` of every pass of this module: the upper triangle of ``xn xn^T``
+    (:func:`~tcmlib.metrics._pairs.upper_tiles`) or, with ``cols``, ``xn cols^T``
+    (:func:`~tcmlib.metrics._pairs.cross_tiles`), ``min(chunk_size, N)`` rows by ``TILE_COLS`` columns.
+    ``want`` (optional) skips tiles; the others are the same, bit for bit (a rider's second pass)."""
+    chunk_size = min(int(chunk_size), xn.shape[0])
+    if cols is None:
+        return upper_tiles(xn, chunk_size, TILE_COLS, want)
+    return cross_tiles(xn, cols, chunk_size, TILE_COLS, want)
+
+
 def _tiles(  # type: ignore[no-untyped-def]
     xn: torch.Tensor, lab: torch.Tensor, chunk_size: int, want_positives: bool, *,
     cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None, on_tile: Any = None,
@@ -518,7 +531,7 @@ def _tiles(  # type: ignore[no-untyped-def]
     assert bool((lab[1:] >= lab[:-1]).all()) and bool((col_lab[1:] >= col_lab[:-1]).all()), \
         "_tiles needs the samples sorted by label"
     chunk_size = min(chunk_size, n)
-    tiles = upper_tiles(xn, chunk_size, TILE_COLS) if symmetric else cross_tiles(xn, cols, chunk_size, TILE_COLS)
+    tiles = pair_tiles(xn, chunk_size, None if symmetric else cols)
     upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
     # same-label columns of rows r0..r1-1 lie in [band_lo, band_hi) (labels sorted on both sides)
     starts = torch.arange(0, n, chunk_size, device=lab.device)  # first row of each block
