@@ -36,9 +36,7 @@ PROCESS_WORDS = [
 ]
 # Chapters whose owners have yet to remove such words (file: where), checked as strict xfails so
 # that a fixed chapter must leave this list.
-PROCESS_WORDS_PENDING = {
-    "07_offline_benchmark.md": "~:424 names tests/test_study.py (issue 24, Part II's owner)",
-}
+PROCESS_WORDS_PENDING: dict[str, str] = {}
 
 
 def long_code_lines(path: Path, limit: int = MAX_LINE) -> list[str]:
