@@ -16,23 +16,29 @@ only the newest ``keep`` are kept.
 
 The files are pickles (optimiser and scheduler states hold Python objects): load only
 checkpoints you wrote yourself (``load_checkpoint`` uses ``weights_only=False``).
+
+When to write one mid-epoch: every ``checkpoint_every_steps`` steps, or by time with
+:class:`TimedCheckpoints` (``checkpoint_every_minutes``), which every process of a run decides alike.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 __all__ = ["rng_states", "set_rng_states", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "read_checkpoint", "apply_checkpoint", "newest_loadable_checkpoint", "remove_stale_temporaries", "CorruptCheckpointError"]
+           "read_checkpoint", "apply_checkpoint", "newest_loadable_checkpoint", "remove_stale_temporaries", "CorruptCheckpointError",
+           "TimedCheckpoints"]
 
 VERSION = 1
 _NAME = re.compile(r"^step-(\d+)\.pt$")
@@ -238,3 +244,61 @@ def load_checkpoint(
     ckpt = read_checkpoint(path, map_location)
     return apply_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, loss=loss,
                             restore_rng=restore_rng)
+
+
+def clock() -> float:
+    """Seconds on a monotonic clock: what :class:`TimedCheckpoints` reads (tests put a fake one here)."""
+    return time.monotonic()
+
+
+class TimedCheckpoints:
+    """When to checkpoint so that about ``minutes`` of training pass between checkpoints, the same step on every rank.
+
+    Each rank reading its own clock would, sooner or later, see the time come one step apart from the
+    others: one rank would enter the checkpoint's collective calls while another trains on, and the run
+    would hang.  So the decision is a step number all ranks share.  :meth:`due` compares the step with
+    it (no clock, no communication); only when that step is reached does rank 0 read its clock and one
+    broadcast (``share``) hand every rank rank 0's number
+
+        n = max(1, floor(T / r)),   r = (seconds since the window opened) / (steps since then),
+
+    T = ``60 * minutes``.  The checkpoint is due when ``n <= steps since then`` (about T seconds have
+    passed: within one step of it); otherwise the next decision is at the window's first step + n,
+    when T will have passed at the rate seen so far.  The first decision comes ``probe_steps`` steps
+    after :meth:`restart` (the first steps, slow with warm-up, only make it come earlier, never make a
+    checkpoint early).  A window opens at :meth:`restart`: at the start of training and after every
+    checkpoint, so neither a checkpoint's write nor the evaluation before an epoch-end checkpoint counts.
+    A decision costs one broadcast, about once per checkpoint; steps in between cost nothing.
+
+    Args:
+        minutes: T in minutes (> 0).
+        share: ``share(value)`` returns rank 0's ``value`` on every rank (``tcmlib.distributed.broadcast_object``);
+            None in a single process.
+        probe_steps: steps timed before the first decision.
+    """
+
+    def __init__(self, minutes: float, share: Callable[[int], int] | None = None, probe_steps: int = 3) -> None:
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise ValueError(f"checkpoint_every_minutes must be a finite number > 0, got {minutes!r}")
+        self.seconds = 60.0 * float(minutes)
+        self.probe_steps = int(probe_steps)
+        self._share = share
+        self._clock = clock  # (read at construction: a test's fake clock is in place by then)
+        self._t0, self._s0, self.due_step = 0.0, 0, 0
+
+    def restart(self, step: int) -> None:
+        """Open a window at ``step`` (start, resume, after any checkpoint); the first decision ``probe_steps`` on."""
+        self._t0, self._s0 = self._clock(), int(step)
+        self.due_step = self._s0 + self.probe_steps
+
+    def due(self, step: int) -> bool:
+        """Whether to checkpoint after ``step`` steps; every rank must call it at every step (the same answer)."""
+        if step < self.due_step:
+            return False
+        done = step - self._s0  # >= probe_steps >= 1
+        rate = max(self._clock() - self._t0, 1e-9) / done  # seconds per step in this window (rank 0's is shared)
+        n = max(1, math.floor(self.seconds / rate))
+        if self._share is not None:
+            n = int(self._share(n))
+        self.due_step = self._s0 + n
+        return n <= done

@@ -57,7 +57,8 @@ __all__ = ["RunResult", "run_cached", "run_grid", "summarize", "tcm_deltas", "co
            "format_table", "write_csv", "read_csv", "METRICS"]
 
 METRICS = ("R@1", "MAP@R", "OPIS", "eps_OPIS")  # the paper's table: accuracy and consistency
-IGNORED_FIELDS = ("run_dir", "progress", "device")  # do not change what a run computes
+# do not change what a run computes (when a run saves a checkpoint does not change its weights or numbers)
+IGNORED_FIELDS = ("run_dir", "progress", "device", "checkpoint_every_minutes")
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,7 +79,7 @@ def _as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
 
 
 def config_key(config: TrainConfig | Mapping[str, Any]) -> str:
-    """A 12-hex-digit hash of every config field except ``run_dir``, ``progress`` and ``device``.
+    """A 12-hex-digit hash of every config field except those in :data:`IGNORED_FIELDS` (``run_dir``, ...).
 
     Stable across processes and Python versions (sorted JSON of plain values); any change to a field
     that affects training or evaluation (seed, epochs, a TCM margin, ...) gives another key.

@@ -17,7 +17,9 @@ listed by :func:`available_configs`; no checkout needed, e.g. on Colab) or the p
 One epoch = m-per-class batches over the train classes (tqdm shows loss, base and TCM parts),
 then the test classes (disjoint) are embedded and scored; one line per epoch goes to
 ``run_dir/metrics.jsonl`` and ``run_dir/metrics.csv``.  Checkpoints (``tcmlib.checkpoint``) are
-written every ``checkpoint_every_steps`` steps and at each epoch end; ``resume=True`` continues
+written at each epoch end, and within an epoch every ``checkpoint_every_steps`` steps and/or every
+``checkpoint_every_minutes`` of training (the step decided by rank 0 for all processes, see
+``tcmlib.checkpoint.TimedCheckpoints``); ``resume=True`` continues
 from the newest one exactly: same batches, same random numbers, same weights as a run that was
 never interrupted.  Each image's augmentation is drawn from a generator seeded by (seed, epoch,
 image index) (``tcmlib.data.seeded``), so any ``num_workers`` and any number of processes see
@@ -65,8 +67,8 @@ from tqdm.auto import tqdm
 
 from tcmlib import distributed
 from tcmlib.distributed import sync_batchnorm
-from tcmlib.checkpoint import (apply_checkpoint, latest_checkpoint, newest_loadable_checkpoint, read_checkpoint,
-                               remove_stale_temporaries, rng_states, save_checkpoint)
+from tcmlib.checkpoint import (TimedCheckpoints, apply_checkpoint, latest_checkpoint, newest_loadable_checkpoint,
+                               read_checkpoint, remove_stale_temporaries, rng_states, save_checkpoint)
 from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get_dataset
 from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.seeded import SeededAugmentation
@@ -90,7 +92,7 @@ __all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data",
 # inputs or arithmetic (num_workers: the batches stay exact, see the module docstring).  Any other
 # difference between a checkpoint's config and the resuming one is refused.
 RESUME_SAFE_FIELDS = ("epochs", "progress", "run_dir", "device", "num_workers", "checkpoint_every_steps",
-                      "eval_batch_size", "data_root")
+                      "checkpoint_every_minutes", "eval_batch_size", "data_root")
 # Divergence guard: training stops when the loss or the parameter norm exceeds DIVERGENCE_FACTOR times
 # its reference (the loss of the run's first step, the norm of the initial weights; each at least 1).
 # Healthy runs stay within a small factor of both (losses fall, weight decay bounds the weights);
@@ -148,7 +150,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {
     "gamma": (_FLOAT, False), "lr_schedule": (_STR, False), "augment_rng": (_STR, False), "amp": (_STR, True), "channels_last": (_BOOL, False), "chunk_size": (_INT, True),
     "device": (_STR, False), "num_workers": (_INT, False), "deterministic": (_BOOL, False),
     "eval_ks": ((list,), False), "eval_every": (_INT, False), "eval_batch_size": (_INT, False),
-    "checkpoint_every_steps": (_INT, False), "seed": (_INT, False), "run_dir": ((str, os.PathLike), False),
+    "checkpoint_every_steps": (_INT, False), "checkpoint_every_minutes": (_FLOAT, True), "seed": (_INT, False), "run_dir": ((str, os.PathLike), False),
     "progress": (_BOOL, False),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
@@ -183,6 +185,8 @@ def _check_ranges(cfg: "TrainConfig") -> None:
     for key in ("image_size", "steps_per_epoch", "chunk_size"):
         need(getattr(cfg, key) is None or getattr(cfg, key) >= 1, key, "an integer >= 1, or null")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "a finite number > 0")
+    need(cfg.checkpoint_every_minutes is None or math.isfinite(cfg.checkpoint_every_minutes)
+         and cfg.checkpoint_every_minutes > 0, "checkpoint_every_minutes", "a finite number > 0, or null")
     need(math.isfinite(cfg.head_lr_mult) and cfg.head_lr_mult >= 0, "head_lr_mult", "a finite number >= 0")
     need(cfg.loss_lr_mult is None or math.isfinite(cfg.loss_lr_mult) and cfg.loss_lr_mult >= 0, "loss_lr_mult",
          "a finite number >= 0, or null")
@@ -260,6 +264,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     # bookkeeping
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
+    checkpoint_every_minutes: float | None = None  # also within an epoch, about every this many minutes of training
     seed: int = 0
     run_dir: str = "runs/default"
     progress: bool = True  # tqdm bars
@@ -267,8 +272,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("lr", "head_lr_mult", "weight_decay", "gamma", "val_fraction"):  # YAML reads 1e-4 as a string
             setattr(self, name, _to_float(name, getattr(self, name)))
-        if self.loss_lr_mult is not None:
-            self.loss_lr_mult = _to_float("loss_lr_mult", self.loss_lr_mult)
+        for name in ("loss_lr_mult", "checkpoint_every_minutes"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _to_float(name, getattr(self, name)))
         self.milestones = _to_ints("milestones", self.milestones)
         self.eval_ks = _to_ints("eval_ks", self.eval_ks)
 
@@ -950,7 +956,9 @@ def _train_step(parts: _Parts, state: _State, x: torch.Tensor, y: torch.Tensor) 
 def _train_epoch(cfg: TrainConfig, parts: _Parts, state: _State, epoch: int, device: torch.device, run_dir: Path,
                  say: Callable[[str], None]) -> None:
     """Train epoch ``epoch`` from batch ``state.start_batch`` on (a resume), checkpointing every
-    ``checkpoint_every_steps`` steps; the epoch's loss sums and time go to ``state.sums``."""
+    ``checkpoint_every_steps`` steps and every ``checkpoint_every_minutes`` (rank 0 decides, one broadcast
+    hands every rank the same step: :class:`tcmlib.checkpoint.TimedCheckpoints`); the epoch's loss sums and
+    time go to ``state.sums``."""
     start = state.start_batch if epoch == state.epoch else 0
     if start == 0:
         state.sums = {"loss": 0.0, "base": 0.0, "tcm": 0.0, "n": 0, "time": 0.0}
@@ -963,6 +971,11 @@ def _train_epoch(cfg: TrainConfig, parts: _Parts, state: _State, epoch: int, dev
         n_batches = min(n_batches, cfg.steps_per_epoch)
     parts.model.train()
     sums, t0 = state.sums, time.perf_counter()
+    timed = None
+    if cfg.checkpoint_every_minutes:
+        timed = TimedCheckpoints(cfg.checkpoint_every_minutes,
+                                 share=distributed.broadcast_object if distributed.launched() else None)
+        timed.restart(state.step)
     bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (cfg.progress and distributed.rank() == 0), leave=False, dynamic_ncols=True)
     for b, (x, y) in enumerate(parts.loader, start=start):
@@ -984,11 +997,14 @@ def _train_epoch(cfg: TrainConfig, parts: _Parts, state: _State, epoch: int, dev
             sums[k] += v
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", base=f"{base:.4f}", tcm=f"{tcm:.4f}")
-        if cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0:
+        if (cfg.checkpoint_every_steps and state.step % cfg.checkpoint_every_steps == 0
+                or timed is not None and b + 1 < n_batches and timed.due(state.step)):  # (the epoch's end saves anyway)
             sums["time"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             state.epoch, state.start_batch = epoch, b + 1
             _checkpoint(cfg, parts, state, run_dir, say)
+            if timed is not None:
+                timed.restart(state.step)
     bar.close()
     sums["time"] += time.perf_counter() - t0
     parts.scheduler.step()
