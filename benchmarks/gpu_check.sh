@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The GPU checks of tcmlib in one command: the tests that run only on CUDA, then the benchmarks on the GPU
-# (the same code as on the CPU; the tiles run there, nothing computed ahead in a thread).  For a machine
+# The GPU checks of tcmlib in one command: the first checks of a training run on the GPU (gpu_smoke.py:
+# fit steps of the ResNet-50 CUB recipe in fp16 and bf16, the GPU's step rate against the data loader's,
+# evaluate at N = 60,000 and the losses at B = 4,000 against float64 on the CPU), the tests that run only
+# on CUDA, then the benchmarks on the GPU (the same code as on the CPU; the tiles run there, nothing
+# computed ahead in a thread).  For a machine
 # with CUDA and no internet, such as a GPU machine lent for a few minutes: every step has a time limit,
 # and a failed step does not stop the others (the exit status says whether any failed).
 #
-#   bash benchmarks/gpu_check.sh            # tests + TCM, retrieval and OPIS benchmarks: about 5 minutes
-#   bash benchmarks/gpu_check.sh quick      # tests + the benchmarks at small sizes: at most QUICK_BUDGET s (450)
+#   bash benchmarks/gpu_check.sh            # smoke + tests + TCM, retrieval and OPIS benchmarks: about 10 minutes
+#   bash benchmarks/gpu_check.sh quick      # smoke + tests + the benchmarks at small sizes: at most QUICK_BUDGET s (450)
+#   DEVICE=cpu bash benchmarks/gpu_check.sh quick   # a dry run here (gpu_smoke.py --dry-run: tiny sizes)
+#
+# Expected on an H100 (estimates; nothing has run on a GPU yet): smoke 2-3 min, tests 1-2 min, the three
+# quick benchmarks under a minute each: about 5-6 minutes, within the 8 a quick check may take.
 #
 # It runs with no package index: a test file whose imports are missing (pytorch-metric-learning,
-# hypothesis) is skipped with a line saying so, the TCM benchmark leaves pml out without it, and
-# the retrieval benchmark runs without pml / faiss (--no-pml).  In quick mode every step's time limit
+# hypothesis) is skipped with a line saying so, the TCM benchmark leaves pml out without it, the
+# retrieval benchmark runs without pml / faiss (--no-pml), and gpu_smoke.py needs neither (a check
+# whose module is missing, torchvision say, is skipped with a line saying so).  In quick mode every step's time limit
 # is cut to what is left of QUICK_BUDGET, so the whole check ends within it.
 #
 # Logs go to $OUT (where a device tool collects files), else _build/gpu-check.  Needs python3 (or $PY)
@@ -63,6 +71,11 @@ if '$DEVICE' == 'cuda':
     assert torch.cuda.is_available(), 'no CUDA device: run this on a machine with a GPU (DEVICE=cpu for a dry run)'
     print(torch.cuda.get_device_name(), torch.version.cuda)
 " || exit 1
+
+# the first checks of a training run on this device (a table; every number in $LOG/gpu_smoke.json)
+smoke_size=--quick smoke_limit=300  # full: 20 fit steps, the CPU reference at N = 60,000 (minutes on the CPU)
+if [ "$DEVICE" = cpu ]; then smoke_size=--dry-run; elif [ "${1:-}" != quick ]; then smoke_size= smoke_limit=600; fi
+step smoke "$smoke_limit" "$PY" benchmarks/gpu_smoke.py --device "$DEVICE" $smoke_size --json "$LOG/gpu_smoke.json"
 
 # the tests that skip without CUDA: retrieval, TCM (and its autocast), the one-call evaluation with OPIS;
 # a file whose imports this machine lacks is left out (said, not failed)
