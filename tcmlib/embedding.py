@@ -40,9 +40,15 @@ def _usable_device(device: str | torch.device, caller: str) -> torch.device:
 def embed(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: str | torch.device = "cpu",
     amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
+    out_device: str | torch.device | None = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embed a whole data set in eval mode: ``(embeddings (N, D) float32 on CPU, labels (N,))``."""
+    """Embed a whole data set in eval mode: ``(embeddings (N, D) float32, labels (N,) int64)``.
+
+    ``out_device``: where both go, ``"cpu"`` by default; ``None`` keeps them on ``device``, where the model ran, so
+    that scoring them (``tcmlib.metrics.evaluate``) runs there too and N x D never crosses to the host.
+    """
     device = _usable_device(device, "embed")
+    target = device if out_device is None else torch.device(out_device)
     amp_dtype = resolve_amp(amp, device)[0]
     was_training = model.training
     model.eval()
@@ -55,10 +61,10 @@ def embed(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
             e = model(x)  # (b, D)
-        embs.append(e.float().cpu())
+        embs.append(e.float().to(target))
         labels.append(torch.as_tensor(y))
     model.train(was_training)
-    return torch.cat(embs), torch.cat(labels).long()
+    return torch.cat(embs), torch.cat(labels).long().to(target)
 
 
 def _native_bf16(device: torch.device) -> bool:

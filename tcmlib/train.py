@@ -482,12 +482,13 @@ def evaluate(
 ) -> dict[str, float]:
     """Embed ``dataset`` and score it: ``{"R@k": ..., "MAP@R": ..., "OPIS": ..., "eps_OPIS": ...}``.
 
-    One :func:`tcmlib.metrics.evaluation.evaluate` call (the retrieval rides on OPIS's first pass). OPIS and
-    eps-OPIS (eps = 0.1) use its defaults: 100 thresholds between the global-FAR 1e-2 and 1e-1
-    quantiles of the negative-pair distances. Units: R@k, MAP@R fractions in [0, 1]; OPIS in [0, 0.25].
+    One :func:`tcmlib.metrics.evaluation.evaluate` call (the retrieval rides on OPIS's first pass), on ``device``:
+    the embeddings stay where the model made them. OPIS and eps-OPIS (eps = 0.1) use its defaults: 100 thresholds
+    between the global-FAR 1e-2 and 1e-1 quantiles of the negative-pair distances. Units: R@k, MAP@R fractions in
+    [0, 1]; OPIS in [0, 0.25].
     """
     emb, labels = embed(model, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
-                        channels_last=channels_last)
+                        channels_last=channels_last, out_device=None)
     too_big = [k for k in ks if k >= emb.shape[0]]
     if too_big:
         raise ValueError(f"eval_ks {too_big} >= N = {emb.shape[0]} samples: a query has only N - 1 others; "
