@@ -492,7 +492,9 @@ def evaluate_sharded(model: nn.Module, dataset: Any, *, ks: Sequence[int] = (1, 
     from torch.utils.data import Subset
 
     lo, hi = shard_bounds(len(dataset), world_size(), rank())
-    emb, labels = embed(model, Subset(dataset, range(lo, hi)), batch_size=batch_size, device=device, amp=amp,
+    shard = Subset(dataset, range(lo, hi))
+    shard.batch_transform = getattr(dataset, "batch_transform", None)  # type: ignore[attr-defined]  # (uint8 photos)
+    emb, labels = embed(model, shard, batch_size=batch_size, device=device, amp=amp,
                         num_workers=num_workers, channels_last=channels_last)
     emb, labels = emb.to(device), labels.to(device)
     recall, map_r = sharded_retrieval(emb, labels, ks)

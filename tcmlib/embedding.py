@@ -54,9 +54,12 @@ def embed(
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+    batch_transform = getattr(dataset, "batch_transform", None)  # e.g. uint8 photos -> normalised, on the device
     embs, labels = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
+        if batch_transform is not None:
+            x = batch_transform(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():

@@ -1,15 +1,16 @@
 """How much host and GPU memory a training config needs, and loader settings that fit a host.
 
 :func:`estimate_memory` adds up, for one process of a :class:`tcmlib.train.TrainConfig` run on a
-CUDA card, with ``b`` = images per step and process, ``s`` = bytes of one float32 image
-(``C x H x W x 4``; the photo transforms and the in-memory sets hand float32 tensors to the loader)::
+CUDA card, with ``b`` = images per step and process, ``s`` = bytes of one image as the loader hands it
+over (photos: uint8, ``C x H x W``, normalised on the card; the in-memory sets: float32, ``C x H x W x 4``)
+and ``f`` = bytes of one float32 image on the card (``C x H x W x 4``)::
 
     host   = HOST_BASE + workers x WORKER_BASE
              + s b x (workers x prefetch       batches ready or being read by the workers
                       + max(workers, 1)        a worker's sample list while it stacks them (collate)
                       + 1 + 1)                 the batch in the step, its pinned copy
     device = 16 P (+ 2 P under AMP)            weights, gradients, Adam's two moments (+ autocast's copies)
-             + s b                             the batch on the card
+             + (s + f) b  (f b in memory)      the batch on the card as it arrives, and normalised
              + ACT_MARGIN x a x c              saved activations of one chunk of c images (c = chunk_size,
                                                else b; the gradient cache re-embeds one chunk at a time)
              + LOSS_BYTES(b)                   the loss's (b, b) matrices and chunked intermediates
@@ -75,7 +76,7 @@ class MemoryEstimate:
     """What :func:`estimate_memory` returns; every ``*_bytes`` field in bytes."""
 
     images_per_step: int  # b: the batch of one process
-    image_bytes: int  # s: one float32 image
+    image_bytes: int  # s: one image as the loader hands it over (uint8 photos, float32 in-memory sets)
     num_workers: int
     prefetch_factor: int  # batches each worker reads ahead (1 or 2; 0 with no workers)
     batches_on_host: int  # batches in host memory at once (the bracket of the formula)
@@ -151,12 +152,19 @@ def loader_settings(cfg: Any, *, cpus: int | None, host_bytes: int | None, world
     """
     workers = min(cfg.num_workers, cpus) if cpus else cfg.num_workers
     channels, side = _image_shape(cfg)
-    batch_bytes = cfg.batch_size // world_size * channels * side * side * 4
+    batch_bytes = cfg.batch_size // world_size * channels * side * side * _loader_bytes_per_value(cfg)
     for w in range(workers, 0, -1):
         for prefetch in (2, 1):
             if host_bytes is None or _host(batch_bytes, w, prefetch)[1] <= HOST_SHARE * host_bytes:
                 return w, prefetch
     return 0, 0
+
+
+def _loader_bytes_per_value(cfg: Any) -> int:
+    """1 for photos (uint8 batches, normalised on the card), 4 for the in-memory sets (float32 from the loader)."""
+    from tcmlib.data.shapes import SMALL_DATASETS
+
+    return 4 if cfg.dataset in SMALL_DATASETS else 1
 
 
 def machine_loader_settings(cfg: Any, world_size: int = 1) -> tuple[int, int]:
@@ -180,7 +188,8 @@ def estimate_memory(cfg: Any, target: Target | None = None, *, world_size: int =
         amp = AMP_DTYPES.get(cfg.amp) if cfg.amp else None
     channels, side = _image_shape(cfg)
     b = cfg.batch_size // world_size
-    image = channels * side * side * 4
+    image = channels * side * side * _loader_bytes_per_value(cfg)  # as the loader hands it over
+    on_card = channels * side * side * 4 + (image if image != channels * side * side * 4 else 0)
     workers, prefetch = loader_settings(cfg, cpus=target.cpus, host_bytes=target.host_bytes, world_size=world_size)
     batches, host = _host(b * image, workers, prefetch)
     params, per_image = _model_profile(cfg.backbone, cfg.dim, channels, side, cfg.small_input, cfg.frozen_bn,
@@ -189,7 +198,7 @@ def estimate_memory(cfg: Any, target: Target | None = None, *, world_size: int =
     chunk = cfg.chunk_size if cfg.chunk_size is not None and cfg.chunk_size < b else b
     activations = int(ACT_MARGIN * per_image * chunk)
     loss = _loss_bytes(cfg.batch_size)  # the loss sees the global batch (gathered under DDP)
-    device = state + b * image + activations + loss
+    device = state + b * on_card + activations + loss
     return MemoryEstimate(images_per_step=b, image_bytes=image, num_workers=workers, prefetch_factor=prefetch,
                           batches_on_host=batches, host_bytes=host, parameters=params, state_bytes=state,
                           activation_bytes=activations, loss_bytes=loss, device_bytes=device, amp_dtype=amp)

@@ -73,7 +73,7 @@ from tcmlib.data import DATASET_NAMES, GLYPH_PRESETS, MPerClassBatchSampler, get
 from tcmlib.data.arrays import hold_out_classes
 from tcmlib.data.seeded import SeededAugmentation
 from tcmlib.data.shapes import SMALL_DATASETS, input_size  # noqa: F401 (re-exported: tcmlib.train.input_size)
-from tcmlib.data.transforms import small_train_transform, test_transform, train_transform
+from tcmlib.data.transforms import DeviceNormalize, small_train_transform, test_transform, train_transform
 from tcmlib.embedding import AMP_DTYPES, _native_bf16, _usable_device, embed, resolve_amp  # noqa: F401 (tcmlib.train.embed etc.)
 from tcmlib.gradcache import cached_backward, direct_backward
 from tcmlib.losses.combine import WithTCM
@@ -471,8 +471,13 @@ def _load_splits(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
         test = get_dataset(cfg.dataset, cfg.data_root, "test", transform=None, **kw)
         return train, test, 1
     size = cfg.image_size or 224
-    train = get_dataset(cfg.dataset, cfg.data_root, "train", transform=train_transform(size))
-    test = get_dataset(cfg.dataset, cfg.data_root, "test", transform=test_transform(size, int(size * 256 / 224)))
+    # photos travel as uint8 (a quarter of the bytes through the loader and to the GPU) and are normalised on the
+    # device the model runs on: fit and embed apply a data set's ``batch_transform`` to each batch there
+    train = get_dataset(cfg.dataset, cfg.data_root, "train", transform=train_transform(size, uint8=True))
+    test = get_dataset(cfg.dataset, cfg.data_root, "test",
+                       transform=test_transform(size, int(size * 256 / 224), uint8=True))
+    for split in (train, test):
+        setattr(split, "batch_transform", DeviceNormalize())
     return train, test, 3
 
 
@@ -642,6 +647,7 @@ class _Parts:
     seeded: SeededAugmentation | None  # per-image augmentation seeds (augment_rng: sample)
     loader: DataLoader
     loader_gen: torch.Generator
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None  # on the device (uint8 photos -> normalised)
 
 
 @dataclass
@@ -851,7 +857,8 @@ def _build_parts(cfg: TrainConfig, train_data: Dataset, in_channels: int, device
     return _Parts(model=model, net=net, criterion=criterion, optimizer=optimizer,
                   scheduler=_make_scheduler(cfg, optimizer),
                   scaler=torch.amp.GradScaler(device.type) if use_scaler else None, amp_dtype=amp_dtype, chunk=chunk,
-                  sampler=sampler, seeded=seeded, loader=loader, loader_gen=loader_gen)
+                  sampler=sampler, seeded=seeded, loader=loader, loader_gen=loader_gen,
+                  batch_transform=getattr(train_data, "batch_transform", None))
 
 
 def _restore(ckpt: dict[str, Any], parts: _Parts, state: _State, cfg: TrainConfig, run_dir: Path,
@@ -983,6 +990,8 @@ def _train_epoch(cfg: TrainConfig, parts: _Parts, state: _State, epoch: int, dev
         if b >= n_batches:
             break
         x = x.to(device, non_blocking=True)  # (B, C, H, W)
+        if parts.batch_transform is not None:
+            x = parts.batch_transform(x)  # e.g. uint8 photos -> normalised float32, on the device
         y = torch.as_tensor(y).to(device, non_blocking=True)  # (B,)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -215,3 +215,23 @@ def test_registry(roots, tmp_path):
     assert all(n in str(e.value) for n in DATASET_NAMES)
     with pytest.raises(ValueError, match="split"):
         get_dataset("cub", roots["cub"], "val")
+
+
+def test_uint8_photo_batches_normalised_on_the_device_equal_the_float_transforms() -> None:
+    """train/test_transform(uint8=True) + DeviceNormalize on the batch = the float32 transforms, bit for bit."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tcmlib.data.transforms import DeviceNormalize, test_transform, train_transform
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (60 + 7 * i, 80, 3), dtype=np.uint8)) for i in range(4)]
+    for make in (lambda u: train_transform(32, uint8=u), lambda u: test_transform(32, 40, uint8=u)):
+        torch.manual_seed(0)
+        want = torch.stack([make(False)(im) for im in images])  # (4, 3, 32, 32) float32
+        torch.manual_seed(0)
+        raw = torch.stack([make(True)(im) for im in images])  # the same random crops, uint8
+        assert raw.dtype == torch.uint8 and raw.element_size() * 4 == want.element_size()
+        assert torch.equal(DeviceNormalize()(raw), want)
+    assert DeviceNormalize()(want) is want  # a float batch passes through

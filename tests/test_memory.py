@@ -41,31 +41,33 @@ def test_declared_targets() -> None:
 
 
 def test_host_arithmetic_by_hand() -> None:
-    """SOP at B = 4,000, 224 x 224 RGB float32: 4000 x 3 x 224 x 224 x 4 = 2,408,448,000 bytes a batch."""
+    """SOP at B = 4,000, 224 x 224 RGB, sent as uint8: 4000 x 3 x 224 x 224 = 602,112,000 bytes a batch on the host
+    (a float32 batch would be 2,408,448,000); on the card the uint8 batch and its float32 normalisation."""
     cfg = load_config("sop_resnet50_smooth_ap")
-    batch = 4000 * 3 * 224 * 224 * 4
-    assert batch == 2_408_448_000
+    batch = 4000 * 3 * 224 * 224
+    assert batch == 602_112_000
     # an H100 machine with the config's 8 workers x prefetch 2: 16 ready + 8 collating + step + pinned = 26 batches
     est = estimate_memory(cfg, H100)
     assert (est.num_workers, est.prefetch_factor, est.batches_on_host) == (8, 2, 26)
-    assert est.host_bytes == 3 * GB + 8 * GB // 4 + 26 * batch  # ~67.6 GB: the issue's "~38 GB in flight" and more
-    # a Colab T4: 2 CPUs; 2 workers would hold 2 x 1 + 2 + 2 = 6 batches (17.5 GB > 0.75 x 12 GB), 1 worker
-    # 1 + 1 + 2 = 4 (12.9 GB), so the main process reads: 0 + 1 + 2 = 3 batches, 10.2 GB
+    assert est.host_bytes == 3 * GB + 8 * GB // 4 + 26 * batch  # ~20.7 GB (float32 batches: ~67.6 GB)
+    assert est.image_bytes == 3 * 224 * 224
+    # a Colab T4: 2 CPUs, 0.75 x 12 GB = 9 GB for the loader: 2 workers x prefetch 2 hold 2 x 2 + 2 + 2 = 8 batches,
+    # 3 + 2 x 0.25 + 8 x 0.602 = 8.32 GB: it fits (float32 batches forced the main process to read alone)
     est = estimate_memory(cfg, T4)
-    assert (est.num_workers, est.prefetch_factor, est.batches_on_host) == (0, 0, 3)
-    assert est.host_bytes == HOST_BASE + 3 * batch
-    assert fit_to_target(cfg, T4) == {"num_workers": 0, "prefetch_factor": 0}
+    assert (est.num_workers, est.prefetch_factor, est.batches_on_host) == (2, 2, 8)
+    assert est.host_bytes == HOST_BASE + 2 * GB // 4 + 8 * batch
+    assert fit_to_target(cfg, T4) == {"num_workers": 2, "prefetch_factor": 2}
 
 
 def test_loader_settings_cap_workers_by_cpus_and_prefetch_by_memory() -> None:
-    cub = load_config("cub_resnet50_smooth_ap")  # 400 images = 240,844,800 bytes a batch, 8 workers
-    batch = 400 * 3 * 224 * 224 * 4
+    cub = load_config("cub_resnet50_smooth_ap")  # 400 uint8 images = 60,211,200 bytes a batch, 8 workers
+    batch = 400 * 3 * 224 * 224
     assert loader_settings(cub, cpus=2, host_bytes=12 * GB) == (2, 2)
     assert loader_settings(cub, cpus=64, host_bytes=None) == (8, 2)  # no memory bound: the config's 8
-    # 8 workers x 2 + 8 + 2 = 26 batches: 3 GB + 2 GB + 6.26 GB = 11.26 GB; x 1: 18 batches, 9.34 GB
-    assert loader_settings(cub, cpus=64, host_bytes=16 * GB) == (8, 2)  # 0.75 x 16 = 12 GB
-    assert loader_settings(cub, cpus=64, host_bytes=13 * GB) == (8, 1)  # 0.75 x 13 = 9.75 GB
-    assert HOST_BASE + 8 * WORKER_BASE + 18 * batch <= 0.75 * 13 * GB < HOST_BASE + 8 * WORKER_BASE + 26 * batch
+    # 8 workers x 2 + 8 + 2 = 26 batches: 3 GB + 2 GB + 1.57 GB = 6.57 GB; x 1: 18 batches, 6.08 GB
+    assert loader_settings(cub, cpus=64, host_bytes=9 * GB) == (8, 2)  # 0.75 x 9 = 6.75 GB
+    assert loader_settings(cub, cpus=64, host_bytes=8.5 * GB) == (8, 1)  # 0.75 x 8.5 = 6.375 GB
+    assert HOST_BASE + 8 * WORKER_BASE + 18 * batch <= 0.75 * 8.5 * GB < HOST_BASE + 8 * WORKER_BASE + 26 * batch
     assert loader_settings(cub, cpus=64, host_bytes=4 * GB) == (0, 0)  # not even the base fits: no workers
     assert loader_settings(dataclasses.replace(cub, num_workers=0), cpus=64, host_bytes=None) == (0, 0)
     assert loader_settings(cub, cpus=64, host_bytes=None, world_size=4)[0] == 8
@@ -82,7 +84,8 @@ def test_device_estimate_parts() -> None:
     assert est.activation_bytes == pytest.approx(2 * per_chunk, rel=1e-6)  # linear in the chunk
     fp32 = estimate_memory(dataclasses.replace(cfg, amp=None), T4)
     assert 1.6 < fp32.activation_bytes / est.activation_bytes < 2.4  # half precision halves most saved tensors
-    assert est.device_bytes == est.state_bytes + 400 * est.image_bytes + est.activation_bytes + est.loss_bytes
+    # the batch on the card: as it arrives (uint8) and normalised (float32, 4 bytes a value)
+    assert est.device_bytes == est.state_bytes + 400 * 5 * est.image_bytes + est.activation_bytes + est.loss_bytes
 
 
 @pytest.mark.parametrize("backbone, side", [("resnet50", 224), ("vit_b_16", 224), ("small_cnn", 32)])
