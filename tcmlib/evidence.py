@@ -190,8 +190,10 @@ def frontier(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, varian
     For each seed, the base run's and its TCM twin's per-epoch paths (accuracy, consistency) are sorted by accuracy
     and compared over the accuracy range both cover (``points`` evenly spaced values, linear interpolation): the
     mean of ``OPIS_tcm - OPIS_base``, negative when TCM is more consistent at equal accuracy.  The study's answer is
-    the mean over seeds with its t interval (seeds whose paths share no range are left out, counted in
-    ``dropped``).  ``drop_first``: leave out epoch 1 (one noisy segment from an untrained model can dominate).
+    the mean over seeds with its t interval and ``p``, the two-sided one-sample t-test of the per-seed gaps against
+    zero (NaN when they are all equal), for a Holm correction over several losses (seeds whose paths share no range
+    are left out, counted in ``dropped``).  ``drop_first``: leave out epoch 1 (one noisy segment from an untrained
+    model can dominate).
     """
     by = _final(runs, backbone, loss)
     seeds = sorted(s for v, s in by if v == variant and ("base", s) in by)
@@ -215,5 +217,6 @@ def frontier(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, varian
         raise ValueError(f"{backbone}/{loss}: fewer than 2 seeds whose paths share an accuracy range")
     g = np.array(gaps)
     half = float(sps.t.ppf(0.5 + confidence / 2, g.size - 1)) * g.std(ddof=1) / math.sqrt(g.size)
+    p = float(sps.ttest_1samp(g, 0.0).pvalue) if g.std() > 0 else math.nan
     return {"gap": float(g.mean()), "ci_low": float(g.mean() - half), "ci_high": float(g.mean() + half),
-            "seeds": int(g.size), "dropped": dropped}
+            "p": p, "seeds": int(g.size), "dropped": dropped}

@@ -6,6 +6,8 @@ Every function reads the records of :mod:`tcmlib.study` (``runs.jsonl`` lines) a
   (mean ``OPIS_tcm(R@1) - OPIS_base(R@1)`` along the seed-mean validation paths), optionally without the first
   epochs, with a percentile bootstrap interval over seed pairs (``scipy.stats.bootstrap``: a base run and its
   TCM twin of one seed are drawn together).
+* :func:`frontier_gaps`: the same question per seed pair (:func:`tcmlib.evidence.frontier`) for several base losses
+  at once, with Holm-adjusted p-values over the losses.
 * :func:`best_epoch`: at which epoch the seed-mean validation R@1 of a learning curve peaked, and how many epochs
   were tried -- a best epoch equal to the last one means the model was still improving when training stopped.
 * :func:`paired_power` and :func:`detectable_effect`: the power of a two-sided paired t-test for a relative change
@@ -23,7 +25,7 @@ import numpy as np
 
 from tcmlib import study
 
-__all__ = ["frontier_gap_interval", "best_epoch", "paired_power", "detectable_effect", "headline"]
+__all__ = ["frontier_gap_interval", "frontier_gaps", "best_epoch", "paired_power", "detectable_effect", "headline"]
 
 
 def frontier_gap_interval(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, *, stage: str = "final",
@@ -63,6 +65,32 @@ def frontier_gap_interval(runs: Sequence[Mapping[str, Any]], backbone: str, loss
                               confidence_level=confidence, method="percentile", random_state=seed)
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return {"gap": point, "ci_low": lo, "ci_high": hi, "seeds": float(len(seeds))}
+
+
+def frontier_gaps(runs: Sequence[Mapping[str, Any]], backbone: str, losses: Sequence[str], *,
+                  drop_first: bool = False, accuracy: str = "val_R@1") -> dict[str, dict[str, float]]:
+    """Per base loss, the frontier gap of its final runs per seed pair, Holm-adjusted over ``losses``.
+
+    ``out[loss]`` is :func:`tcmlib.evidence.frontier` (``gap`` = mean over seeds of the mean ``OPIS_tcm - OPIS_base``
+    at equal ``accuracy``, its 95 % t interval, ``p`` of the one-sample t-test) plus ``p_holm`` (Holm over the
+    losses, :func:`tcmlib.stats.holm`).  A loss with fewer than 2 seeds whose paths share an accuracy range (a run
+    of one epoch once ``drop_first`` removes epoch 1) gets NaN everywhere and is left out of the correction.
+    """
+    from tcmlib.evidence import frontier
+    from tcmlib.stats import holm
+
+    nan = float("nan")
+    out: dict[str, dict[str, float]] = {}
+    for loss in losses:
+        try:
+            out[loss] = dict(frontier(runs, backbone, loss, accuracy=accuracy, drop_first=drop_first))
+        except ValueError as e:
+            if "fewer than 2 seeds" not in str(e):
+                raise
+            out[loss] = {"gap": nan, "ci_low": nan, "ci_high": nan, "p": nan, "seeds": 0, "dropped": nan}
+    for row, p in zip(out.values(), holm([row["p"] for row in out.values()])):
+        row["p_holm"] = p
+    return out
 
 
 def best_epoch(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, variant: str = "base", *,

@@ -9,6 +9,11 @@ reader can check an answer.  A chapter named in ``EXEMPT`` (none now) would be e
 while it is rewritten.  No chapter (prose or code) contains words about the build or the
 process that wrote it (``PROCESS_WORDS``): a reader needs to know which numbers are measured
 and which projected, not which session or test produced them.
+
+Chapters that read as prose (``SHORT_CELLS``) keep their code cells short: a median of at most
+``MEDIAN_CELL`` lines and none over ``MAX_CELL`` (plumbing goes into hidden cells or helpers).  The
+chapters of the studies (``PLAIN_WORDS``) speak of losses, backbones and runs, not of the protocol's
+internal words (``JARGON``: "cell", "stage", "variant", "fallback", "twin") in their prose.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import re
 from pathlib import Path
 
 import jupytext
+import numpy as np
 import pytest
 
 MAX_LINE = 88
@@ -34,6 +40,13 @@ PROCESS_WORDS = [
     r"tests/test_\w*",
     r"\btest_\w+\.py\b",
 ]
+# Code cells of these chapters: median <= MEDIAN_CELL lines, none over MAX_CELL (others join as rewritten).
+MEDIAN_CELL, MAX_CELL = 15, 40
+SHORT_CELLS = ["07_offline_benchmark.md", "08_frontier.md", "09_utility_curves.md", "10_ablations.md"]
+# The study's internal words, not the reader's: checked in the prose (markdown outside code) of PLAIN_WORDS.
+JARGON = r"\b(cells?|stages?|variants?|fallbacks?|near-twins?|twins?)\b"
+PLAIN_WORDS = ["07_offline_benchmark.md", "08_frontier.md", "09_utility_curves.md", "10_ablations.md",
+               "13_what_the_evidence_says.md"]
 # Chapters whose owners have yet to remove such words (file: where), checked as strict xfails so
 # that a fixed chapter must leave this list.
 PROCESS_WORDS_PENDING: dict[str, str] = {}
@@ -64,6 +77,21 @@ def process_words(path: Path) -> list[str]:
     pattern = re.compile("|".join(PROCESS_WORDS), re.IGNORECASE)
     return [f"line {n}: {m.group(0)!r}" for n, line in enumerate(path.read_text().splitlines(), 1)
             for m in [pattern.search(line)] if m]
+
+
+def code_cell_lengths(path: Path) -> list[int]:
+    """The number of lines of each code cell of a MyST notebook, hidden ones included."""
+    return [len(c.source.splitlines()) for c in jupytext.read(path).cells if c.cell_type == "code"]
+
+
+def jargon_in_prose(path: Path) -> list[str]:
+    """'JARGON word' for each use of it in a chapter's markdown, leaving out code blocks and `inline code`."""
+    hits = []
+    for cell in jupytext.read(path).cells:
+        if cell.cell_type == "markdown":
+            text = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", cell.source, flags=re.S))
+            hits += [m.group(0) for m in re.finditer(JARGON, text, re.IGNORECASE)]
+    return hits
 
 
 def test_there_are_part_one_chapters() -> None:
@@ -126,3 +154,33 @@ def test_pending_process_words_name_real_chapters() -> None:
 def test_chapter_has_no_words_about_the_build(md: Path) -> None:
     hits = process_words(md)
     assert not hits, f"{md.name}: words about the build or the process:\n" + "\n".join(hits)
+
+
+def test_cell_length_check_counts_hidden_cells(tmp_path: Path) -> None:
+    md = tmp_path / "x.md"
+    md.write_text("# t\n\n```{code-cell} ipython3\nx = 1\ny = 2\n```\n\n"
+                  "```{code-cell} ipython3\n:tags: [remove-cell]\n\nz = 3\n```\n")
+    assert code_cell_lengths(md) == [2, 1]
+
+
+def test_jargon_check_reads_prose_only(tmp_path: Path) -> None:
+    md = tmp_path / "x.md"
+    md.write_text("# t\n\nEach cell of the study; the TCM twin.\n\n`r[\"stage\"]` is code.\n\n"
+                  "```python\nstudy.stage_configs(P)\n```\n\n```{code-cell} ipython3\n"
+                  "variant = 1\n```\n")
+    assert jargon_in_prose(md) == ["cell", "twin"]
+
+
+@pytest.mark.parametrize("name", SHORT_CELLS)
+def test_code_cells_are_short(name: str) -> None:
+    n = code_cell_lengths(NOTEBOOKS / name)
+    long = [k for k in n if k > MAX_CELL]
+    assert float(np.median(n)) <= MEDIAN_CELL and not long, (
+        f"{name}: code cells of median {np.median(n)} lines (at most {MEDIAN_CELL}), "
+        f"cells over {MAX_CELL} lines: {long}")
+
+
+@pytest.mark.parametrize("name", PLAIN_WORDS)
+def test_prose_has_no_protocol_jargon(name: str) -> None:
+    hits = jargon_in_prose(NOTEBOOKS / name)
+    assert not hits, f"{name}: the study's internal words in the prose: {hits}"

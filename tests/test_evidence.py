@@ -127,4 +127,6 @@ def test_frontier_hand_cases() -> None:
     gaps = np.array([-0.001, -0.002, -0.003])
     half = stats.t.ppf(0.975, 2) * gaps.std(ddof=1) / np.sqrt(3)
     assert (out["ci_low"], out["ci_high"]) == pytest.approx((-0.002 - half, -0.002 + half))
+    # p: mean / (sd / sqrt(n)) = -0.002 / (0.001 / sqrt(3)) = -2 sqrt(3), t with 2 degrees of freedom, two-sided
+    assert out["p"] == pytest.approx(2 * stats.t.cdf(-2 * np.sqrt(3), 2))
     assert frontier(runs, CNN, SAP)["gap"] > 0  # with the wild first epoch the sign flips

@@ -15,6 +15,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 HIDDEN_GLUE = ["04_opis.md", "05_tcm_loss.md", "06_arcface_toy.md", "07_offline_benchmark.md",
+               "08_frontier.md", "09_utility_curves.md", "10_ablations.md",
                "12_deploying_a_threshold.md", "13_what_the_evidence_says.md"]
 HIDDEN_TAGS = {"remove-cell", "remove-input"}
 

@@ -68,6 +68,29 @@ def test_frontier_interval_refuses_bad_input() -> None:
     assert two["gap"] == pytest.approx(0.015) and np.isnan(two["ci_low"])  # too few seeds for an interval
 
 
+def test_frontier_gaps_are_per_seed_pair_with_holm_over_losses() -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    runs = []
+    shifts = {"smooth_ap": [0.010, 0.012, 0.008], "contrastive": [0.001, -0.002, 0.004]}
+    for loss, sh in shifts.items():
+        runs += [{**r, "loss": loss} for r in _paths(sh, first_jump=0.5)]
+    out = pilot.frontier_gaps(runs, "small_cnn", list(shifts), drop_first=True)
+    # without the jump each seed's gap is its shift (parallel paths), so the t-test is scipy's on the shifts
+    p = [stats.ttest_1samp(sh, 0.0).pvalue for sh in shifts.values()]
+    for (loss, sh), row, ph in zip(shifts.items(), out.values(), multipletests(p, method="holm")[1]):
+        assert row["gap"] == pytest.approx(np.mean(sh), abs=1e-12) and row["p_holm"] == pytest.approx(ph)
+    assert pilot.frontier_gaps(runs, "small_cnn", ["smooth_ap"])["smooth_ap"]["gap"] > 0.1   # the jump
+
+
+def test_frontier_gaps_without_a_shared_range_are_nan() -> None:
+    one_epoch = [_run(v, s, [0.5], [0.1]) for v in ("base", PAPER) for s in range(3)]
+    row = pilot.frontier_gaps(one_epoch, "small_cnn", ["smooth_ap"])["smooth_ap"]
+    assert np.isnan(row["gap"]) and np.isnan(row["p_holm"]) and row["seeds"] == 0
+    with pytest.raises(KeyError):   # other errors are not hidden (no val_MAP@R in these histories)
+        pilot.frontier_gaps(one_epoch, "small_cnn", ["smooth_ap"], accuracy="val_MAP@R")
+
+
 def test_best_epoch_by_hand() -> None:
     rising = [_run("base", s, [0.5, 0.6, 0.7 + s / 100], [0.0] * 3, stage="curves") for s in range(2)]
     assert pilot.best_epoch(rising, "small_cnn", "smooth_ap") == (3, 3)   # still rising at its last epoch
