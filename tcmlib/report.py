@@ -49,18 +49,19 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings, check_embeddings_labels, check_labels
-from tcmlib.metrics._pairs import cross_tiles, nonzero_rc, unit_rows, upper_tiles
+from tcmlib.metrics._pairs import Pairs, SortedPairs, Tile, pair_tiles, sort_pairs, unit_rows
 from tcmlib.metrics.opis import (  # the one exact quantile, sorted order and closed-form pair counts are shared
-    SortedPairs,
+    ClassCounts,
     UtilityCurves,
     _negative_distance_quantiles,
-    _sort_pairs,
     _unit_totals,
-    curves_and_extras,
-    pair_tiles,
+    calibrate,
+    check_inputs,
+    count_pass,
+    curve_setup,
     utility_curves,
 )
-from tcmlib.metrics.retrieval import RetrievalPass, _check_reference, average_retrieval
+from tcmlib.metrics.retrieval import RetrievalTopK, _check_reference, average_retrieval
 
 __all__ = [
     "BootstrapCI",
@@ -129,12 +130,12 @@ def _prepare(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def _sorted_sides(x: torch.Tensor, reference: Any, reference_labels: Any, y: torch.Tensor) -> SortedPairs:
-    """The pairs' sorted sides (:func:`~tcmlib.metrics.opis._sort_pairs`); with ``reference`` (M, D) and
+    """The pairs' sorted sides (:func:`~tcmlib.metrics._pairs.sort_pairs`); with ``reference`` (M, D) and
     ``reference_labels`` (M,), checked, the query x reference pairs."""
     if reference is None and reference_labels is None:
-        return _sort_pairs(x, y)
+        return sort_pairs(x, y)
     rx, ry = _check_reference(x, reference, reference_labels)
-    return _sort_pairs(x, y, rx, ry)
+    return sort_pairs(x, y, rx, ry)
 
 
 def _check_far(far_target: float) -> float:
@@ -193,7 +194,7 @@ def threshold_for_far(
     num_neg = _unit_totals(pairs, y)[4]
     if num_neg == 0:
         raise ValueError("there are no negative pairs: all samples share one label; a FAR needs >= 2 classes")
-    return _negative_distance_quantiles(pairs.rows, pairs.lab, (far,), chunk, num_neg, **pairs.tile_kwargs())[0]
+    return _negative_distance_quantiles(pairs, (far,), chunk, num_neg)[0]
 
 
 # ----------------------------------------------------------------------------- rates at one threshold
@@ -255,22 +256,19 @@ def rates_at_threshold(
     chunk = _check_chunk(chunk_size)
     ids = y if groups is None else check_labels(groups, x.shape[0], "groups")
     pairs = _sorted_sides(x, reference, reference_labels, y)
-    counter = _RatesCounter(pairs, ids, threshold, "class" if groups is None else "group")
-    tiles = upper_tiles(pairs.rows, chunk) if pairs.cols is None else cross_tiles(pairs.rows, pairs.cols, chunk)
-    for r0, c0, sim in tiles:
-        counter.add(r0, c0, sim)
+    counter = AcceptedCounts(pairs, ids, threshold, "class" if groups is None else "group")
+    for tile in pair_tiles(pairs, chunk):
+        counter.add(tile)
     return counter.result()
 
 
-class _RatesCounter:
-    """Counts the accepted pairs (``d <= t``) per unit, tile by tile, for :func:`rates_at_threshold`.
+class AcceptedCounts:
+    """The accepted pairs (``d <= t``) per unit, tile by tile: ``result()`` the :class:`ThresholdRates`.
 
-    Works on the sides of ``pairs`` (sorted by label, :func:`~tcmlib.metrics.opis._sort_pairs`); ``ids``
-    (N,) the rows' class labels or group ids in input order.  :meth:`add` takes tiles of
-    :func:`~tcmlib.metrics._pairs.upper_tiles` (one set) or :func:`~tcmlib.metrics._pairs.cross_tiles`
-    (query x reference) over them, so it can also ride on the counting pass of
-    :func:`~tcmlib.metrics.opis.curves_and_extras` (the same sorted order), or count listed pairs
-    (:meth:`add_pairs`: the pairs that function's first pass kept).
+    Works on the sides of ``pairs`` (sorted by label, :func:`~tcmlib.metrics._pairs.sort_pairs`); ``ids``
+    (N,) the rows' class labels or group ids in input order.  :meth:`add` reads ``tile.pairs(bound)`` of a
+    :class:`~tcmlib.metrics._pairs.Tile`, or of the pairs the curves' first pass kept
+    (:func:`~tcmlib.metrics.opis.count_pass`).
     """
 
     def __init__(self, pairs: SortedPairs, ids: Any, threshold: float, by: str) -> None:
@@ -302,30 +300,24 @@ class _RatesCounter:
         """The lowest similarity accepted (``s >= bound``  <=>  ``d <= t``)."""
         return float(self.bnd)
 
-    def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
-        """Count the accepted pairs of the tile ``sim`` (rows ``r0..``, columns ``c0..``; -inf = not a pair)."""
-        rows, cols, _ = nonzero_rc(sim >= self.bnd)  # (P,) accepted pairs, row < col
-        self._count(rows + r0, cols + c0)
+    def add(self, tile: Tile) -> None:
+        """Count the tile's accepted pairs."""
+        neg, pos = tile.pairs(self.bound)
+        self._count(pos, 0)
+        self._count(neg, 1)
 
-    def add_pairs(self, rows: torch.Tensor, cols: torch.Tensor, s: torch.Tensor) -> None:
-        """Count the accepted ones among listed pairs: sorted rows (P,), columns (P,), similarities (P,)."""
-        keep = torch.nonzero(s >= self.bnd).squeeze(1)
-        self._count(rows.index_select(0, keep), cols.index_select(0, keep))
-
-    def _count(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Count accepted pairs (P,) given by their sorted row and column indices (index_select: on the
+    def _count(self, p: Pairs, sign: int) -> None:
+        """Count accepted pairs ``p``, positive (``sign`` 0) or negative (1), per unit (index_select: on the
         CPU a gather several times faster than indexing with a tensor)."""
-        neg = (self.lab.index_select(0, rows) != self.col_lab.index_select(0, cols)).long()  # (P,) 0 pos, 1 neg
         u = self.acc.shape[1]
-        ur = self.unit.index_select(0, rows)
-        flat = self.acc.view(-1)
-        flat += torch.bincount(neg * u + ur, minlength=2 * u)
+        ur = self.unit.index_select(0, p.rows)
+        self.acc[sign] += torch.bincount(ur, minlength=u)
         if self.symmetric:  # within one set a pair counts for both members' units (query x reference: the query's)
-            uc = self.unit.index_select(0, cols)
-            two = ur != uc  # the pair touches two units: count it for the second one too
-            flat += torch.bincount((neg * u + uc)[two], minlength=2 * u)
-        self.acc_neg += int(neg.sum())
-        self.acc_all += rows.shape[0]
+            uc = self.unit.index_select(0, p.cols)
+            self.acc[sign] += torch.bincount(uc[ur != uc], minlength=u)  # the pair touches two units: both count
+        if sign:
+            self.acc_neg += p.rows.shape[0]
+        self.acc_all += p.rows.shape[0]
 
     def result(self) -> ThresholdRates:
         acc, el = self.acc.cpu(), self.eligible.cpu()
@@ -726,12 +718,9 @@ def threshold_report(
     own pairs.  An item in both sets meets itself (an accepted positive pair, its own nearest neighbour):
     to evaluate one set, pass no reference.
     """
-    x, y = check_embeddings_labels(embeddings, labels)
+    x, y, g, reference, reference_labels = check_inputs(embeddings, labels, groups, reference, reference_labels)
     far = _check_far_target(far_target)
     chunk = _check_chunk(chunk_size)
-    g = None if groups is None else check_labels(groups, x.shape[0], "groups")
-    if reference is not None or reference_labels is not None:
-        reference, reference_labels = _check_reference(x, reference, reference_labels)
     if calibration is not None:
         cx, cy = _check_calibration(calibration, x.shape[1])
         t_cal = threshold_for_far(cx, cy, far, chunk_size=chunk)
@@ -739,38 +728,26 @@ def threshold_report(
         source = "calibration set"
     else:
         t_cal, cal_far, source = math.nan, None, "evaluation set itself"
-    riders: dict[str, Any] = {}
+    setup = curve_setup(x, y, None, reference, reference_labels, far_range=far_range, distance_range=None,
+                        num_thresholds=num_thresholds, beta=1.0, chunk_size=chunk)
+    r_at_1 = RetrievalTopK(setup.pairs, [1], chunk)  # R@1 rides on the curves' first pass
+    # pass 1: the curves' range and, without calibration data, the threshold
+    cal = calibrate(setup, extra_quantiles=(far,) if calibration is None else (), riders=[r_at_1])
+    t = t_cal if calibration is not None else cal.extras[0]
+    rates = [AcceptedCounts(setup.pairs, ids, t, by) for ids, by in ((y, "class"), (g, "group")) if ids is not None]
+    counts = ClassCounts(setup, cal.thresholds)
+    count_pass(setup, cal, [counts, *rates])  # pass 2, or the pairs pass 1 kept
+    curves = setup.curves(cal.thresholds, counts.result())
+    class_rates = rates[0].result()
+    group_rates = rates[1].result() if g is not None else None
+    pq = r_at_1.result()
 
-    def first(pairs: SortedPairs) -> Any:
-        """R@1 rides on the curves' first pass over the pairs (same sorted order)."""
-        col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
-        riders["R@1"] = RetrievalPass(pairs.lab, col_lab, [1], symmetric=pairs.symmetric,
-                                      dtype=pairs.rows.dtype,
-                                      replay=lambda want: pair_tiles(pairs.rows, chunk, pairs.cols, want))
-        return riders["R@1"].add
-
-    def on_sorted(pairs: SortedPairs, extras: list[float]) -> list[_RatesCounter]:
-        """The rates at the threshold: counted from the pairs the curves' first pass kept, or on their
-        counting pass."""
-        t = t_cal if calibration is not None else extras[0]  # without calibration: from the curves' first pass
-        riders["class"] = _RatesCounter(pairs, y, t, "class")
-        if g is not None:
-            riders["group"] = _RatesCounter(pairs, g, t, "group")
-        return [riders[k] for k in ("class", "group") if k in riders]
-
-    curves, _ = curves_and_extras(x, y, far_range=far_range, num_thresholds=num_thresholds, chunk_size=chunk,
-                                  first=first, on_sorted=on_sorted, reference=reference,
-                                  reference_labels=reference_labels,
-                                  extra_quantiles=(far,) if calibration is None else ())
-    class_rates = riders["class"].result()
-    group_rates = riders["group"].result() if g is not None else None
-    hits, ap = riders["R@1"].result()
     ci = opis_bootstrap_ci(curves, n_boot=n_boot, alpha=alpha, seed=seed)
     return ThresholdReport(
         name=str(name), threshold=class_rates.threshold, far_target=far, threshold_source=source,
         calibration_far=cal_far, class_rates=class_rates, group_rates=group_rates, curves=curves, opis_ci=ci,
         alpha=float(alpha), eps=float(eps), eps_opis=curves.eps_opis(eps),
-        recall_at_1=average_retrieval(hits, ap, [1])[0][1],
+        recall_at_1=average_retrieval(pq.hits, pq.ap, [1])[0][1],
         num_samples=int(x.shape[0]), num_classes=int(torch.unique(y).numel()),
         num_reference=None if reference is None else int(reference.shape[0]),
     )

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tcmlib.metrics import UtilityCurves, eps_opis, opis, utility_curves
+from tcmlib.metrics import _pairs
+from tcmlib.metrics._pairs import SortedPairs
 from tcmlib.metrics.opis import _first_accepting, _negative_distance_quantiles
 
 opis_module = importlib.import_module("tcmlib.metrics.opis")  # (tcmlib.metrics.opis is also a function name)
@@ -125,7 +127,7 @@ CASES = [  # seed, n, dim, classes, singletons, kwargs
 @pytest.mark.parametrize("tile_cols", [4096, 5])  # 5: many column tiles per row block
 @pytest.mark.parametrize("seed,n,dim,classes,singletons,kwargs", CASES)
 def test_matches_brute_force(seed, n, dim, classes, singletons, kwargs, tile_cols, monkeypatch):
-    monkeypatch.setattr(opis_module, "TILE_COLS", tile_cols)
+    monkeypatch.setattr(_pairs, "TILE_COLS", tile_cols)
     x, y = make_data(seed, n, dim, classes, singletons)
     ref_kwargs = {k: v for k, v in kwargs.items() if k != "chunk_size"}
     res = utility_curves(torch.tensor(x), torch.tensor(y), **kwargs)
@@ -170,9 +172,8 @@ def test_bracketed_quantiles_exact(slack):
     qs = (0.0, 1e-3, 0.01, 0.1, 0.5, 1.0)
     _, lab = np.unique(y, return_inverse=True)
     order = np.argsort(lab, kind="stable")  # the private helper wants samples sorted by label
-    got = _negative_distance_quantiles(
-        torch.tensor(xn[order]), torch.tensor(lab[order]), qs, 64, len(neg), collect_all_max=0, slack=slack
-    )
+    pairs = SortedPairs(torch.tensor(xn[order]), torch.tensor(lab[order]), torch.tensor(order))
+    got = _negative_distance_quantiles(pairs, qs, 64, len(neg), collect_all_max=0, slack=slack)
     np.testing.assert_allclose(got, np.quantile(neg, qs), rtol=0, atol=1e-12)
 
 
@@ -180,7 +181,7 @@ def test_medium_size_against_dense_oracle(monkeypatch):
     # N = 800 with the pilot-bracket quantiles forced on and several column tiles, against a dense
     # NumPy computation (the full distance matrix, per-class masks)
     monkeypatch.setattr(opis_module, "COLLECT_ALL_MAX", 0)
-    monkeypatch.setattr(opis_module, "TILE_COLS", 300)
+    monkeypatch.setattr(_pairs, "TILE_COLS", 300)
     x, y = make_data(80, 800, 16, 30, 6)
     res = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=256, far_range=(0.02, 0.2), beta=0.7)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -200,8 +201,8 @@ def test_medium_size_against_dense_oracle(monkeypatch):
 def test_counts_come_from_the_path_the_fixture_names(counting_path, monkeypatch):
     # the kept pairs replace the second pass; without them (or once dropped) the second pass runs
     calls = []
-    real = opis_module._accept_histograms
-    monkeypatch.setattr(opis_module, "_accept_histograms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = opis_module._counting_pass
+    monkeypatch.setattr(opis_module, "_counting_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, y = make_data(7, 60, 5, 6, 2)
     res = utility_curves(torch.tensor(x), torch.tensor(y), chunk_size=8)
     assert_matches(res, brute_force(x, y))

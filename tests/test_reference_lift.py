@@ -77,9 +77,7 @@ SIZES = [(0, 40, 4, 5), (1, 97, 6, 9), (2, 230, 8, 20)]
 def tile_cols(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int | None:
     """None: the default tiles; 5: tiles of 5 columns, so each row block spans many tiles."""
     if request.param is not None:
-        monkeypatch.setattr(opis_module, "TILE_COLS", request.param)
-        monkeypatch.setattr(retrieval_module, "upper_tiles",
-                            lambda xn, chunk, want=None: _pairs.upper_tiles(xn, chunk, request.param, want))
+        monkeypatch.setattr(_pairs, "TILE_COLS", request.param)
     return request.param
 
 

@@ -34,8 +34,8 @@ def counting_path(request, monkeypatch):
 
 def test_report_counts_from_kept_pairs_or_a_second_pass(counting_path, monkeypatch):
     calls = []
-    real = opis_module._accept_histograms
-    monkeypatch.setattr(opis_module, "_accept_histograms", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = opis_module._counting_pass
+    monkeypatch.setattr(opis_module, "_counting_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, y = toy(n=90, c=9)
     rep = threshold_report(x, y, far_target=0.02, n_boot=20)
     want, glob = brute_rates(x.numpy(), y.numpy(), rep.threshold)

@@ -131,9 +131,7 @@ def test_the_dense_reference_equals_every_order_enumerated() -> None:
 @pytest.fixture(params=[None, 5], ids=["default tiles", "5-column tiles"])
 def tile_cols(request, monkeypatch):
     if request.param is not None:
-        monkeypatch.setattr(retrieval_module, "upper_tiles",
-                            lambda xn, chunk, want=None: _pairs.upper_tiles(xn, chunk, request.param, want))
-        monkeypatch.setattr(opis_module, "TILE_COLS", request.param)
+        monkeypatch.setattr(_pairs, "TILE_COLS", request.param)
     return request.param
 
 
@@ -181,8 +179,8 @@ def test_identical_embeddings_table() -> None:
 
 def test_second_pass_runs_only_when_a_tie_reaches_past_the_kept_ranks(monkeypatch) -> None:
     calls = []
-    real = retrieval_module.RetrievalPass._count_equal
-    monkeypatch.setattr(retrieval_module.RetrievalPass, "_count_equal",
+    real = retrieval_module.RetrievalTopK._count_equal
+    monkeypatch.setattr(retrieval_module.RetrievalTopK, "_count_equal",
                         lambda self, rows, t: calls.append(len(rows)) or real(self, rows, t))
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(200, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (200,), generator=g)

@@ -23,12 +23,14 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
 
-__all__ = ["TILE_COLS", "TopK", "cross_tiles", "flat_nonzero", "nonzero_rc", "unit_rows", "upper_tiles"]
+__all__ = ["TILE_COLS", "Pairs", "SortedPairs", "Tile", "TopK", "cross_tiles", "flat_nonzero", "make_topk",
+           "nonzero_rc", "pair_tiles", "sort_pairs", "unit_rows", "upper_tiles"]
 
 TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
 TILES_AHEAD = 1  # on the CPU, tiles computed this many ahead in a worker thread (0: none)
@@ -125,6 +127,161 @@ def _cross(qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int, 
                 yield r0, c0, qn[r0 : r0 + chunk_size] @ gn[c0 : c0 + tile_cols].T
 
 
+@dataclass
+class SortedPairs:
+    """Both sides of the pairs, unit rows sorted by label (the order every pass uses).
+
+    ``rows`` (N, D), ``lab`` (N,) dense label index, ``order`` (N,) positions in the input; ``cols``,
+    ``col_lab``, ``col_order`` the same for a reference set, or None (pairs within ``rows``).
+    """
+
+    rows: torch.Tensor
+    lab: torch.Tensor
+    order: torch.Tensor
+    cols: torch.Tensor | None = None
+    col_lab: torch.Tensor | None = None
+    col_order: torch.Tensor | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.cols is None
+
+    @property
+    def col_side(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(unit rows (M, D), labels (M,))`` of the candidates: the reference set, or the rows themselves."""
+        if self.cols is None or self.col_lab is None:
+            return self.rows, self.lab
+        return self.cols, self.col_lab
+
+
+def sort_pairs(
+    x: torch.Tensor, y: torch.Tensor, rx: torch.Tensor | None = None, ry: torch.Tensor | None = None
+) -> SortedPairs:
+    """The :class:`SortedPairs` of checked ``x`` (N, D), ``y`` (N,) (and a reference ``rx`` (M, D), ``ry`` (M,)).
+
+    Unit rows (:func:`unit_rows`) sorted by label, stably; with a reference, the labels of both sides are
+    indexed densely together and both sides are cast to the wider dtype.
+    """
+    if rx is None or ry is None:
+        _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
+        order = torch.argsort(lab, stable=True)
+        return SortedPairs(unit_rows(x)[order].contiguous(), lab[order], order)
+    n = x.shape[0]
+    _, both = torch.unique(torch.cat([y, ry]), return_inverse=True)  # dense labels, shared by both sides
+    lab, r_lab = both[:n], both[n:]
+    order, r_order = torch.argsort(lab, stable=True), torch.argsort(r_lab, stable=True)
+    rows, cols = unit_rows(x)[order], unit_rows(rx)[r_order]
+    work = torch.promote_types(rows.dtype, cols.dtype)  # float64 when either side is float64
+    return SortedPairs(rows.to(work).contiguous(), lab[order], order, cols.to(work).contiguous(), r_lab[r_order],
+                       r_order)
+
+
+class Pairs(NamedTuple):
+    """Listed pairs: sorted row indices (P,), column indices (P,) (int64) and similarities ``s`` (P,)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    s: torch.Tensor
+
+
+class Tile:
+    """One tile of the loop over the pairs (:func:`pair_tiles`): rows ``r0..r0+B-1``, columns ``c0..c0+W-1``.
+
+    Read it one of two ways.  :attr:`sim` (B, W): every pair's cosine (in a diagonal block of one set the
+    entries with column <= row are -inf, not pairs), e.g. for a running top-k.  :meth:`values` and
+    :meth:`pairs`: the negative pairs (different labels) with ``s >= s_min``, and the positive ones, listed;
+    the first such call sets the tile's positives to -inf in place, so a consumer that reads :attr:`sim`
+    comes earlier in the loop (reading it afterwards raises).  The positives of a row block lie in one
+    band of columns (labels sorted on both sides): only that band is compared.
+    """
+
+    def __init__(self, r0: int, c0: int, sim: torch.Tensor, pairs: SortedPairs, band: tuple[int, int],
+                 upper: torch.Tensor | None) -> None:
+        self.r0, self.c0, self._sim, self._pairs, self._band, self._upper = r0, c0, sim, pairs, band, upper
+        self._same: torch.Tensor | None = None  # (B, band width) positive pairs in the band, once masked
+        self._pos: Pairs | None = None
+
+    @property
+    def sim(self) -> torch.Tensor:
+        """(B, W) the cosines of all pairs of the tile."""
+        if self._same is not None:
+            raise RuntimeError("this tile's positives are already masked: a consumer reading tile.sim must come "
+                               "before those reading tile.values() or tile.pairs()")
+        return self._sim
+
+    def _negatives(self) -> torch.Tensor:
+        """(B, W) the tile with its positive pairs set to -inf (in place, once)."""
+        if self._same is None:
+            lo, hi = self._band
+            b = self._sim.shape[0]
+            self._same = self._sim.new_zeros(b, 0, dtype=torch.bool)  # (B, w) the band's positive pairs
+            self._band_sim = self._sim[:, :0]  # (B, w) the band before masking
+            if hi > lo:
+                lab, (_, col_lab) = self._pairs.lab, self._pairs.col_side
+                same = lab[self.r0 : self.r0 + b, None] == col_lab[None, lo:hi]  # (B, w)
+                if self._upper is not None and self.c0 == self.r0:  # the diagonal block: pairs col > row only
+                    same[:, :b] &= self._upper[:b, :b]
+                band = self._sim[:, lo - self.c0 : hi - self.c0]
+                self._same, self._band_sim = same, band.clone()
+                band.masked_fill_(same, float("-inf"))
+        return self._sim
+
+    def _positives(self) -> Pairs:
+        """All positive pairs of the tile (once)."""
+        if self._pos is None:
+            self._negatives()
+            assert self._same is not None
+            pr, pc = torch.nonzero(self._same, as_tuple=True)
+            self._pos = Pairs(pr + self.r0, pc + self._band[0], self._band_sim[pr, pc])
+        return self._pos
+
+    def values(self, s_min: float) -> torch.Tensor:
+        """(P,) the similarities of the tile's negative pairs with ``s >= s_min`` (``s > -inf`` for -inf)."""
+        neg = self._negatives()
+        return neg.reshape(-1).index_select(0, flat_nonzero(_at_least(neg, s_min)))
+
+    def pairs(self, s_min: float) -> tuple[Pairs, Pairs]:
+        """``(negatives, positives)``: the tile's pairs with ``s >= s_min`` (``s > -inf`` for -inf), by global
+        sorted index (index_select: on the CPU a gather several times faster than indexing with a tensor)."""
+        neg = self._negatives()
+        rows, cols, flat = nonzero_rc(_at_least(neg, s_min))
+        return Pairs(rows + self.r0, cols + self.c0, neg.reshape(-1).index_select(0, flat)), \
+            _select(self._positives(), s_min)
+
+
+def _at_least(sim: torch.Tensor, s_min: float) -> torch.Tensor:
+    """``sim >= s_min``; for -inf ``sim > -inf`` (every pair, none of the -inf non-pairs)."""
+    return sim > s_min if s_min == float("-inf") else sim >= s_min
+
+
+def _select(p: Pairs, s_min: float) -> Pairs:
+    """The listed pairs with ``s >= s_min``."""
+    keep = torch.nonzero(p.s >= s_min).squeeze(1)
+    return Pairs(p.rows.index_select(0, keep), p.cols.index_select(0, keep), p.s.index_select(0, keep))
+
+
+def pair_tiles(pairs: SortedPairs, chunk_size: int, want: Want | None = None) -> Iterator[Tile]:
+    """The one loop over the pairs: the :class:`Tile` s of :func:`upper_tiles` (one set: the upper triangle of
+    ``rows rows^T``) or :func:`cross_tiles` (``rows cols^T``), ``min(chunk_size, N)`` rows by
+    :data:`TILE_COLS` columns.  ``want`` (optional) skips tiles; the others are the same, bit for bit."""
+    xn, lab = pairs.rows, pairs.lab
+    n = xn.shape[0]
+    chunk = min(int(chunk_size), n)
+    cols, col_lab = pairs.col_side
+    # the same-label columns of row block i lie in [lo[i], hi[i]) (labels sorted on both sides)
+    starts = torch.arange(0, n, chunk, device=lab.device)  # (blocks,) first row of each block
+    lo = torch.searchsorted(col_lab, lab[starts]).tolist()
+    hi = torch.searchsorted(col_lab, lab[(starts + chunk - 1).clamp(max=n - 1)], right=True).tolist()
+    if pairs.symmetric:
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
+        tiles = upper_tiles(xn, chunk, TILE_COLS, want)
+    else:
+        upper, tiles = None, cross_tiles(xn, cols, chunk, TILE_COLS, want)
+    for r0, c0, sim in tiles:
+        i = r0 // chunk
+        yield Tile(r0, c0, sim, pairs, (max(lo[i], c0), min(hi[i], c0 + sim.shape[1])), upper)
+
+
 class _Failed:
     def __init__(self, error: BaseException):
         self.error = error
@@ -182,6 +339,11 @@ def _cells(sim: torch.Tensor, cell: int, columns: bool) -> tuple[int, torch.Tens
     # reduced along the memory layout: a transposed view reduces slowly otherwise
     cell_max = body.permute(1, 2, 0).amax(dim=1).T if columns else body.amax(dim=2)  # (B, W // cell)
     return whole, body, cell_max
+
+
+def make_topk(depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype) -> TopK:
+    """The running top-k for the labels' device (arguments as :class:`TopK`)."""
+    return TopK(depth, row_labels, col_labels, dtype)
 
 
 class TopK:

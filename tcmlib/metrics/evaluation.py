@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from tcmlib._checks import check_embeddings_labels
-from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE, SortedPairs, UtilityCurves, curves_and_extras, pair_tiles
-from tcmlib.metrics.retrieval import RetrievalPass, _check_ks, _check_reference, average_retrieval
+from tcmlib.metrics.opis import (DEFAULT_CHUNK_SIZE, ClassCounts, UtilityCurves, calibrate, check_inputs, count_pass,
+                                 curve_setup)
+from tcmlib.metrics.retrieval import RetrievalTopK, _check_ks, average_retrieval
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -112,36 +112,25 @@ def evaluate(
     Returns:
         An :class:`Evaluation`; ``.as_dict()`` gives ``{"R@k", "MAP@R", "OPIS", "eps_OPIS"}``.
     """
-    x, _ = check_embeddings_labels(embeddings, labels)
+    x, y, g, rx, ry = check_inputs(embeddings, labels, groups, reference, reference_labels)
     n = x.shape[0]
     if not 0.0 < float(eps) < 1.0:
         raise ValueError(f"eps = {eps} must lie strictly between 0 and 1 (eps = 0.1 is the 10%-OPIS)")
-    if reference is None:
+    if rx is None:
         if n < 2:
             raise ValueError(f"need at least 2 samples (a query and one other), got N = {n}")
         ks_list = _check_ks(ks, n - 1)
     else:
-        reference, reference_labels = _check_reference(x, reference, reference_labels)
-        ks_list = _check_ks(ks, reference.shape[0], "reference items per query")
-    passes: dict[str, Any] = {}
-
-    def first(pairs: SortedPairs) -> Any:
-        col_lab = pairs.lab if pairs.col_lab is None else pairs.col_lab
-        passes["order"] = pairs.order
-        passes["retrieval"] = RetrievalPass(pairs.lab, col_lab, ks_list, symmetric=pairs.symmetric,
-                                            dtype=pairs.rows.dtype,
-                                            replay=lambda want: pair_tiles(pairs.rows, chunk_size, pairs.cols, want))
-        return passes["retrieval"].add
-
-    curves, _ = curves_and_extras(
-        embeddings, labels, far_range=far_range, distance_range=distance_range, num_thresholds=num_thresholds,
-        beta=beta, groups=groups, chunk_size=chunk_size, reference=reference, reference_labels=reference_labels,
-        first=first,
-    )
-    hits_s, ap_s = passes["retrieval"].result()
-    order = passes["order"]
-    hits, ap = torch.empty_like(hits_s), torch.empty_like(ap_s)
-    hits[order], ap[order] = hits_s, ap_s  # back to the input order
-    recall, map_r = average_retrieval(hits, ap, ks_list, groups)
+        ks_list = _check_ks(ks, rx.shape[0], "reference items per query")
+    with torch.no_grad():
+        setup = curve_setup(x, y, g, rx, ry, far_range=far_range, distance_range=distance_range,
+                            num_thresholds=num_thresholds, beta=beta, chunk_size=chunk_size)
+        retrieval = RetrievalTopK(setup.pairs, ks_list, setup.chunk)
+        cal = calibrate(setup, riders=[retrieval])  # pass 1: retrieval sees every tile before OPIS masks positives
+        counts = ClassCounts(setup, cal.thresholds)
+        count_pass(setup, cal, [counts])  # pass 2 (retrieval rides on it when pass 1 did not run), or kept pairs
+        curves = setup.curves(cal.thresholds, counts.result())
+        pq = retrieval.result()
+    recall, map_r = average_retrieval(pq.hits, pq.ap, ks_list, g)
     return Evaluation(recall=recall, map_at_r=map_r, opis=curves.opis, eps_opis=curves.eps_opis(eps), eps=float(eps),
-                      curves=curves, hits=hits, ap_at_r=ap)
+                      curves=curves, hits=pq.hits, ap_at_r=pq.ap)

@@ -71,7 +71,7 @@ accepted, and a quantile that lands on a pair's distance accepts that pair.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +79,10 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
-from tcmlib.metrics._pairs import TILE_COLS, cross_tiles, flat_nonzero, nonzero_rc, unit_rows, upper_tiles
+from tcmlib.metrics._pairs import Pairs, SortedPairs, pair_tiles, sort_pairs
+from tcmlib.metrics.retrieval import _check_reference
 
-__all__ = ["UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
+__all__ = ["ClassCounts", "Quantiles", "UtilityCurves", "eps_opis", "opis", "utility", "utility_curves"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
@@ -162,81 +163,6 @@ def utility(tar: torch.Tensor, trr: torch.Tensor, beta: float = 1.0) -> torch.Te
     return torch.where(den > 0, (1 + b2) * tar * trr / den.clamp_min(1e-300), torch.zeros_like(den))
 
 
-def utility_curves(
-    embeddings: Any,
-    labels: Any,
-    *,
-    far_range: tuple[float, float] = (1e-2, 1e-1),
-    distance_range: tuple[float, float] | None = None,
-    num_thresholds: int = 100,
-    beta: float = 1.0,
-    groups: Any = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    reference: Any = None,
-    reference_labels: Any = None,
-) -> UtilityCurves:
-    """Exact per-class TAR, TRR and utility curves of ``embeddings`` (N, D) with ``labels`` (N,).
-
-    The thresholds are ``linspace(t_min, t_max, num_thresholds)`` with ``(t_min, t_max)`` the
-    ``far_range`` quantiles of all negative-pair distances, or ``distance_range`` when given.
-    ``groups`` (N,) optional: compute the curves per group instead of per class (module docstring).
-    ``reference`` (M, D) and ``reference_labels`` (M,) optional: the pairs are then all query x
-    reference pairs (N M of them), each counted for its query's class (or group), not the pairs
-    within ``embeddings``; an item in both sets meets itself (module docstring).  Computed
-    ``chunk_size`` rows at a time on the embeddings' device; never forms the N x N matrix.
-    """
-    return curves_and_extras(
-        embeddings, labels, far_range=far_range, distance_range=distance_range, num_thresholds=num_thresholds,
-        beta=beta, groups=groups, chunk_size=chunk_size, reference=reference, reference_labels=reference_labels,
-    )[0]
-
-
-@dataclass
-class SortedPairs:
-    """Both sides of the pairs, unit rows sorted by label (the order every pass uses).
-
-    ``rows`` (N, D), ``lab`` (N,) dense label index, ``order`` (N,) positions in the input; ``cols``,
-    ``col_lab``, ``col_order`` the same for a reference set, or None (pairs within ``rows``).
-    """
-
-    rows: torch.Tensor
-    lab: torch.Tensor
-    order: torch.Tensor
-    cols: torch.Tensor | None
-    col_lab: torch.Tensor | None
-    col_order: torch.Tensor | None
-
-    @property
-    def symmetric(self) -> bool:
-        return self.cols is None
-
-    def tile_kwargs(self) -> dict[str, Any]:
-        return {} if self.cols is None else {"cols": self.cols, "col_lab": self.col_lab}
-
-
-def _sort_pairs(
-    x: torch.Tensor, y: torch.Tensor, rx: torch.Tensor | None = None, ry: torch.Tensor | None = None
-) -> SortedPairs:
-    """The :class:`SortedPairs` of checked ``x`` (N, D), ``y`` (N,) (and a reference ``rx`` (M, D), ``ry`` (M,)).
-
-    Unit rows (:func:`~tcmlib.metrics._pairs.unit_rows`) sorted by label, stably; with a reference, the
-    labels of both sides are indexed densely together and both sides are cast to the wider dtype.
-    Every pass of :mod:`tcmlib.metrics.opis` and :mod:`tcmlib.report` uses this one order.
-    """
-    if rx is None or ry is None:
-        _, lab = torch.unique(y, return_inverse=True)  # (N,) label index 0..L-1
-        order = torch.argsort(lab, stable=True)
-        return SortedPairs(unit_rows(x)[order].contiguous(), lab[order], order, None, None, None)
-    n = x.shape[0]
-    _, both = torch.unique(torch.cat([y, ry]), return_inverse=True)  # dense labels, shared by both sides
-    lab, r_lab = both[:n], both[n:]
-    order, r_order = torch.argsort(lab, stable=True), torch.argsort(r_lab, stable=True)
-    rows, cols = unit_rows(x)[order], unit_rows(rx)[r_order]
-    work = torch.promote_types(rows.dtype, cols.dtype)  # float64 when either side is float64
-    return SortedPairs(rows.to(work).contiguous(), lab[order], order, cols.to(work).contiguous(), r_lab[r_order],
-                       r_order)
-
-
 def _unit_totals(
     pairs: SortedPairs, ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
@@ -292,7 +218,20 @@ def _check_range_args(
     return lo, hi, k_thr, beta
 
 
-def curves_and_extras(
+def check_inputs(
+    embeddings: Any, labels: Any, groups: Any = None, reference: Any = None, reference_labels: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(x (N, D), y (N,), groups (N,) or None, reference (M, D) or None, reference labels (M,) or None)``,
+    checked once at a public entry (bad input: ``ValueError`` saying what to do), all on ``x``'s device."""
+    x, y = check_embeddings_labels(embeddings, labels)
+    g = None if groups is None else check_labels(groups, x.shape[0], "groups").to(x.device)
+    rx = ry = None
+    if reference is not None or reference_labels is not None:
+        rx, ry = _check_reference(x, reference, reference_labels)
+    return x, y, g, rx, ry
+
+
+def utility_curves(
     embeddings: Any,
     labels: Any,
     *,
@@ -304,45 +243,75 @@ def curves_and_extras(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     reference: Any = None,
     reference_labels: Any = None,
-    extra_quantiles: tuple[float, ...] = (),
-    first: Any = None,
-    on_sorted: Any = None,
-) -> tuple[UtilityCurves, list[float]]:
-    """:func:`utility_curves` plus what may ride on its passes (for :func:`tcmlib.metrics.evaluation.evaluate` and
-    :func:`tcmlib.report.threshold_report`).
+) -> UtilityCurves:
+    """Exact per-class TAR, TRR and utility curves of ``embeddings`` (N, D) with ``labels`` (N,).
 
-    ``extra_quantiles``: further exact ``numpy.quantile`` values of the negative-pair distances, computed
-    in the calibration-range pass (returned second).  Riders (indices into the sorted sides):
-
-    * ``first(pairs: SortedPairs)`` is called before the first pass over the pairs and returns
-      ``on_tile(r0, c0, sim)``, which sees every tile of that pass, all pairs of it, before its
-      positives are masked (e.g. the running top-k of the retrieval metrics);
-    * ``on_sorted(pairs, extras)`` is called after the calibration pass and returns counters of
-      accepted pairs (each with ``add(r0, c0, sim)`` for a tile, ``add_pairs(rows, cols, s)`` for
-      listed pairs and ``bound``, the lowest similarity it counts): they get the pairs pass 1 kept
-      when those include every pair ``s >= bound``, or ride on the counting pass.
+    The thresholds are ``linspace(t_min, t_max, num_thresholds)`` with ``(t_min, t_max)`` the
+    ``far_range`` quantiles of all negative-pair distances, or ``distance_range`` when given.
+    ``groups`` (N,) optional: compute the curves per group instead of per class (module docstring).
+    ``reference`` (M, D) and ``reference_labels`` (M,) optional: the pairs are then all query x
+    reference pairs (N M of them), each counted for its query's class (or group), not the pairs
+    within ``embeddings``; an item in both sets meets itself (module docstring).  Computed
+    ``chunk_size`` rows at a time on the embeddings' device; never forms the N x N matrix.
     """
-    x, y = check_embeddings_labels(embeddings, labels)
-    n = x.shape[0]
-    g = None if groups is None else check_labels(groups, n, "groups").to(x.device)
-    lo, hi, k_thr, beta = _check_range_args(far_range, distance_range, num_thresholds, beta, chunk_size)
-    rx = ry = None
-    if reference is not None or reference_labels is not None:
-        if reference is None or reference_labels is None:
-            raise ValueError("pass reference and reference_labels together (or neither)")
-        rx, ry = check_embeddings_labels(reference, reference_labels, emb_name="reference",
-                                         label_name="reference_labels")
-        if rx.shape[1] != x.shape[1]:
-            raise ValueError(f"reference has dimension {rx.shape[1]} but the embeddings {x.shape[1]}: both must "
-                             "come from the same embedder")
-        rx, ry = rx.to(x.device), ry.to(x.device)
-    for q in extra_quantiles:
-        if not 0.0 <= float(q) <= 1.0:
-            raise ValueError(f"quantile {q} must lie in [0, 1]")
+    setup = curve_setup(*check_inputs(embeddings, labels, groups, reference, reference_labels), far_range=far_range,
+                        distance_range=distance_range, num_thresholds=num_thresholds, beta=beta, chunk_size=chunk_size)
+    cal = calibrate(setup)  # pass 1: the thresholds (none with a given distance range)
+    counts = ClassCounts(setup, cal.thresholds)
+    count_pass(setup, cal, [counts])  # pass 2, or the pairs pass 1 kept
+    return setup.curves(cal.thresholds, counts.result())
 
-    # Unit rows sorted by label (the positives of a row block then form one band of columns), the units
-    # (classes, or groups) and their pair totals in closed form.
-    pairs = _sort_pairs(x, y, rx, ry)
+
+@dataclass
+class CurveSetup:
+    """What the passes of the utility curves share (:func:`curve_setup`): the sorted ``pairs``, ``chunk`` rows
+    per tile, the range ``(lo, hi)`` (a FAR range, or the distances when ``given_range``), K thresholds and
+    beta; the units (classes or groups): ``unit_ids``, ``eligible``, ``num_pos``, ``num_neg`` (U,), the
+    eligible index of each sorted row ``el`` (N,) and column ``el_c`` (M,) (T = excluded, or with a
+    reference set: not counted for the column), ``t_cls`` = T eligible units; ``num_neg_all`` negative pairs."""
+
+    pairs: SortedPairs
+    chunk: int
+    lo: float
+    hi: float
+    num_thresholds: int
+    beta: float
+    given_range: bool
+    grouped: bool
+    unit_ids: torch.Tensor
+    eligible: torch.Tensor
+    num_pos: torch.Tensor
+    num_neg: torch.Tensor
+    num_neg_all: int
+    el: torch.Tensor
+    el_c: torch.Tensor
+    t_cls: int
+
+    def curves(self, thresholds: torch.Tensor, hist: torch.Tensor) -> UtilityCurves:
+        """The :class:`UtilityCurves` from the histograms (2, T + 1, K) of :class:`ClassCounts`."""
+        t_cls = self.t_cls
+        acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
+        pos_t, neg_t = self.num_pos[self.eligible].double().cpu(), self.num_neg[self.eligible].double().cpu()  # (T,)
+        tar = acc[0] / pos_t  # (K, T)
+        trr = (neg_t - acc[1]) / neg_t  # (K, T)
+        return UtilityCurves(
+            thresholds=thresholds, tar=tar, trr=trr, utility=utility(tar, trr, self.beta),
+            class_ids=self.unit_ids[self.eligible].cpu(), num_pos=self.num_pos[self.eligible].cpu(),
+            num_neg=self.num_neg[self.eligible].cpu(), num_eligible=t_cls, num_excluded=len(self.unit_ids) - t_cls,
+            distance_range=(float(thresholds[0]), float(thresholds[-1])),
+            far_range=None if self.given_range else (self.lo, self.hi), beta=self.beta,
+        )
+
+
+def curve_setup(
+    x: torch.Tensor, y: torch.Tensor, g: torch.Tensor | None, rx: torch.Tensor | None, ry: torch.Tensor | None, *,
+    far_range: tuple[float, float], distance_range: tuple[float, float] | None, num_thresholds: int, beta: float,
+    chunk_size: int,
+) -> CurveSetup:
+    """The :class:`CurveSetup` of checked inputs (:func:`check_inputs`): unit rows sorted by label (the
+    positives of a row block then form one band of columns), the units and their pair totals in closed form."""
+    lo, hi, k_thr, beta = _check_range_args(far_range, distance_range, num_thresholds, beta, chunk_size)
+    pairs = sort_pairs(x, y, rx, ry)
     unit_ids, unit, num_pos, num_neg, num_neg_all, _ = _unit_totals(pairs, y if g is None else g)  # unit sorted
     if num_neg_all == 0:
         raise ValueError(f"there are no negative {'pairs' if pairs.symmetric else 'query x reference pairs'}: all "
@@ -361,67 +330,65 @@ def curves_and_extras(
     el_c = el  # (M,) the columns' units; query x reference: a pair counts for its query's unit only (T: none)
     if pairs.cols is not None:
         el_c = torch.full((pairs.cols.shape[0],), t_cls, dtype=torch.long, device=x.device)
-    xn, lab = pairs.rows, pairs.lab
+    return CurveSetup(pairs, int(chunk_size), lo, hi, k_thr, beta, distance_range is not None, g is not None,
+                      unit_ids, eligible, num_pos, num_neg, num_neg_all, el, el_c, t_cls)
 
-    qs = tuple(float(q) for q in extra_quantiles) + (() if distance_range is not None else (lo, hi))
-    rider = None if first is None else first(pairs)  # rides on the first pass over the pairs
+
+@dataclass
+class Calibration:
+    """Pass 1's results: ``thresholds`` (K,) distances, the ``extras`` quantiles asked for, the pairs it
+    ``kept`` for the counts (or None), and the ``pending`` riders it never fed (no pass 1 ran)."""
+
+    thresholds: torch.Tensor
+    extras: list[float]
+    kept: _KeptPairs | None
+    pending: list[Any]
+
+
+def calibrate(setup: CurveSetup, *, extra_quantiles: tuple[float, ...] = (), riders: Sequence[Any] = ()) -> Calibration:
+    """Pass 1: the thresholds, from the ``far_range`` quantiles of the negative distances (none with a given
+    distance range), and the exact ``extra_quantiles`` (``numpy.quantile``) in the same pass.  ``riders``
+    (consumers with ``add(tile)`` reading ``tile.sim``, e.g. :class:`~tcmlib.metrics.retrieval.RetrievalTopK`)
+    see every tile of it; with no pass they are ``pending``, for the counting pass."""
+    for q in extra_quantiles:
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"quantile {q} must lie in [0, 1]")
+    qs = tuple(float(q) for q in extra_quantiles) + (() if setup.given_range else (setup.lo, setup.hi))
     kept = None  # pass 1 keeps the pairs the counts need, when they fit
-    if distance_range is None and num_neg_all * hi <= KEEP_MAX:
+    if not setup.given_range and setup.num_neg_all * setup.hi <= KEEP_MAX:
         kept = _KeptPairs(KEEP_MAX)
     quant = []
     if qs:
-        quant = _negative_distance_quantiles(xn, lab, qs, int(chunk_size), num_neg_all, keep=kept, on_tile=rider,
-                                             **pairs.tile_kwargs())
-        rider = None
-    extras = quant[: len(extra_quantiles)]
-    if distance_range is None:
-        t_lo, t_hi = quant[-2:]
-        if not t_lo < t_hi:
-            raise ValueError(
-                f"the calibration range is empty: the far_range {far_range} quantiles of the negative "
-                f"distances are both {t_lo}; pass a wider far_range or an explicit distance_range"
-            )
+        quant = _negative_distance_quantiles(setup.pairs, qs, setup.chunk, setup.num_neg_all, keep=kept,
+                                             riders=riders)
+    t_lo, t_hi = (setup.lo, setup.hi) if setup.given_range else quant[-2:]
+    if not t_lo < t_hi:
+        raise ValueError(
+            f"the calibration range is empty: the far_range {(setup.lo, setup.hi)} quantiles of the negative "
+            f"distances are both {t_lo}; pass a wider far_range or an explicit distance_range"
+        )
+    thresholds = torch.linspace(t_lo, t_hi, setup.num_thresholds, dtype=torch.float64)  # (K,)
+    return Calibration(thresholds, quant[: len(extra_quantiles)], kept, [] if qs else list(riders))
+
+
+def count_pass(setup: CurveSetup, cal: Calibration, counters: Sequence[Any]) -> None:
+    """Feed ``counters`` (consumers with ``add(tile)`` reading ``tile.pairs(bound)`` and ``bound``, the lowest
+    similarity each counts) every pair: from the pairs pass 1 kept when those hold every pair
+    ``s >= bound``, else one pass over the tiles (:func:`_counting_pass`, with the pending riders first)."""
+    kept = cal.kept
+    if kept is not None and kept.complete and not cal.pending and min(c.bound for c in counters) >= kept.s_min:
+        for tile in kept.tiles():
+            for c in counters:
+                c.add(tile)
     else:
-        t_lo, t_hi = lo, hi
-    thresholds = torch.linspace(t_lo, t_hi, k_thr, dtype=torch.float64)  # (K,)
+        _counting_pass(setup.pairs, setup.chunk, [*cal.pending, *counters])
 
-    counters = [] if on_sorted is None else list(on_sorted(pairs, extras))
-    bnd = _accept_boundaries(thresholds, xn.dtype).to(x.device)  # (K,) non-increasing
-    lowest = min([float(bnd[-1])] + [float(c.bound) for c in counters])  # the lowest similarity counted
-    if kept is not None and kept.complete and lowest >= kept.s_min:  # every pair counted was kept
-        hist = kept.histograms(el, el_c, bnd, thresholds, t_cls, g is not None)  # (2, T + 1, K)
-        for c in counters:
-            kept.replay(c.add_pairs)
-    else:
-        adders = [c.add for c in counters] + ([rider] if rider is not None else [])
 
-        def on_tile(r0: int, c0: int, sim: torch.Tensor) -> None:
-            for add in adders:
-                add(r0, c0, sim)
-
-        hist = _accept_histograms(xn, lab, el, el_c, t_cls, thresholds, bnd, int(chunk_size), g is not None,
-                                  on_tile=on_tile if adders else None, **pairs.tile_kwargs())  # (2, T + 1, K)
-    acc = hist.cumsum(dim=2)[:, :t_cls].transpose(1, 2).double().cpu()  # (2, K, T) accepted at t_k
-    pos_t = num_pos[eligible].double().cpu()  # (T,)
-    neg_t = num_neg[eligible].double().cpu()  # (T,)
-    tar = acc[0] / pos_t  # (K, T)
-    trr = (neg_t - acc[1]) / neg_t  # (K, T)
-    util = utility(tar, trr, beta)  # (K, T)
-    curves = UtilityCurves(
-        thresholds=thresholds,
-        tar=tar,
-        trr=trr,
-        utility=util,
-        class_ids=unit_ids[eligible].cpu(),
-        num_pos=num_pos[eligible].cpu(),
-        num_neg=num_neg[eligible].cpu(),
-        num_eligible=t_cls,
-        num_excluded=len(unit_ids) - t_cls,
-        distance_range=(float(t_lo), float(t_hi)),
-        far_range=None if distance_range is not None else (lo, hi),
-        beta=beta,
-    )
-    return curves, extras
+def _counting_pass(pairs: SortedPairs, chunk_size: int, consumers: Sequence[Any]) -> None:
+    """One pass over the tiles, each fed to every consumer in turn."""
+    for tile in pair_tiles(pairs, chunk_size):
+        for c in consumers:
+            c.add(tile)
 
 
 def opis(
@@ -498,63 +465,6 @@ def _pair_totals(
     return pos, touching - pos
 
 
-def pair_tiles(xn: torch.Tensor, chunk_size: int, cols: torch.Tensor | None = None, want: Any = None
-               ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """The tiles ``(r0, c0, sim)`` of every pass of this module: the upper triangle of ``xn xn^T``
-    (:func:`~tcmlib.metrics._pairs.upper_tiles`) or, with ``cols``, ``xn cols^T``
-    (:func:`~tcmlib.metrics._pairs.cross_tiles`), ``min(chunk_size, N)`` rows by ``TILE_COLS`` columns.
-    ``want`` (optional) skips tiles; the others are the same, bit for bit (a rider's second pass)."""
-    chunk_size = min(int(chunk_size), xn.shape[0])
-    if cols is None:
-        return upper_tiles(xn, chunk_size, TILE_COLS, want)
-    return cross_tiles(xn, cols, chunk_size, TILE_COLS, want)
-
-
-def _tiles(  # type: ignore[no-untyped-def]
-    xn: torch.Tensor, lab: torch.Tensor, chunk_size: int, want_positives: bool, *,
-    cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None, on_tile: Any = None,
-):
-    """Yield ``(r0, c0, sim, pos)`` over the pairs, ``chunk_size`` rows by ``TILE_COLS`` columns.
-
-    Without ``cols``: the upper triangle of ``xn xn^T`` (:func:`~tcmlib.metrics._pairs.upper_tiles`), the
-    pairs with column <= row set to -inf.  With ``cols`` (M, D) and ``col_lab`` (M,): every pair of
-    ``xn`` (queries) with ``cols`` (gallery).  ``on_tile(r0, c0, sim)`` (optional) sees each tile first,
-    with all its pairs.  Then the positive (same-label) pairs are set to -inf, so ``sim`` holds negative
-    pairs only; ``pos`` = (rows, cols, s) of the positive pairs of the tile, global indices, or None
-    when ``want_positives`` is False.  Labels must be sorted on both sides: then the positives of a
-    row block lie in one band of columns, and only that band is compared.
-    """
-    n = xn.shape[0]
-    symmetric = cols is None
-    cols, col_lab = (xn, lab) if cols is None else (cols, col_lab)
-    assert col_lab is not None
-    assert bool((lab[1:] >= lab[:-1]).all()) and bool((col_lab[1:] >= col_lab[:-1]).all()), \
-        "_tiles needs the samples sorted by label"
-    chunk_size = min(chunk_size, n)
-    tiles = pair_tiles(xn, chunk_size, None if symmetric else cols)
-    upper = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
-    # same-label columns of rows r0..r1-1 lie in [band_lo, band_hi) (labels sorted on both sides)
-    starts = torch.arange(0, n, chunk_size, device=lab.device)  # first row of each block
-    lo_all = torch.searchsorted(col_lab, lab[starts]).tolist()
-    hi_all = torch.searchsorted(col_lab, lab[(starts + chunk_size - 1).clamp(max=n - 1)], right=True).tolist()
-    for r0, c0, sim in tiles:
-        if on_tile is not None:
-            on_tile(r0, c0, sim)
-        b = sim.shape[0]
-        band_lo, band_hi = max(lo_all[r0 // chunk_size], c0), min(hi_all[r0 // chunk_size], c0 + sim.shape[1])
-        pos = None
-        if band_hi > band_lo:
-            same = lab[r0 : r0 + b, None] == col_lab[None, band_lo:band_hi]  # (B, w)
-            if symmetric and c0 == r0:  # (band_lo = c0 here, and the band holds the diagonal block)
-                same[:, :b] &= upper[:b, :b]
-            band = sim[:, band_lo - c0 : band_hi - c0]
-            if want_positives:
-                pr, pc = torch.nonzero(same, as_tuple=True)
-                pos = (pr + r0, pc + band_lo, band[pr, pc])
-            band.masked_fill_(same, float("-inf"))
-        yield r0, c0, sim, pos
-
-
 def _accept_boundaries(thresholds: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """(K,) b_k = the smallest similarity s (in ``work``) with float64(1 - s) <= t_k.
 
@@ -595,53 +505,50 @@ def _first_accepting(s: torch.Tensor, bnd: torch.Tensor, step: float) -> torch.T
     return k
 
 
-def _accept_histograms(
-    xn: torch.Tensor, lab: torch.Tensor, el: torch.Tensor, el_c: torch.Tensor, t_cls: int, thresholds: torch.Tensor,
-    bnd: torch.Tensor, chunk_size: int, grouped: bool, *, cols: torch.Tensor | None = None,
-    col_lab: torch.Tensor | None = None, on_tile: Any = None,
-) -> torch.Tensor:
-    """(2, T + 1, K) int64: [0] positive, [1] negative pairs per eligible unit (T = excluded) by the
-    first threshold index k0 that accepts them (``d <= t_k`` for all k >= k0). Pairs with d > t_max
-    are not counted (their totals are known in closed form). ``el`` / ``el_c`` (N,) / (M,) the units of
-    the sorted rows / columns, ``bnd`` (K,) the thresholds' boundaries (:func:`_accept_boundaries`).
-    ``lab`` sorted, as for :func:`_tiles`; ``cols``, ``col_lab``: a separate gallery side (query x
-    gallery pairs)."""
-    b_last = float(bnd[-1])
-    hist = torch.zeros(2, t_cls + 1, thresholds.shape[0], dtype=torch.long, device=xn.device)
-    for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, True, cols=cols, col_lab=col_lab, on_tile=on_tile):
-        if pos is not None:  # positives: few; a pair in two groups counts for both
-            keep = torch.nonzero(pos[2] >= b_last).squeeze(1)
-            _count_pairs(hist[0], pos[2].index_select(0, keep), el.index_select(0, pos[0].index_select(0, keep)),
-                         el_c.index_select(0, pos[1].index_select(0, keep)), bnd, thresholds, True)
-        rows, cc, flat = nonzero_rc(sim >= b_last)  # (P,) negatives accepted at t_max
-        # both members in one group: count the pair once (for classes this cannot happen); index_select:
-        # on the CPU a gather several times faster than indexing with a tensor
-        _count_pairs(hist[1], sim.reshape(-1).index_select(0, flat), el[r0:].index_select(0, rows),
-                     el_c[c0:].index_select(0, cc), bnd, thresholds, grouped)
-    return hist
+class ClassCounts:
+    """The pairs each eligible unit accepts, by the first threshold accepting them, tile by tile.
 
+    ``result()`` (2, T + 1, K) int64: [0] positive, [1] negative pairs per eligible unit (T = excluded) by
+    the first threshold index k0 that accepts them (``d <= t_k`` for all k >= k0); cumulative sums over k
+    give the counts at every threshold.  Pairs with d > t_max are not counted (their totals are known in
+    closed form): ``bound``, the lowest similarity counted, is t_max's boundary.  A pair counts for the units
+    of both members (once when both lie in one group; with a reference set, the column's unit is T)."""
 
-def _count_pairs(hist: torch.Tensor, s: torch.Tensor, ur: torch.Tensor, uc: torch.Tensor, bnd: torch.Tensor,
-                 thresholds: torch.Tensor, once_in_one_unit: bool) -> None:
-    """Add pairs of similarity ``s`` (P,), each accepted at t_max, to ``hist`` (T + 1, K) at the first
-    threshold accepting them, for the units of both members ``ur``, ``uc`` (P,); with ``once_in_one_unit``
-    a pair whose members share a unit is added once."""
-    k_thr = hist.shape[1]
-    k = _first_accepting(s, bnd, float(thresholds[1] - thresholds[0]))  # (P,)
-    flat, one = hist.view(-1), torch.ones(1, dtype=hist.dtype, device=hist.device)
-    flat.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
-    if once_in_one_unit:
-        two = ur != uc
-        uc, k = uc[two], k[two]
-    flat.index_add_(0, uc * k_thr + k, one.expand(k.shape[0]))
+    def __init__(self, setup: CurveSetup, thresholds: torch.Tensor) -> None:
+        self.bnd = _accept_boundaries(thresholds, setup.pairs.rows.dtype).to(setup.el.device)  # (K,) non-increasing
+        self.bound = float(self.bnd[-1])
+        self.step = float(thresholds[1] - thresholds[0])
+        self.el, self.el_c, self.grouped = setup.el, setup.el_c, setup.grouped
+        self.hist = torch.zeros(2, setup.t_cls + 1, thresholds.shape[0], dtype=torch.long, device=setup.el.device)
+
+    def add(self, tile: Any) -> None:
+        neg, pos = tile.pairs(self.bound)
+        self._count(self.hist[0], pos, True)  # positives: few; a pair in two groups counts for both
+        self._count(self.hist[1], neg, self.grouped)  # both members in one group: once (not for classes)
+
+    def result(self) -> torch.Tensor:
+        return self.hist
+
+    def _count(self, hist: torch.Tensor, p: Pairs, once_in_one_unit: bool) -> None:
+        """Add pairs ``p`` (each accepted at t_max) to ``hist`` (T + 1, K) at the first threshold accepting
+        them, for the units of both members; with ``once_in_one_unit`` a pair within one unit is added once."""
+        if not p.s.numel():
+            return
+        k_thr = hist.shape[1]
+        k = _first_accepting(p.s, self.bnd, self.step)  # (P,)
+        ur, uc = self.el.index_select(0, p.rows), self.el_c.index_select(0, p.cols)
+        flat, one = hist.view(-1), torch.ones(1, dtype=hist.dtype, device=hist.device)
+        flat.index_add_(0, ur * k_thr + k, one.expand(k.shape[0]))
+        if once_in_one_unit:
+            two = ur != uc
+            uc, k = uc[two], k[two]
+        flat.index_add_(0, uc * k_thr + k, one.expand(k.shape[0]))
 
 
 class _KeptPairs:
     """The pairs of pass 1 with similarity ``>= s_min``, so that the counts come from them instead of a
-    second pass (``complete`` until more than ``limit`` were offered; then they are dropped).
-
-    Per tile: the similarities and the (global, sorted) row and column of each pair, 4 bytes an index.
-    """
+    second pass (``complete`` until more than ``limit`` were offered; then they are dropped).  Per tile:
+    its negatives and positives, 4 bytes an index; :meth:`tiles` gives them back as tiles to count."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -650,106 +557,74 @@ class _KeptPairs:
     def reset(self, s_min: float) -> None:
         """Start again, keeping the pairs with ``s >= s_min`` (``s > -inf`` for -inf: every pair)."""
         self.s_min, self.size, self.complete = s_min, 0, True
-        self.parts: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (0 pos | 1 neg, s, row, col)
+        self.parts: list[tuple[Pairs, Pairs]] = []  # (negatives, positives) per tile
 
-    def add(self, r0: int, c0: int, rows: torch.Tensor, cc: torch.Tensor, s: torch.Tensor,
-            pos: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
-        """Keep the negatives ``s`` (P,) at tile positions ``(rows, cc)`` and the positives ``pos`` (global
-        rows, columns, similarities) of the tile at ``(r0, c0)``, those with ``s >= s_min``; only while
-        ``complete``."""
-        parts = [(1, s, (rows + r0).int(), (cc + c0).int())]
-        if pos is not None:
-            keep = torch.nonzero(pos[2] >= self.s_min).squeeze(1)
-            parts.append((0, pos[2].index_select(0, keep), pos[0].index_select(0, keep).int(),
-                          pos[1].index_select(0, keep).int()))
-        self.size += sum(p[1].numel() for p in parts)
+    def add(self, neg: Pairs, pos: Pairs) -> None:
+        """Keep a tile's pairs with ``s >= s_min`` (global sorted indices); only while ``complete``."""
+        self.size += neg.s.numel() + pos.s.numel()
         if self.size > self.limit:  # too many: the counts will take a second pass
             self.complete, self.parts = False, []
             return
-        self.parts += parts
+        self.parts.append(tuple(Pairs(p.rows.int(), p.cols.int(), p.s) for p in (neg, pos)))  # type: ignore[arg-type]
 
-    def histograms(self, el: torch.Tensor, el_c: torch.Tensor, bnd: torch.Tensor, thresholds: torch.Tensor,
-                   t_cls: int, grouped: bool) -> torch.Tensor:
-        """(2, T + 1, K) as :func:`_accept_histograms` (``el``, ``el_c`` the units of the sorted rows and
-        columns), from the kept pairs; needs ``bnd[-1] >= s_min``."""
-        hist = torch.zeros(2, t_cls + 1, thresholds.shape[0], dtype=torch.long, device=el.device)
-        b_last = float(bnd[-1])
-        for sign, s, rows, cols in self.parts:
-            keep = torch.nonzero(s >= b_last).squeeze(1)  # (P,) accepted at t_max
-            # (index_select: a gather several times faster on the CPU than indexing with a tensor)
-            rows, cols = rows.index_select(0, keep), cols.index_select(0, keep)
-            _count_pairs(hist[sign], s.index_select(0, keep), el.index_select(0, rows), el_c.index_select(0, cols),
-                         bnd, thresholds, grouped or sign == 0)
-        return hist
-
-    def replay(self, add_pairs: Any) -> None:
-        """Feed every kept pair to ``add_pairs(rows (P,), cols (P,), s (P,))`` (global sorted indices)."""
-        for _, s, rows, cols in self.parts:
-            add_pairs(rows.long(), cols.long(), s)
+    def tiles(self) -> Iterator[_KeptTile]:
+        """The kept pairs, tile by tile, as :meth:`~tcmlib.metrics._pairs.Tile.pairs` gives them."""
+        return (_KeptTile(neg, pos) for neg, pos in self.parts)
 
 
-def _negative_distance_quantiles(
-    xn: torch.Tensor,
-    lab: torch.Tensor,
-    qs: tuple[float, ...],
-    chunk_size: int,
-    num_neg: int,
-    *,
-    collect_all_max: int | None = None,
-    slack: float = 6.0,
-    seed: int = 0,
-    cols: torch.Tensor | None = None,
-    col_lab: torch.Tensor | None = None,
-    keep: _KeptPairs | None = None,
-    on_tile: Any = None,
-) -> list[float]:
-    """Exact ``numpy.quantile(d_neg, q, method="linear")`` for each q, d_neg = distances of all M
-    negative pairs, without storing them: only the values inside a bracket around the two order
-    statistics each quantile needs are kept (all values when ``M <= collect_all_max``).  ``lab`` sorted;
-    with ``cols`` / ``col_lab`` (sorted too) the negative pairs are those of ``xn`` x ``cols``.
-    ``keep``: also keeps every pair above the lowest bracket there (for the counts); ``on_tile`` sees
-    every tile of the first pass.  The one exact quantile of the library: :mod:`tcmlib.report` uses it too."""
-    m = num_neg
-    need = []  # (j, j + 1 clipped, gamma) per q: value = lerp(d_(j), d_(j+1), gamma), 0-based ascending
-    for q in qs:
-        h = (m - 1) * q
-        j = math.floor(h)
-        need.append((j, min(j + 1, m - 1), h - j))
-    inf = float("inf")
-    if m <= (COLLECT_ALL_MAX if collect_all_max is None else collect_all_max):
-        brackets = [(-inf, inf)] * len(qs)  # similarity brackets (s_lo, s_hi), inclusive
-    else:
-        brackets = _pilot_brackets(xn, lab, qs, slack, seed, cols, col_lab)
-    out: list[float | None] = [None] * len(qs)
-    pending = list(range(len(qs)))
-    while pending:
-        s_min = min(brackets[i][0] for i in pending)
-        above = {i: 0 for i in pending}  # negatives with s > s_hi (the smallest distances)
-        inside: dict[int, list[torch.Tensor]] = {i: [] for i in pending}  # bracket values
+class _KeptTile:
+    """A tile's kept pairs, read as a :class:`~tcmlib.metrics._pairs.Tile`'s ``pairs(s_min)``."""
+
+    def __init__(self, neg: Pairs, pos: Pairs) -> None:
+        self.neg, self.pos = neg, pos
+
+    def pairs(self, s_min: float) -> tuple[Pairs, Pairs]:
+        """``(negatives, positives)`` with ``s >= s_min`` (at least the ``s_min`` they were kept with)."""
+        out = []
+        for p in (self.neg, self.pos):
+            keep = torch.nonzero(p.s >= s_min).squeeze(1)  # (index_select: a fast gather on the CPU)
+            out.append(Pairs(p.rows.index_select(0, keep).long(), p.cols.index_select(0, keep).long(),
+                             p.s.index_select(0, keep)))
+        return out[0], out[1]
+
+
+class Quantiles:
+    """The negative pairs' similarities inside a bracket ``(s_lo, s_hi)`` per quantile, and how many lie above
+    it, tile by tile: from them :meth:`result` reads the order statistics each quantile needs.  With ``keep``
+    (:class:`_KeptPairs`) every pair above the lowest bracket is kept too (for the counts)."""
+
+    def __init__(self, brackets: dict[int, tuple[float, float]], keep: _KeptPairs | None) -> None:
+        self.brackets, self.keep = brackets, keep
+        self.s_min = min(lo for lo, _ in brackets.values())
+        self.above = {i: 0 for i in brackets}  # negatives with s > s_hi (the smallest distances)
+        self.inside: dict[int, list[torch.Tensor]] = {i: [] for i in brackets}  # bracket values
         if keep is not None:
-            keep.reset(s_min)
-        for r0, c0, sim, pos in _tiles(xn, lab, chunk_size, keep is not None, cols=cols, col_lab=col_lab,
-                                       on_tile=on_tile):
-            above_min = sim > s_min if s_min == -inf else sim >= s_min  # negatives only (the rest is -inf)
-            if keep is not None and keep.complete:
-                rows, cc, flat = nonzero_rc(above_min)
-                s = sim.reshape(-1).index_select(0, flat)  # (P,)
-                keep.add(r0, c0, rows, cc, s, pos)
-            else:
-                s = sim.reshape(-1).index_select(0, flat_nonzero(above_min))  # (P,)
-            for i in pending:
-                lo, hi = brackets[i]
-                if lo == -inf and hi == inf:  # keep everything
-                    inside[i].append(s)
-                    continue
-                above[i] += int((s > hi).sum())
-                inside[i].append(s[(s >= lo) & (s <= hi)])
-        still = []
-        for i in pending:
-            vals = torch.cat(inside[i])  # (n_i,) the bracket's similarities
+            keep.reset(self.s_min)
+
+    def add(self, tile: Any) -> None:
+        if self.keep is not None and self.keep.complete:
+            neg, pos = tile.pairs(self.s_min)
+            self.keep.add(neg, pos)
+            s = neg.s  # (P,)
+        else:
+            s = tile.values(self.s_min)  # (P,)
+        for i, (lo, hi) in self.brackets.items():
+            if lo == -math.inf and hi == math.inf:  # keep everything
+                self.inside[i].append(s)
+                continue
+            self.above[i] += int((s > hi).sum())
+            self.inside[i].append(s[(s >= lo) & (s <= hi)])
+
+    def result(self, need: list[tuple[int, int, float]]) -> dict[int, float | None]:
+        """Per bracket, ``lerp(d_(j0), d_(j1), gamma)`` for ``need[i] = (j0, j1, gamma)`` (0-based ascending
+        distance ranks), or None where the bracket missed them."""
+        out: dict[int, float | None] = {}
+        for i in self.brackets:
+            vals = torch.cat(self.inside[i])  # (n_i,) the bracket's similarities
             n_i = vals.shape[0]
             j0, j1, gamma = need[i]
-            a, b = j0 - above[i], j1 - above[i]  # ranks inside the bracket (0 = largest s = smallest d)
+            a, b = j0 - self.above[i], j1 - self.above[i]  # ranks inside the bracket (0 = largest s)
+            out[i] = None
             if a >= 0 and b < n_i:
                 s0 = torch.kthvalue(vals, n_i - a).values  # the a-th largest similarity
                 s1 = s0  # the b-th (b = a or a + 1): s0 again, or the next smaller value
@@ -758,27 +633,61 @@ def _negative_distance_quantiles(
                 lo_v, hi_v = 1.0 - float(s0), 1.0 - float(s1)  # d_(j0), d_(j1) in float64
                 # numpy's _lerp, so that the result matches numpy.quantile to the last bit
                 out[i] = lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
-            else:
-                still.append(i)
-        on_tile = None  # a rider sees the first pass only
-        if still:  # the pilot missed: widen those brackets and run the pass again
+        return out
+
+
+def _negative_distance_quantiles(
+    pairs: SortedPairs,
+    qs: tuple[float, ...],
+    chunk_size: int,
+    num_neg: int,
+    *,
+    collect_all_max: int | None = None,
+    slack: float = 6.0,
+    seed: int = 0,
+    keep: _KeptPairs | None = None,
+    riders: Sequence[Any] = (),
+) -> list[float]:
+    """Exact ``numpy.quantile(d_neg, q, method="linear")`` for each q, d_neg = distances of all ``num_neg``
+    negative pairs, without storing them: only the values inside a bracket around the two order statistics
+    each quantile needs are kept (all values when ``num_neg <= collect_all_max``; a missed bracket is widened
+    and the pass repeated).  ``keep``: also keeps every pair above the lowest bracket there (for the
+    counts); ``riders`` see every tile of the first pass.  The one exact quantile of the library:
+    :mod:`tcmlib.report` uses it too."""
+    need = []  # (j, j + 1 clipped, gamma) per q: value = lerp(d_(j), d_(j+1), gamma), 0-based ascending
+    for q in qs:
+        h = (num_neg - 1) * q
+        j = math.floor(h)
+        need.append((j, min(j + 1, num_neg - 1), h - j))
+    if num_neg <= (COLLECT_ALL_MAX if collect_all_max is None else collect_all_max):
+        brackets = [(-math.inf, math.inf)] * len(qs)  # similarity brackets (s_lo, s_hi), inclusive
+    else:
+        brackets = _pilot_brackets(pairs, qs, slack, seed)
+    out: dict[int, float | None] = {}
+    pending = list(range(len(qs)))
+    while pending:
+        quant = Quantiles({i: brackets[i] for i in pending}, keep)
+        for tile in pair_tiles(pairs, chunk_size):
+            for c in (*riders, quant):
+                c.add(tile)
+        riders = ()  # a rider sees the first pass only
+        out.update(quant.result(need))
+        pending = [i for i in pending if out[i] is None]
+        if pending:  # the pilot missed: widen those brackets and run the pass again
             slack = max(slack, 0.5) * 8.0
-            wide = _pilot_brackets(xn, lab, qs, slack, seed, cols, col_lab)
-            for i in still:
+            wide = _pilot_brackets(pairs, qs, slack, seed)
+            for i in pending:
                 # a superset of the old bracket; each miss widens 8x, so it ends at (-inf, inf) at worst
                 brackets[i] = (min(brackets[i][0], wide[i][0]), max(brackets[i][1], wide[i][1]))
-        pending = still
-    return [float(v) for v in out]  # type: ignore[arg-type]
+    return [float(out[i]) for i in range(len(qs))]  # type: ignore[arg-type]
 
 
-def _pilot_brackets(
-    xn: torch.Tensor, lab: torch.Tensor, qs: tuple[float, ...], slack: float, seed: int,
-    cols: torch.Tensor | None = None, col_lab: torch.Tensor | None = None,
-) -> list[tuple[float, float]]:
+def _pilot_brackets(pairs: SortedPairs, qs: tuple[float, ...], slack: float, seed: int) -> list[tuple[float, float]]:
     """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances,
     from the negative pairs of ~1M / N random rows; width = slack x the estimated standard error in
     probability (from the spread across 8 groups of rows, at least the binomial one)."""
-    cols, col_lab = (xn, lab) if cols is None or col_lab is None else (cols, col_lab)
+    xn, lab = pairs.rows, pairs.lab
+    cols, col_lab = pairs.col_side
     n = xn.shape[0]
     r = min(n, max(16, 1_000_000 // cols.shape[0]))
     gen = torch.Generator().manual_seed(seed)

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import numbers
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -63,9 +63,9 @@ import numpy as np
 import torch
 
 from tcmlib._checks import as_tensor, check_embeddings_labels
-from tcmlib.metrics._pairs import TopK, Want, cross_tiles, flat_nonzero, unit_rows, upper_tiles
+from tcmlib.metrics._pairs import SortedPairs, Tile, Want, flat_nonzero, make_topk, pair_tiles, sort_pairs
 
-__all__ = ["RetrievalMetrics", "per_query_retrieval", "recall_at_k", "map_at_r", "recall_and_map_at_r", "retrieval_metrics"]
+__all__ = ["RetrievalMetrics", "RetrievalTopK", "per_query_retrieval", "recall_at_k", "map_at_r", "recall_and_map_at_r", "retrieval_metrics"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per tile (as tcmlib.metrics.opis)
 
@@ -117,9 +117,6 @@ def _check_reference(x: torch.Tensor, reference: Any, reference_labels: Any) -> 
     return r.to(x.device), ry.to(x.device)
 
 
-Replay = Callable[[Want], Iterable[tuple[int, int, torch.Tensor]]]  # the same tiles again, some skipped
-
-
 class PerQuery(NamedTuple):
     """Per-query retrieval results, (N, ...) float64.  Where R = 0 (no relevant candidate): ``ap`` and
     ``r_precision`` NaN, ``hits`` and ``reciprocal_rank`` 0 (every average leaves these queries out).
@@ -135,45 +132,51 @@ class PerQuery(NamedTuple):
     reciprocal_rank: torch.Tensor
 
 
-class RetrievalPass:
-    """Hits at each k, AP@R, R-precision and reciprocal rank of every query, from tiles of similarities
-    fed in any order.
+class RetrievalTopK:
+    """Hits at each k, AP@R, R-precision and reciprocal rank of every query: a running top-k of the
+    similarities, fed tile by tile (``add(tile)`` reads ``tile.sim``: every pair of the tile).
 
-    ``row_labels`` (N,) of the queries, ``col_labels`` (M,) of the candidates, sorted ascending (each
-    query's R, its relevant candidates, is read off them).  ``symmetric``: the tiles come from
-    ``tcmlib.metrics._pairs.upper_tiles`` (queries = candidates) and each also serves its columns.
-    ``replay(want)`` yields the same tiles again (``want`` skips some): a second pass over the rows whose
-    tie at their deepest rank reaches past what the running top-k kept (:meth:`per_query`), never run on
-    data without tied similarities.  :func:`per_query_retrieval` drives one pass;
-    :func:`tcmlib.metrics.evaluation.evaluate` lets it ride on OPIS's first pass.
+    ``pairs`` the sorted sides (:func:`~tcmlib.metrics._pairs.sort_pairs`; each query's R, its relevant
+    candidates, is read off the sorted labels), ``ks`` checked, ``chunk_size`` the rows per tile of the
+    pass (a second pass over the same tiles counts the rows whose tie at their deepest rank reaches past
+    what the running top-k kept, :meth:`result`; never run on data without tied similarities).
+    :func:`per_query_retrieval` drives one pass; :func:`tcmlib.metrics.evaluation.evaluate` feeds it the
+    tiles of OPIS's first pass.
     """
 
-    def __init__(self, row_labels: torch.Tensor, col_labels: torch.Tensor, ks: list[int], *, symmetric: bool,
-                 dtype: torch.dtype, replay: Replay) -> None:
+    def __init__(self, pairs: SortedPairs, ks: list[int], chunk_size: int) -> None:
+        row_labels, col_labels = pairs.lab, pairs.col_side[1]
         # (N,) R: the candidates with the query's label (not counting the query itself in one set)
         r = (torch.searchsorted(col_labels, row_labels, right=True) - torch.searchsorted(col_labels, row_labels)
-             - (1 if symmetric else 0))
+             - (1 if pairs.symmetric else 0))
         self.depth = torch.clamp(r, min=max(ks, default=1))  # (N,) deepest rank each query needs, >= 1
         # one rank deeper: a tie between the depth-th and the next candidate shows (the ranks above are exact)
-        self.topk = TopK(self.depth + 1, row_labels, col_labels, dtype)
-        self.r, self.ks, self.symmetric, self.replay = r, ks, symmetric, replay
+        self.topk = make_topk(self.depth + 1, row_labels, col_labels, pairs.rows.dtype)
+        self.r, self.ks, self.symmetric = r, ks, pairs.symmetric
+        self.pairs, self.chunk_size = pairs, chunk_size
         self.row_labels, self.col_labels = row_labels, col_labels
 
-    def add(self, r0: int, c0: int, sim: torch.Tensor) -> None:
-        if self.symmetric and r0 == c0:  # a diagonal block, upper triangle only: fill in the lower, feed once
-            self.topk.add(r0, c0, torch.maximum(sim, sim.T))
+    def add(self, tile: Tile) -> None:
+        sim = tile.sim
+        if self.symmetric and tile.r0 == tile.c0:  # a diagonal block, upper triangle only: fill in the lower, feed once
+            self.topk.add(tile.r0, tile.c0, torch.maximum(sim, sim.T))
         else:
-            self.topk.add(r0, c0, sim)
+            self.topk.add(tile.r0, tile.c0, sim)
             if self.symmetric:
-                self.topk.add(r0, c0, sim, columns=True)
+                self.topk.add(tile.r0, tile.c0, sim, columns=True)
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hits (N, len(ks)), ap (N,))`` float64 in the order of ``row_labels`` (:meth:`per_query`)."""
-        pq = self.per_query()
-        return pq.hits, pq.ap
+    def result(self) -> PerQuery:
+        """The :class:`PerQuery` results, in the input order of the queries."""
+        pq, order = self.per_query(), self.pairs.order
+        out = []
+        for t in pq:
+            back = torch.empty_like(t)
+            back[order] = t
+            out.append(back)
+        return PerQuery(*out)
 
     def per_query(self) -> PerQuery:
-        """The :class:`PerQuery` results in the order of ``row_labels``.
+        """The :class:`PerQuery` results in the sorted order of the queries.
 
         Ties (equal similarities) count as the expectation over a uniformly random order of the tied
         candidates (:func:`_expected_under_ties`).  Rows without a tie among their ranks (all rows of
@@ -252,7 +255,8 @@ class RetrievalPass:
             same = cand_labels[None, :] == self.row_labels.index_select(0, at)[:, None]  # (L, W)
             relevant.index_add_(0, at, (eq & same).sum(dim=1))
 
-        for r0, c0, sim in self.replay(want):
+        for tile in pair_tiles(self.pairs, self.chunk_size, want):
+            r0, c0, sim = tile.r0, tile.c0, tile.sim
             if self.symmetric and r0 == c0:
                 sim = torch.maximum(sim, sim.T)
             b, w = sim.shape
@@ -317,13 +321,6 @@ def _expected_under_ties(
     return hits, ap, rp, rr
 
 
-def sort_by_label(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(unit rows (N, D), labels (N,), order (N,))`` sorted by label (stable): the order every pass uses,
-    so that the positives of a row block lie in one band of columns."""
-    order = torch.argsort(y, stable=True)
-    return unit_rows(x)[order].contiguous(), y[order], order
-
-
 def per_query_retrieval(
     embeddings: Any,
     labels: Any,
@@ -367,33 +364,15 @@ def _per_query(
             if n < 2:
                 raise ValueError(f"need at least 2 samples (a query and one other), got N = {n}")
             ks = _check_ks(ks, n - 1)
-            xs, ys, order = sort_by_label(x, y)
-            acc = RetrievalPass(ys, ys, ks, symmetric=True, dtype=xs.dtype,
-                                replay=lambda want: upper_tiles(xs, chunk, want=want))
-            for r0, c0, sim in upper_tiles(xs, chunk):
-                acc.add(r0, c0, sim)
+            pairs = sort_pairs(x, y)
         else:
             g, gy = _check_reference(x, reference, reference_labels)
             ks = _check_ks(ks, g.shape[0], "reference items per query")
-            qn, qy, order = sort_by_label(x, y)  # both sides sorted, as tcmlib.metrics.opis does
-            gn, gy, _ = sort_by_label(g, gy)
-            work = torch.promote_types(qn.dtype, gn.dtype)
-            qn, gn = qn.to(work), gn.to(work)
-            acc = RetrievalPass(qy, gy, ks, symmetric=False, dtype=work,
-                                replay=lambda want: cross_tiles(qn, gn, chunk, want=want))
-            for r0, c0, sim in cross_tiles(qn, gn, chunk):
-                acc.add(r0, c0, sim)
-        return unsort(acc.per_query(), order), ks, y
-
-
-def unsort(pq: PerQuery, order: torch.Tensor) -> PerQuery:
-    """Per-query results of the label-sorted queries, back in input order (``order`` (N,): sorted -> input)."""
-    out = []
-    for t in pq:
-        back = torch.empty_like(t)
-        back[order] = t
-        out.append(back)
-    return PerQuery(*out)
+            pairs = sort_pairs(x, y, g, gy)  # both sides sorted, as tcmlib.metrics.opis does
+        acc = RetrievalTopK(pairs, ks, chunk)
+        for tile in pair_tiles(pairs, chunk):
+            acc.add(tile)
+        return acc.result(), ks, y
 
 
 @dataclass(frozen=True)
