@@ -32,7 +32,8 @@ import torch
 __all__ = ["TILE_COLS", "Pairs", "SortedPairs", "Tile", "TopK", "cross_tiles", "flat_nonzero", "make_topk",
            "nonzero_rc", "pair_tiles", "sort_pairs", "unit_rows", "upper_tiles"]
 
-TILE_COLS = 4096  # columns per tile: a (1024, 4096) float32 tile stays in cache for the counting ops
+TILE_COLS = 4096  # columns per tile on the CPU: a (1024, 4096) float32 tile stays in cache for the counting ops
+GPU_TILE_COLS = 16384  # on a GPU: wider tiles, fewer kernel launches (a (1024, 16384) float32 tile is 64 MiB)
 TILES_AHEAD = 1  # on the CPU, tiles computed this many ahead in a worker thread (0: none)
 
 T = TypeVar("T")
@@ -263,7 +264,7 @@ def _select(p: Pairs, s_min: float) -> Pairs:
 def pair_tiles(pairs: SortedPairs, chunk_size: int, want: Want | None = None) -> Iterator[Tile]:
     """The one loop over the pairs: the :class:`Tile` s of :func:`upper_tiles` (one set: the upper triangle of
     ``rows rows^T``) or :func:`cross_tiles` (``rows cols^T``), ``min(chunk_size, N)`` rows by
-    :data:`TILE_COLS` columns.  ``want`` (optional) skips tiles; the others are the same, bit for bit."""
+    :data:`TILE_COLS` columns (:data:`GPU_TILE_COLS` on a GPU).  ``want`` (optional) skips tiles; the others are the same, bit for bit."""
     xn, lab = pairs.rows, pairs.lab
     n = xn.shape[0]
     chunk = min(int(chunk_size), n)
@@ -272,11 +273,12 @@ def pair_tiles(pairs: SortedPairs, chunk_size: int, want: Want | None = None) ->
     starts = torch.arange(0, n, chunk, device=lab.device)  # (blocks,) first row of each block
     lo = torch.searchsorted(col_lab, lab[starts]).tolist()
     hi = torch.searchsorted(col_lab, lab[(starts + chunk - 1).clamp(max=n - 1)], right=True).tolist()
+    width = TILE_COLS if xn.device.type == "cpu" else GPU_TILE_COLS
     if pairs.symmetric:
         upper = torch.ones(chunk, chunk, dtype=torch.bool, device=xn.device).triu(1)  # (B, B) col > row
-        tiles = upper_tiles(xn, chunk, TILE_COLS, want)
+        tiles = upper_tiles(xn, chunk, width, want)
     else:
-        upper, tiles = None, cross_tiles(xn, cols, chunk, TILE_COLS, want)
+        upper, tiles = None, cross_tiles(xn, cols, chunk, width, want)
     for r0, c0, sim in tiles:
         i = r0 // chunk
         yield Tile(r0, c0, sim, pairs, (max(lo[i], c0), min(hi[i], c0 + sim.shape[1])), upper)
@@ -341,9 +343,53 @@ def _cells(sim: torch.Tensor, cell: int, columns: bool) -> tuple[int, torch.Tens
     return whole, body, cell_max
 
 
-def make_topk(depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype) -> TopK:
-    """The running top-k for the labels' device (arguments as :class:`TopK`)."""
+def make_topk(depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype
+              ) -> TopK | DenseTopK:
+    """The running top-k for the labels' device (arguments as :class:`TopK`): on the CPU the screened
+    :class:`TopK`, on a GPU the :class:`DenseTopK`, which never waits for the device."""
+    if _dense(row_labels.device):
+        return DenseTopK(depth, row_labels, col_labels, dtype)
     return TopK(depth, row_labels, col_labels, dtype)
+
+
+def _dense(device: torch.device) -> bool:
+    """Merge every tile densely (no host synchronisation) on this device?  Everywhere but on the CPU."""
+    return device.type != "cpu"
+
+
+class DenseTopK:
+    """Exact running top-k of every row of a matrix seen tile by tile, most similar first: each tile's
+    ``topk`` merged with the rows' best so far (one more ``topk``), for every row of every tile.
+
+    Arguments and methods as :class:`TopK`.  More arithmetic than its screening, but nothing the host has to
+    wait for (no ``nonzero``, no value read back): on a GPU the tiles queue up without a pause.
+    Memory: ``(N, k)`` values and flags, and two ``(B, 2k)`` candidate blocks per tile.
+    """
+
+    def __init__(self, depth: torch.Tensor, row_labels: torch.Tensor, col_labels: torch.Tensor, dtype: torch.dtype):
+        self.k = int(depth.max())  # the one read of the device, before the tiles
+        n, dev = depth.shape[0], row_labels.device
+        self.val = torch.full((n, self.k), float("-inf"), dtype=dtype, device=dev)  # (N, k) descending
+        self.rel = torch.zeros(n, self.k, dtype=torch.bool, device=dev)  # (N, k) relevant?
+        self.row_labels, self.col_labels = row_labels, col_labels
+
+    def ranked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(val, rel)`` (N, k): every row's top k so far, most similar first, and whether each is relevant."""
+        return self.val, self.rel
+
+    def add(self, r0: int, c0: int, sim: torch.Tensor, *, columns: bool = False) -> None:
+        """Merge the tile ``sim`` (B, W) of rows ``r0..`` and columns ``c0..`` (``columns=True``: into the
+        top-k of its columns, the symmetric side of a tile of ``X X^T``)."""
+        dim = 0 if columns else 1  # columns: a topk down the columns, no transposed copy of the tile
+        top = sim.topk(min(self.k, sim.shape[dim]), dim=dim)  # (B, k') or (k', W)
+        vals, idx = (top.values.T, top.indices.T) if columns else (top.values, top.indices)  # (H, k')
+        if columns:  # (one set: row and column labels are the same)
+            r0, c0 = c0, r0
+        h = vals.shape[0]
+        rel = self.col_labels.index_select(0, idx.reshape(-1) + c0).view_as(idx) == self.row_labels[r0 : r0 + h, None]
+        merged = torch.cat([self.val[r0 : r0 + h], vals], dim=1).topk(self.k, dim=1)  # (H, k), sorted
+        self.rel[r0 : r0 + h] = torch.cat([self.rel[r0 : r0 + h], rel], dim=1).gather(1, merged.indices)
+        self.val[r0 : r0 + h] = merged.values
 
 
 class TopK:
