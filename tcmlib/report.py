@@ -61,7 +61,7 @@ from tcmlib.metrics.opis import (  # the one exact quantile, sorted order and cl
     curve_setup,
     utility_curves,
 )
-from tcmlib.metrics.retrieval import RetrievalTopK, _check_reference, average_retrieval
+from tcmlib.metrics.retrieval import RetrievalTopK, _check_reference
 
 __all__ = [
     "BootstrapCI",
@@ -730,7 +730,7 @@ def threshold_report(
         t_cal, cal_far, source = math.nan, None, "evaluation set itself"
     setup = curve_setup(x, y, None, reference, reference_labels, far_range=far_range, distance_range=None,
                         num_thresholds=num_thresholds, beta=1.0, chunk_size=chunk)
-    r_at_1 = RetrievalTopK(setup.pairs, [1], chunk)  # R@1 rides on the curves' first pass
+    r_at_1 = RetrievalTopK(setup.pairs, [1], chunk, to_r=False)  # R@1 rides on the curves' first pass
     # pass 1: the curves' range and, without calibration data, the threshold
     cal = calibrate(setup, extra_quantiles=(far,) if calibration is None else (), riders=[r_at_1])
     t = t_cal if calibration is not None else cal.extras[0]
@@ -740,14 +740,13 @@ def threshold_report(
     curves = setup.curves(cal.thresholds, counts.result())
     class_rates = rates[0].result()
     group_rates = rates[1].result() if g is not None else None
-    pq = r_at_1.result()
 
     ci = opis_bootstrap_ci(curves, n_boot=n_boot, alpha=alpha, seed=seed)
     return ThresholdReport(
         name=str(name), threshold=class_rates.threshold, far_target=far, threshold_source=source,
         calibration_far=cal_far, class_rates=class_rates, group_rates=group_rates, curves=curves, opis_ci=ci,
         alpha=float(alpha), eps=float(eps), eps_opis=curves.eps_opis(eps),
-        recall_at_1=average_retrieval(pq.hits, pq.ap, [1])[0][1],
+        recall_at_1=r_at_1.recall()[1],
         num_samples=int(x.shape[0]), num_classes=int(torch.unique(y).numel()),
         num_reference=None if reference is None else int(reference.shape[0]),
     )

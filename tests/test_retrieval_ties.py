@@ -276,3 +276,24 @@ def test_tie_free_values_unchanged_from_the_plain_formulas() -> None:
     assert set(hits.unique().tolist()) <= {0.0, 1.0}
     rm = retrieval_metrics(x, y, (1, 2, 4))
     assert torch.equal(rm.per_query.hits, hits) and torch.equal(rm.per_query.ap.nan_to_num(-1), ap.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("n,kinds", [(150, 12), (64, 1)])
+@pytest.mark.parametrize("chunk_size", [4, 1024])
+def test_recall_ranked_to_max_k_only_equals_the_full_pass(tile_cols, n, kinds, chunk_size) -> None:
+    """``to_r=False`` (the report's R@1) ranks only max(ks) (+1 for ties) per query: the same Recall@k."""
+    from tcmlib.metrics.retrieval import RetrievalTopK
+    from tcmlib.metrics._pairs import pair_tiles, sort_pairs
+
+    x = exact_points(n, 11, kinds=kinds)
+    y = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(n))
+    pairs = sort_pairs(x, y)
+    short = RetrievalTopK(pairs, [1, 3], chunk_size, to_r=False)
+    for tile in pair_tiles(pairs, chunk_size):
+        short.add(tile)
+    assert short.topk.k == 4  # ranks 1..3 and one more: far fewer than R
+    want = reference.recall_at_k(x, y, (1, 3))
+    got = short.recall()
+    assert got[1] == pytest.approx(want[1], abs=1e-12) and got[3] == pytest.approx(want[3], abs=1e-12)
+    assert got == retrieval_metrics(x, y, (1, 3), chunk_size=chunk_size).recall
+    assert bool(short.result().ap.isnan().all())  # not ranked down to R: no AP@R

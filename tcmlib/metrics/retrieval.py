@@ -47,8 +47,8 @@ similarity matrix is symmetric and only its upper triangle is computed: half a f
 then ``chunk_size`` rows by 4096 columns at a time, each tile serving its rows and (transposed) its
 columns.  A running top-k per query (k = max(ks) and the query's R) is merged exactly; once it has
 filled, a tile costs one read for the maxima of small cells and little else.  Memory beyond the
-inputs: the unit rows (N, D), up to three tiles (on the CPU the next ones are computed ahead in a
-worker thread) and the running top-k, N x (max k + 64) values.
+inputs: the unit rows (N, D), one tile and the running top-k, N x (max k + 64) values (on a GPU
+:class:`~tcmlib.metrics._pairs.DenseTopK`, N x max k, merges every tile densely: no host sync per tile).
 """
 
 from __future__ import annotations
@@ -141,18 +141,19 @@ class RetrievalTopK:
     pass (a second pass over the same tiles counts the rows whose tie at their deepest rank reaches past
     what the running top-k kept, :meth:`result`; never run on data without tied similarities).
     :func:`per_query_retrieval` drives one pass; :func:`tcmlib.metrics.evaluation.evaluate` feeds it the
-    tiles of OPIS's first pass.
+    tiles of OPIS's first pass.  ``to_r=False``: only the ``max(ks)`` nearest are ranked (enough for
+    :meth:`recall`, far cheaper than ranking R); AP@R and R-precision are then NaN.
     """
 
-    def __init__(self, pairs: SortedPairs, ks: list[int], chunk_size: int) -> None:
+    def __init__(self, pairs: SortedPairs, ks: list[int], chunk_size: int, *, to_r: bool = True) -> None:
         row_labels, col_labels = pairs.lab, pairs.col_side[1]
         # (N,) R: the candidates with the query's label (not counting the query itself in one set)
         r = (torch.searchsorted(col_labels, row_labels, right=True) - torch.searchsorted(col_labels, row_labels)
              - (1 if pairs.symmetric else 0))
-        self.depth = torch.clamp(r, min=max(ks, default=1))  # (N,) deepest rank each query needs, >= 1
+        self.depth = torch.clamp(r if to_r else torch.zeros_like(r), min=max(ks, default=1))  # (N,) ranks needed, >= 1
         # one rank deeper: a tie between the depth-th and the next candidate shows (the ranks above are exact)
         self.topk = make_topk(self.depth + 1, row_labels, col_labels, pairs.rows.dtype)
-        self.r, self.ks, self.symmetric = r, ks, pairs.symmetric
+        self.r, self.ks, self.symmetric, self.to_r = r, ks, pairs.symmetric, to_r
         self.pairs, self.chunk_size = pairs, chunk_size
         self.row_labels, self.col_labels = row_labels, col_labels
 
@@ -174,6 +175,14 @@ class RetrievalTopK:
             back[order] = t
             out.append(back)
         return PerQuery(*out)
+
+    def recall(self) -> dict[int, float]:
+        """``{k: Recall@k}`` over the queries with R >= 1 (as :func:`recall_at_k`)."""
+        has_r = torch.empty_like(self.r, dtype=torch.bool)
+        has_r[self.pairs.order] = self.r > 0  # in input order, as the hits
+        valid = _valid(torch.where(has_r, 0.0, math.nan))  # (an error when no query has R >= 1)
+        hits = self.result().hits
+        return {int(k): float(v) for k, v in zip(self.ks, _average(hits, valid, None).tolist())}
 
     def per_query(self) -> PerQuery:
         """The :class:`PerQuery` results in the sorted order of the queries.
@@ -227,6 +236,9 @@ class RetrievalTopK:
                                      self.ks, k_rr)
             for out, new in zip((hits, ap, rp, rr), e):
                 out.index_copy_(0, tied, new)
+        if not self.to_r:  # the ranks down to R were not kept
+            ap.fill_(math.nan)
+            rp.fill_(math.nan)
         return PerQuery(hits, ap, rp, rr)
 
     def _count_equal(self, rows: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
