@@ -2,8 +2,8 @@
 # The GPU checks of tcmlib in one command: the first checks of a training run on the GPU (gpu_smoke.py:
 # fit steps of the ResNet-50 CUB recipe in fp16 and bf16, the GPU's step rate against the data loader's,
 # evaluate at N = 60,000 and the losses at B = 4,000 against float64 on the CPU), the tests that run only
-# on CUDA, then the benchmarks on the GPU (the same code as on the CPU; the tiles run there, nothing
-# computed ahead in a thread).  For a machine
+# on CUDA, then the benchmarks on the GPU (the same code as on the CPU, but retrieval's running top-k is
+# merged densely there, with no host sync per tile).  For a machine
 # with CUDA and no internet, such as a GPU machine lent for a few minutes: every step has a time limit,
 # and a failed step does not stop the others (the exit status says whether any failed).
 #

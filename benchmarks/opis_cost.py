@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from tcmlib.metrics import _pairs, evaluate, recall_and_map_at_r, utility_curves
+from tcmlib.metrics import evaluate, recall_and_map_at_r, utility_curves
 from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE
 from tcmlib.report import threshold_report
 
@@ -89,15 +89,11 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--no-report", action="store_true", help="skip threshold_report")
     p.add_argument("--quick", action="store_true", help="sizes 2000 5000, one repeat")
-    p.add_argument("--tiles-ahead", type=int, default=_pairs.TILES_AHEAD,
-                   help="tiles a worker thread computes ahead on the CPU (0: none; default: the library's)")
     a = p.parse_args()
     if a.quick:
         a.sizes, a.repeats = [2000, 5000], 1
-    _pairs.TILES_AHEAD = a.tiles_ahead
     device = torch.device(a.device)
     print(f"device={device} threads={torch.get_num_threads()} dim={a.dim} chunk_size={a.chunk_size} "
-          f"tiles_ahead={a.tiles_ahead} "
           f"median of {a.repeats} round-robin repeats; ratios to the blocked full GEMM (report: to opis);\n"
           "wall seconds, and process CPU seconds (all threads; steadier when other jobs share the machine)")
     print(f"{'N':>6} {'cls':>5} {'time':>4} | {'gemm s':>7} | {'opis':>5} {'given':>5} {'evaluate':>8} {'separate':>8} | "

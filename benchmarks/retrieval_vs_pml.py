@@ -34,8 +34,6 @@ from collections.abc import Callable
 
 import torch
 
-from tcmlib.metrics import _pairs
-
 
 def make_data(n: int, dim: int, classes: int, seed: int, noise: float, device: torch.device):
     """Random clustered data: a Gaussian centre per class, labels uniform (class sizes ~ Poisson(N / C))."""
@@ -127,15 +125,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-pml", action="store_true", help="skip pml (e.g. without faiss)")
     p.add_argument("--quick", action="store_true", help="N = 6000, one repeat")
-    p.add_argument("--tiles-ahead", type=int, default=_pairs.TILES_AHEAD,
-                   help="tiles a worker thread computes ahead on the CPU (0: none; default: the library's)")
     a = p.parse_args()
     if a.quick:
         a.sizes, a.repeats = [6000], 1
-    _pairs.TILES_AHEAD = a.tiles_ahead
     device = torch.device(a.device)
     print(f"R@1 + MAP@R, D = {a.dim}, device = {device}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, tiles ahead {a.tiles_ahead}, median of {a.repeats} round-robin repeats; ratios to the blocked full GEMM; wall seconds, and\n"
+          f"threads, median of {a.repeats} round-robin repeats; ratios to the blocked full GEMM; wall seconds, and\n"
           "process CPU seconds (all threads; steadier when other jobs share the machine)")
     print(f"{'N':>6} {'classes':>7} {'time':>4} | {'gemm s':>7} {'half':>5} | {'ours s':>7} {'/gemm':>6} | "
           f"{'naive s':>7} {'/gemm':>6} | "

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -144,58 +142,27 @@ def test_topk_raised_bars_are_exact_with_ties(monkeypatch, columns):
         assert int(rel[i, : int(above.sum())].sum()) == int((above & (lab == lab[i])).sum())
 
 
-# ----------------------------------------------------------------------------- tiles computed ahead
-@pytest.mark.parametrize("ahead", [0, 1, 3])
-def test_tiles_computed_ahead_are_the_same_tiles_in_order(monkeypatch, ahead):
-    """A worker thread computing tiles ahead changes neither the tiles, nor their order, nor a bit."""
+# ----------------------------------------------------------------------------- the tiles
+def test_the_tiles_cover_every_pair_once_in_order():
+    """The upper triangle: the diagonal blocks (their upper triangle, -inf on and below the diagonal), then
+    the tiles right of them; query x gallery: every tile once.  Each tile is the GEMM of its rows and columns."""
     x = torch.nn.functional.normalize(torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=1)
-    want_up = [(r0, c0, (x[r0 : r0 + 64] @ x[c0 : c0 + max(100, 64)].T)) for r0, c0, _ in
-               (_pairs._upper(x, 64, 100))]
-    want_cross = list(_pairs._cross(x[:70], x[70:], 32, 50))
-    monkeypatch.setattr(_pairs, "TILES_AHEAD", ahead)
-    got_up, got_cross = list(upper_tiles(x, 64, 100)), list(cross_tiles(x[:70], x[70:], 32, 50))
-    assert [(r, c) for r, c, _ in got_up] == [(r, c) for r, c, _ in want_up]
-    for (r0, c0, sim), (_, _, full) in zip(got_up, want_up):
-        if r0 == c0:  # a diagonal block: its upper triangle, -inf on and below the diagonal
-            full = full[:, : sim.shape[1]].masked_fill(torch.ones_like(sim, dtype=torch.bool).tril(), float("-inf"))
-        assert torch.equal(sim, full[:, : sim.shape[1]])
-    assert len(got_cross) == len(want_cross) == 3 * 5  # 70 queries by 32, 230 gallery items by 50
-    for (r0, c0, sim), (r1, c1, want) in zip(got_cross, want_cross):
-        assert (r0, c0) == (r1, c1) and torch.equal(sim, want)
-
-
-def test_tiles_ahead_raises_the_workers_error():
-    def tiles():
-        yield 1
-        raise RuntimeError("out of memory in the GEMM")
-
-    it = _pairs._ahead(tiles(), torch.device("cpu"))
-    assert next(it) == 1
-    with pytest.raises(RuntimeError, match="out of memory in the GEMM"):
-        next(it)
-
-
-def test_tiles_ahead_worker_stops_when_the_caller_stops():
-    made = []
-
-    def tiles():
-        for i in range(1000):
-            made.append(i)
-            yield i
-
-    it = _pairs._ahead(tiles(), torch.device("cpu"))
-    assert [next(it) for _ in range(3)] == [0, 1, 2]
-    it.close()  # the caller stops early (a break, an error in its loop body)
-    deadline = time.monotonic() + 10
-    while any(t.name == "tcmlib-tiles-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(t.name == "tcmlib-tiles-ahead" for t in threading.enumerate())
-    assert len(made) <= 3 + _pairs.TILES_AHEAD + 1  # it computed at most what was queued, plus one
-
-
-def test_tiles_ahead_only_on_the_cpu():
-    items = iter([(0, 0, torch.zeros(1, 1))])
-    assert _pairs._ahead(items, torch.device("cuda")) is items  # GPU kernels run asynchronously anyway
+    got_up = list(upper_tiles(x, 64, 100))
+    diag = [(r0, r0) for r0 in range(0, 300, 64)]
+    right = [(r0, c0) for r0 in range(0, 300, 64) for c0 in range(r0 + 64, 300, 100)]
+    assert [(r, c) for r, c, _ in got_up] == diag + right
+    seen = torch.zeros(300, 300, dtype=torch.long)
+    for r0, c0, sim in got_up:
+        full = x[r0 : r0 + 64] @ x[c0 : c0 + sim.shape[1]].T
+        if r0 == c0:
+            full = full.masked_fill(torch.ones_like(full, dtype=torch.bool).tril(), float("-inf"))
+        assert torch.equal(sim, full)
+        seen[r0 : r0 + sim.shape[0], c0 : c0 + sim.shape[1]] += (sim > float("-inf")).long()
+    assert torch.equal(seen, torch.ones(300, 300, dtype=torch.long).triu(1))  # every pair a < b once
+    got_cross = list(cross_tiles(x[:70], x[70:], 32, 50))
+    assert [(r, c) for r, c, _ in got_cross] == [(r, c) for r in range(0, 70, 32) for c in range(0, 230, 50)]
+    for r0, c0, sim in got_cross:
+        assert torch.equal(sim, x[:70][r0 : r0 + 32] @ x[70:][c0 : c0 + 50].T)
 
 
 # ----------------------------------------------------------------------------- query / gallery retrieval

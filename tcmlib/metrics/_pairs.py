@@ -7,24 +7,23 @@
   ``TILE_COLS`` columns at a time; each tile serves its rows *and* (transposed) its columns.  One pass
   is half a full GEMM.
 * :func:`cross_tiles`: query x gallery, every tile of ``Q G^T`` once (no symmetry to use).
-* On the CPU both compute the next tile in a worker thread while the caller works on this one
-  (``TILES_AHEAD``): the GEMM uses every core, the caller's many small ops mostly one.
-* :class:`TopK`: the exact running top-k of every row, fed by tiles from the row side and from the
-  column side; a tile is screened by the maxima of small cells, and only the entries above a row's
-  current k-th best are kept (merged when a row's pending buffer fills).
+* :func:`pair_tiles`: the one loop every streamed metric runs, ``for tile in pair_tiles(...)``, each
+  :class:`Tile` fed to named consumers (``add(tile)``, then ``result()``).
+* :class:`TopK` (the CPU): the exact running top-k of every row, fed by tiles from the row side and
+  from the column side; a tile is screened by the maxima of small cells, and only the entries above a
+  row's current k-th best are kept (merged when a row's pending buffer fills).  It reads counts back
+  from the device every tile; :class:`DenseTopK` (a GPU) merges every tile densely and never does
+  (:func:`make_topk` chooses by device type).
 
-Memory: up to three tiles (on the CPU: this one, the next, queued, and the one after, being computed),
-plus ``O(N (k + 64))`` for the running top-k (k = the deepest rank asked for, 64 candidates pending
-per row).
+Memory: one tile, plus ``O(N (k + 64))`` for the running top-k (k = the deepest rank asked for, 64
+candidates pending per row).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,9 +33,6 @@ __all__ = ["TILE_COLS", "Pairs", "SortedPairs", "Tile", "TopK", "cross_tiles", "
 
 TILE_COLS = 4096  # columns per tile on the CPU: a (1024, 4096) float32 tile stays in cache for the counting ops
 GPU_TILE_COLS = 16384  # on a GPU: wider tiles, fewer kernel launches (a (1024, 16384) float32 tile is 64 MiB)
-TILES_AHEAD = 1  # on the CPU, tiles computed this many ahead in a worker thread (0: none)
-
-T = TypeVar("T")
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +85,6 @@ def upper_tiles(
     ``sim`` in place.  ``want(r0, c0, B, W)`` (optional): a tile it returns False for is skipped, not
     computed; the others are the same tiles, bit for bit (a second pass over some rows).
     """
-    return _ahead(_upper(xn, chunk_size, tile_cols, want), xn.device)
-
-
-def _upper(xn: torch.Tensor, chunk_size: int, tile_cols: int, want: Want | None = None
-           ) -> Iterator[tuple[int, int, torch.Tensor]]:
     n = xn.shape[0]
     chunk_size = min(chunk_size, n)
     tile_cols = max(tile_cols, chunk_size)
@@ -116,12 +107,8 @@ def cross_tiles(
     """Yield ``(r0, c0, sim)``: ``sim`` (B, W) = cosines of queries ``r0..`` with gallery items ``c0..``,
     every query x gallery pair once, in tiles of ``chunk_size`` rows by ``max(tile_cols, chunk_size)`` columns;
     ``want`` as in :func:`upper_tiles`."""
-    return _ahead(_cross(qn, gn, chunk_size, max(tile_cols, chunk_size), want), qn.device)
-
-
-def _cross(qn: torch.Tensor, gn: torch.Tensor, chunk_size: int, tile_cols: int, want: Want | None = None
-           ) -> Iterator[tuple[int, int, torch.Tensor]]:
     n, m = qn.shape[0], gn.shape[0]
+    tile_cols = max(tile_cols, chunk_size)
     for r0 in range(0, n, chunk_size):
         for c0 in range(0, m, tile_cols):
             if want is None or want(r0, c0, min(chunk_size, n - r0), min(tile_cols, m - c0)):
@@ -282,54 +269,6 @@ def pair_tiles(pairs: SortedPairs, chunk_size: int, want: Want | None = None) ->
     for r0, c0, sim in tiles:
         i = r0 // chunk
         yield Tile(r0, c0, sim, pairs, (max(lo[i], c0), min(hi[i], c0 + sim.shape[1])), upper)
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-def _ahead(items: Iterator[T], device: torch.device) -> Iterator[T]:
-    """The same ``items`` in the same order, computed ``TILES_AHEAD`` ahead in a worker thread on the CPU:
-    the next tile's GEMM (all cores) runs while the caller works on this one (its small ops leave cores
-    idle).  On a GPU the kernels run asynchronously anyway: ``items`` as they are.  An error in the
-    worker is raised here; when the caller stops early, the worker stops after its current tile."""
-    if device.type != "cpu" or TILES_AHEAD < 1:
-        return items
-    return _worker_ahead(items)
-
-
-def _worker_ahead(items: Iterator[T]) -> Iterator[T]:
-    ready: queue.Queue[object] = queue.Queue(maxsize=TILES_AHEAD)
-    stop, end = threading.Event(), object()
-
-    def offer(item: object) -> bool:  # False once the caller has stopped
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def work() -> None:
-        try:
-            with torch.no_grad():
-                for item in items:
-                    if not offer(item):
-                        return
-            offer(end)
-        except BaseException as e:  # noqa: BLE001 (handed to the caller, raised there)
-            offer(_Failed(e))
-
-    threading.Thread(target=work, name="tcmlib-tiles-ahead", daemon=True).start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, _Failed):
-                raise item.error
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
 
 
 def _cells(sim: torch.Tensor, cell: int, columns: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
