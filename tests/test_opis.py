@@ -409,3 +409,27 @@ def test_opis_scale_is_documented_and_its_extremes_are_reached():
     assert c.opis == 0.25 == opis(x, y, distance_range=(0.1, 0.9))
     assert c.eps_opis(0.5) == 1.0
     assert opis(x[:4], y[:4], distance_range=(0.1, 0.9)) == 0.0  # two tight classes: the same utility
+
+
+def test_the_pilot_brackets_hold_a_small_share_of_negatives_at_large_n():
+    """80k samples whose classes spread very unevenly (the pilot once drew 16 rows here and its brackets
+    kept up to 41 % of all negatives): each bracket holds under 1.5 % of the negatives and still
+    contains its quantile (both shares estimated from 2M other random negative pairs)."""
+    g = torch.Generator().manual_seed(5)
+    n, classes = 80_000, 200
+    y = torch.randint(0, classes, (n,), generator=g)
+    spread = torch.logspace(-1.5, 0.5, classes)[torch.randperm(classes, generator=g)]  # (C,) 0.03 .. 3
+    x = torch.randn(classes, 4, generator=g)[y] + spread[y, None] * torch.randn(n, 4, generator=g)
+    _, lab = torch.unique(y, return_inverse=True)
+    order = torch.argsort(lab, stable=True)
+    pairs = SortedPairs(_pairs.unit_rows(x)[order].contiguous(), lab[order], order)
+    qs = (0.01, 0.1)
+    brackets = opis_module._pilot_brackets(pairs, qs, 6.0, 0)
+    a = torch.randint(0, n, (2_000_000,), generator=torch.Generator().manual_seed(1))
+    b = torch.randint(0, n, (2_000_000,), generator=torch.Generator().manual_seed(2))
+    keep = (pairs.lab[a] != pairs.lab[b])
+    s = (pairs.rows[a[keep]] * pairs.rows[b[keep]]).sum(dim=1)  # other negative pairs' similarities
+    for q, (lo, hi) in zip(qs, brackets):
+        assert float(((s >= lo) & (s <= hi)).double().mean()) < 0.015, (q, lo, hi)
+        # the q-quantile of the distances = the similarity with a share q of negatives above it
+        assert float((s > hi).double().mean()) < q < float((s >= lo).double().mean())

@@ -47,9 +47,10 @@ the pairs a < b are computed in tiles of ``chunk_size`` rows by ``TILE_COLS`` co
 is compared to split positives from negatives. Two passes over the tiles:
 
 1. Calibration range: each quantile needs two order statistics of the M negative distances. A pilot
-   on ~1M / N random rows brackets them; the pass counts the negatives above each bracket and keeps
-   only the values inside it, which gives the order statistics exactly (a missed bracket is widened
-   and the pass repeated; with M <= ``COLLECT_ALL_MAX`` all values are kept, no pilot).
+   on ``PILOT_SIDE`` random rows x ``PILOT_SIDE`` random columns brackets them; the pass counts the negatives above each bracket and
+   keeps only the values inside it (about 2 x 6 standard errors of the pilot: under 1 % of the
+   negatives at any N), which gives the order statistics exactly (a missed bracket is widened and the
+   pass repeated; with M <= ``COLLECT_ALL_MAX`` all values are kept, no pilot).
 2. Counting: only the pairs accepted at t_max matter (about ``far_range[1]`` of the negatives plus the
    close positives; the totals per class are known in closed form). For each, the first accepting
    threshold k0 (an arithmetic guess, searched exactly near a boundary) is scatter-added into
@@ -86,6 +87,7 @@ __all__ = ["ClassCounts", "Quantiles", "UtilityCurves", "eps_opis", "opis", "uti
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchmarks/opis_cost.py
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
+PILOT_SIDE = 1024  # the quantile pilot: this many random rows x as many random columns (above COLLECT_ALL_MAX)
 KEEP_MAX = 1 << 25  # pass 1 keeps up to this many pairs for the counts (12 bytes each in float32: <= 400 MB)
 
 
@@ -683,36 +685,42 @@ def _negative_distance_quantiles(
 
 
 def _pilot_brackets(pairs: SortedPairs, qs: tuple[float, ...], slack: float, seed: int) -> list[tuple[float, float]]:
-    """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances,
-    from the negative pairs of ~1M / N random rows; width = slack x the estimated standard error in
-    probability (from the spread across 8 groups of rows, at least the binomial one)."""
+    """Similarity brackets (s_lo, s_hi) likely to contain the q-quantile of the negative distances, from
+    the negative pairs among ``PILOT_SIDE`` random rows x ``PILOT_SIDE`` random columns (one small GEMM):
+    so many rows that classes of uneven spread are sampled in proportion at any N.  Width: ``slack`` x the
+    standard error in probability (the spreads across 8 groups of rows and across 8 groups of columns,
+    at least the binomial one), so a bracket holds a few tenths of a per cent of all negatives at the
+    defaults, the values the exact pass keeps."""
     xn, lab = pairs.rows, pairs.lab
     cols, col_lab = pairs.col_side
-    n = xn.shape[0]
-    r = min(n, max(16, 1_000_000 // cols.shape[0]))
     gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n, generator=gen)[:r].to(xn.device)  # (r,)
-    sim = xn[pick] @ cols.T  # (r, M)
-    neg = lab[pick][:, None] != col_lab[None, :]  # (r, M)
-    pooled = sim[neg]  # (n_p,)
-    n_p = pooled.shape[0]
-    groups = min(8, r)
-    row_group = torch.arange(r, device=xn.device) % groups  # (r,)
-    neg_per_group = torch.zeros(groups, device=xn.device).index_add_(0, row_group, neg.sum(dim=1).float())
+    pick = torch.randperm(xn.shape[0], generator=gen)[:PILOT_SIDE].to(xn.device)  # (r,)
+    pick_c = torch.randperm(cols.shape[0], generator=gen)[:PILOT_SIDE].to(xn.device)  # (c,)
+    sim = xn.index_select(0, pick) @ cols.index_select(0, pick_c).T  # (r, c)
+    neg = lab.index_select(0, pick)[:, None] != col_lab.index_select(0, pick_c)[None, :]  # (r, c); (a, a) is positive
+    pooled = sim[neg].sort().values  # (n_p,) ascending
+    n_p = pooled.numel()
     inf = float("inf")
+    if n_p == 0:
+        return [(-inf, inf)] * len(qs)
 
     def s_at(p: float) -> float:  # the pilot's similarity with a share p of negatives at or above it
-        idx = min(n_p - 1, max(0, round((1.0 - p) * (n_p - 1))))
-        return float(torch.kthvalue(pooled, idx + 1).values)
+        return float(pooled[min(n_p - 1, max(0, round((1.0 - p) * (n_p - 1))))])
+
+    def group_se(hit: torch.Tensor, dim: int) -> float:  # the standard error of the share, from 8 groups
+        size = hit.shape[1 - dim]
+        groups = min(8, size)
+        g = torch.arange(size, device=hit.device) % groups
+        f = torch.zeros(groups, dtype=torch.float64, device=hit.device)
+        n_g = f.clone().index_add_(0, g, neg.sum(dim=dim).double()).clamp_min(1)
+        f = f.index_add_(0, g, hit.sum(dim=dim).double()) / n_g  # (groups,) share per group
+        return float(f.std()) / math.sqrt(groups) if groups > 1 else 0.0
 
     out = []
     for q in qs:
-        s_hat = s_at(q)
-        frac = ((sim >= s_hat) & neg).sum(dim=1).float()  # (r,) per row: negatives with d <= d_hat
-        f_g = torch.zeros(groups, device=xn.device).index_add_(0, row_group, frac) / neg_per_group.clamp_min(1)
-        se = float(f_g.std()) / math.sqrt(groups) if groups > 1 else 0.0
-        se = max(se, math.sqrt(max(q * (1 - q), 1.0 / n_p) / n_p))
-        delta = slack * se
+        hit = (sim >= s_at(q)) & neg  # (r, c) negatives with d <= the pilot's quantile
+        se = math.hypot(group_se(hit, 1), group_se(hit, 0))
+        delta = slack * max(se, math.sqrt(max(q * (1 - q), 1.0 / n_p) / n_p))
         s_hi = inf if q - delta <= 0 else s_at(q - delta)
         s_lo = -inf if q + delta >= 1 else s_at(q + delta)
         out.append((s_lo, s_hi))
