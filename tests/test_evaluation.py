@@ -100,7 +100,7 @@ def test_topk_screened_cells_and_edges_equal_dense_topk(n, chunk, tile_cols, top
 
 
 def test_topk_first_contact_is_exact():
-    """Long rows (a first tile where every entry is a candidate) merge through a dense topk; exact."""
+    """Long rows (a first tile where every entry is a candidate: bars raised from its cells, then merged); exact."""
     g = torch.Generator().manual_seed(1)
     sim = torch.randn(40, 3000, generator=g)
     depth = torch.full((40,), 25)

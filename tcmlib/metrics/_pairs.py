@@ -345,9 +345,8 @@ class TopK:
     pending buffer (``PENDING`` slots); a row is merged (one topk of its k best, its pending ones and its
     new ones) only when they would overflow it, so a merge serves many tiles.  A tile whose cells are
     mostly hot (the rows' bars are low: they have seen little) first raises the bars with the maxima of
-    ``FINE`` cells (:meth:`_raise_bars`) and is screened again; rows that have seen nothing yet (e.g. in a
-    diagonal block) keep its dense topk as it is, and a tile still mostly hot is merged through a dense
-    topk.
+    ``FINE`` cells (:meth:`_raise_bars`) and is screened again; a tile still mostly hot is merged through
+    a dense topk.
     """
 
     CELLS = (64, 16)  # entries per cell: along a row of the tile (contiguous), along a column (strided)
@@ -392,9 +391,6 @@ class TopK:
         hot = (cell_max > kth[:, None]).contiguous()  # (B, W // cell) bool; contiguous: nonzero is faster
         rows, cells = torch.nonzero(hot, as_tuple=True)  # (C,) hot cells, by row
         if rows.numel() > self.DENSE_SHARE * hot.numel():  # mostly hot: the rows' bars are low
-            if bool(self.val[r0 : r0 + b, 0].isneginf().all()) and not bool(self.fill[r0 : r0 + b].any()):
-                self._first(r0, c0, sim)  # nothing seen yet (e.g. a diagonal block): no merge needed
-                return
             cell = self.FINE[columns]  # raise the bars with this tile's finer cells, then screen again
             if cell != self.CELLS[columns]:
                 whole, body, cell_max = _cells(sim, cell, columns)
@@ -433,15 +429,6 @@ class TopK:
         bar = torch.maximum(self.kth[r0 : r0 + b], torch.nextafter(bound, bound.new_tensor(float("-inf"))))
         self.kth[r0 : r0 + b] = bar
         return bar
-
-    def _first(self, r0: int, c0: int, sim: torch.Tensor) -> None:
-        """Rows ``r0..r0+B-1`` meet their first candidates, the tile ``sim`` (B, W): they keep its top k."""
-        b, kk = sim.shape[0], min(self.k, sim.shape[1])
-        top = sim.topk(kk, dim=1)  # (B, k'), sorted
-        col_lab = self.col_labels.index_select(0, top.indices.reshape(-1) + c0).view_as(top.indices)
-        self.val[r0 : r0 + b, :kk] = top.values
-        self.rel[r0 : r0 + b, :kk] = col_lab == self.row_labels[r0 : r0 + b, None]
-        self.kth[r0 : r0 + b] = self.val[r0 : r0 + b].gather(1, self.kpos[r0 : r0 + b, None]).squeeze(1)
 
     def _sparse(self, r0: int, c0: int, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor) -> None:
         """Take the candidates ``vals`` (P,) at ``(rows, cols)`` of the tile (rows ascending): into the rows'
