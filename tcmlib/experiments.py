@@ -136,7 +136,7 @@ class RunResult:
         if path.exists():
             try:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
-                return saved["embeddings"], saved["labels"]
+                return saved["embeddings"].detach(), saved["labels"]  # (a file that kept a graph flag: plain data)
             except Exception as e:  # truncated or foreign: computed again below
                 warnings.warn(f"{path} cannot be read ({type(e).__name__}); computing the embeddings again")
         _, test, _ = build_data(self.config)
