@@ -327,6 +327,24 @@ def _curve_ends(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, l
     return ends
 
 
+def length_evidence(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str
+                    ) -> list[dict[str, Any]]:
+    """What the converged length rule has read so far, one row per recorded length: ``{"epochs", "base", "tcm",
+    "gain_base", "gain_tcm"}`` (seed means of the length metric at the end; gains over the previous length)."""
+    p = for_backbone(p, backbone)
+    ends = _curve_ends(p, runs, backbone, loss)
+    base, tcm = ends.get("base", {}), ends.get(variant_name(PAPER_TCM), {})
+    rows, prev = [], None
+    for h in p.horizons:
+        if h not in base or h not in tcm:
+            break
+        rows.append({"epochs": h, "base": base[h], "tcm": tcm[h],
+                     "gain_base": None if prev is None else base[h] - base[prev],
+                     "gain_tcm": None if prev is None else tcm[h] - tcm[prev]})
+        prev = h
+    return rows
+
+
 def _wanted_horizons(p: Protocol, runs: Sequence[Mapping[str, Any]], backbone: str, loss: str) -> tuple[int, ...]:
     """The lengths the curves stage trains so far: pairs in turn, until the rule has its answer."""
     ends = _curve_ends(p, runs, backbone, loss)

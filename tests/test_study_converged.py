@@ -121,3 +121,18 @@ def test_committed_plan_precedes_final_runs() -> None:
         cell = plan["cells"][f"{r['backbone']}/{r['loss']}"]
         assert r["seed"] < cell["seeds"] and r["config"]["epochs"] == cell["length"]
         assert json.dumps(r["config"], sort_keys=True)  # a plain record
+
+
+def test_length_evidence_reads_the_rule_as_it_stands() -> None:
+    p = protocol("converged", "cpu", smoke=False)
+    from tcmlib.study import length_evidence, make_config
+    runs = []
+    for h, (b, t) in ((8, (0.70, 0.72)), (16, (0.74, 0.75))):
+        for s in p.curve_seeds:
+            for v, tcm, val in (("base", None, b), (PAPER, PAPER_TCM, t)):
+                cfg = make_config(p, "small_cnn", "smooth_ap", tcm, s, h)
+                runs.append({"stage": "curves", "key": config_key(cfg), "final": {"val_MAP@R": val + 0.01 * s}})
+    rows = length_evidence(p, runs, "small_cnn", "smooth_ap")
+    assert [r["epochs"] for r in rows] == [8, 16]
+    assert rows[0]["gain_base"] is None and rows[1]["gain_base"] == pytest.approx(0.04)
+    assert rows[1]["gain_tcm"] == pytest.approx(0.03) and rows[0]["tcm"] == pytest.approx(0.725)
