@@ -63,7 +63,9 @@ from tcmlib.train import TrainConfig, load_config
 __all__ = ["Protocol", "protocol", "STUDIES", "cells", "stage_configs", "plateau_epoch", "select_setting",
            "load_runs", "run_record", "reproduce", "results_path", "PAPER_TCM", "variant_name", "status",
            "comparisons", "training_length", "selected_setting", "tuning_means", "tuning_fell_back", "total_cpu_hours", "make_config", "frontier_gap",
-           "load_study", "where_from", "run_costs", "run_as_recorded", "for_backbone", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS"]
+           "load_study", "where_from", "run_costs", "run_as_recorded", "for_backbone", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS",
+           "PRIMARY", "EFFECT_OF_INTEREST", "TARGET_POWER", "SELECTED_SEEDS", "converged_length", "length_evidence",
+           "power_plan", "write_plan", "load_plan", "plan_path", "with_plan", "final_seeds", "class_utility"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07", "ch08", "ch10", "converged")

@@ -3,7 +3,7 @@
 Each function below works when copied **alone** into another file that has ``import torch``: it uses
 no other function of this module and nothing of ``tcmlib``.  They form the whole ``N x N`` matrix
 (memory O(N^2): a few thousand samples), compute in float64 and favour clarity over speed.  The
-streamed functions of :mod:`tcmlib.metrics` (``recall_at_k``, ``map_at_r``, ``utility_curves``,
+streamed functions of ``tcmlib.metrics`` (``recall_at_k``, ``map_at_r``, ``utility_curves``,
 ``opis``, ``eps_opis``) and :func:`tcmlib.losses.tcm.tcm_loss` compute the same numbers at any N and
 are tested against these (``tests/test_reference_lift.py`` copies each one alone into a temporary
 module and compares).

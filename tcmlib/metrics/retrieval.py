@@ -136,7 +136,7 @@ class RetrievalTopK:
     """Hits at each k, AP@R, R-precision and reciprocal rank of every query: a running top-k of the
     similarities, fed tile by tile (``add(tile)`` reads ``tile.sim``: every pair of the tile).
 
-    ``pairs`` the sorted sides (:func:`~tcmlib.metrics._pairs.sort_pairs`; each query's R, its relevant
+    ``pairs`` the sorted sides (``tcmlib.metrics._pairs.sort_pairs``; each query's R, its relevant
     candidates, is read off the sorted labels), ``ks`` checked, ``chunk_size`` the rows per tile of the
     pass (a second pass over the same tiles counts the rows whose tie at their deepest rank reaches past
     what the running top-k kept, :meth:`result`; never run on data without tied similarities).
