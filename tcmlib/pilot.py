@@ -11,7 +11,7 @@ Every function reads the records of :mod:`tcmlib.study` (``runs.jsonl`` lines) a
 * :func:`best_epoch`: at which epoch the seed-mean validation R@1 of a learning curve peaked, and how many epochs
   were tried -- a best epoch equal to the last one means the model was still improving when training stopped.
 * :func:`paired_power` and :func:`detectable_effect`: the power of a two-sided paired t-test for a relative change
-  ``effect`` when the paired sd is ``ratio`` x the base's mean (Cohen's d = |effect| / ratio), and the smallest
+  ``effect`` when the paired sd is ``ratio`` x the base's mean (Cohen's d = ``abs(effect) / ratio``), and the smallest
   relative change ``n`` pairs detect with a given power (``statsmodels``' ``TTestPower``).
 * :func:`headline`: the numbers of the book's answer from a study's paired comparisons
   (:func:`tcmlib.study.comparisons`, Holm-adjusted per metric).
@@ -109,7 +109,7 @@ def best_epoch(runs: Sequence[Mapping[str, Any]], backbone: str, loss: str, vari
 
 def paired_power(ratio: float, n: int, effect: float, alpha: float = 0.05) -> float:
     """Power of the two-sided paired t-test with ``n`` pairs for a relative change ``effect`` (e.g. -0.10) when the
-    paired sd is ``ratio`` x the base's mean: Cohen's d = |effect| / ratio (``TTestPower().power``)."""
+    paired sd is ``ratio`` x the base's mean: Cohen's d = ``abs(effect) / ratio`` (``TTestPower().power``)."""
     from statsmodels.stats.power import TTestPower
 
     if ratio <= 0 or n < 2:
