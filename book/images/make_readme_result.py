@@ -95,7 +95,27 @@ def numbers(p: study.Protocol, runs: list[dict[str, Any]]) -> dict[str, Any]:
             "r1_min": min(r["delta"] for r in cnn_r1), "r1_max": max(r["delta"] for r in cnn_r1),
             "r1_n_cnn": len(cnn_r1), "vit_r1": vit_r1[0]["delta"], "vit_r1_low": vit_r1[0]["ci_low"],
             "vit_r1_high": vit_r1[0]["ci_high"], "power10": pilot.paired_power(plan["ratio"], n_cnn, -0.10),
-            "detect": detect, "figure": figure}
+            "detect": detect, "figure": figure, "plan": _converged_plan()}
+
+
+def _converged_plan() -> dict[str, Any] | None:
+    """The converged study's committed plan for the primary loss and backbone (None before it is written)."""
+    plan = study.load_plan(study.plan_path("converged", "cpu", smoke=False))
+    cell = (plan or {}).get("cells", {}).get(f"{study.PRIMARY['backbone']}/{study.PRIMARY['loss']}")
+    return None if cell is None else {**cell, "n_power": plan["n_power"]}  # type: ignore[index]
+
+
+def _second_study(v: dict[str, Any]) -> str:
+    """The sentence on the converged study: its design, and, once committed, its plan's numbers."""
+    c = v["plan"]
+    if c is None:
+        return ("a second study, trained to convergence with its seeds planned from the pilot, is under way.")
+    length = (f"to convergence ({c['length']} epochs)" if c["converged"] else
+              f"for {c['length']} epochs with a decaying learning rate (the longest length its rule tried; "
+              "validation accuracy was still rising)")
+    return (f"a second study trains each run {length}; {c['n_power']} pairs would give 80 % "
+            f"power for a 10 % change, its CPU budget buys {c['seeds']}, enough for a change of "
+            f"{100 * abs(c['detectable_rel']):.0f} %; its runs are under way.")
 
 
 def pct(x: float) -> str:
@@ -120,8 +140,8 @@ Recall@1 rose by {100 * v['r1_min']:.1f} to {100 * v['r1_max']:.1f} points on th
 Holm) and changed by {100 * v['vit_r1']:+.1f} points ({100 * v['vit_r1_low']:+.1f} to {100 * v['vit_r1_high']:+.1f}) on the
 transformer. The pilot stopped training while validation Recall@1 was still rising, and its
 {v['seeds_cnn']} seeds had a power of {v['power10']:.2f} to detect a 10 % change of OPIS (80 % power only
-from {100 * v['detect']:.0f} % on); a study trained to convergence, with its number of seeds planned for
-that power, is under way. [Chapter 13](notebooks/13_what_the_evidence_says.md) has the details
+from {100 * v['detect']:.0f} % on); {_second_study(v)}
+[Chapter 13](notebooks/13_what_the_evidence_says.md) has the details
 and a short guide on whether to use TCM.
 
 ![The pilot's paired change of test OPIS and ε-OPIS with TCM, per seed and on average](book/images/pilot_opis_change.png)
