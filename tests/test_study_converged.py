@@ -136,3 +136,33 @@ def test_length_evidence_reads_the_rule_as_it_stands() -> None:
     assert [r["epochs"] for r in rows] == [8, 16]
     assert rows[0]["gain_base"] is None and rows[1]["gain_base"] == pytest.approx(0.04)
     assert rows[1]["gain_tcm"] == pytest.approx(0.03) and rows[0]["tcm"] == pytest.approx(0.725)
+
+
+def test_a_cell_may_take_its_length_from_another_cells_curves() -> None:
+    """CPU scale: RS@k trains for the length Smooth-AP's curves chose, runs no curves of its own, and gets at least
+    ``min_seeds`` pairs whatever its budget affords."""
+    from tcmlib.study import cell_length, make_config
+    p = protocol("converged", "cpu", smoke=False)
+    assert p.length_from == {"small_cnn/recall_surrogate": "small_cnn/smooth_ap"}
+    p = p.__class__(**{**p.__dict__, "backbones": ("small_cnn",),
+                       "budget_cpu_h": {"small_cnn/smooth_ap": 1000.0, "small_cnn/recall_surrogate": 0.01}})
+    curves = []
+    for h, val in ((8, 0.50), (16, 0.502)):  # 8 -> 16 gains 0.002 <= 0.005: length 8
+        for s in p.curve_seeds:
+            for t in (None, PAPER_TCM):
+                cfg = make_config(p, "small_cnn", "smooth_ap", t, s, h)
+                curves.append({"stage": "curves", "key": config_key(cfg), "backbone": "small_cnn", "loss": "smooth_ap",
+                               "config": {"epochs": h}, "final": {"val_MAP@R": val},
+                               "history": [{"train_time_s": 80.0, "eval_time_s": 10.0}] * h})
+    assert cell_length(p, curves, "small_cnn", "recall_surrogate") == (8, True)
+    assert cell_length(p, [], "small_cnn", "recall_surrogate") == (None, False)
+    assert stage_configs(p, curves, "small_cnn", "recall_surrogate", "curves") == []
+    assert len(stage_configs(p, curves, "small_cnn", "smooth_ap", "curves")) > 0
+    diffs = list(np.array([1, -1] * 5) * 0.2 / np.std([1, -1] * 5, ddof=1))
+    cells = power_plan(p, curves, _pilot(diffs))["cells"]
+    rs = cells["small_cnn/recall_surrogate"]
+    assert rs["length"] == 8 and rs["seeds"] == 5  # 0.01 h buys no pair: the floor
+    assert cells["small_cnn/smooth_ap"]["seeds"] == 34
+    bad = p.__class__(**{**p.__dict__, "length_from": {"small_cnn/recall_surrogate": "conv_vit_tiny/smooth_ap"}})
+    with pytest.raises(ValueError, match="its own backbone"):
+        cell_length(bad, curves, "small_cnn", "recall_surrogate")
