@@ -105,3 +105,15 @@ def test_the_checker_finds_a_circle_even_through_a_function(tmp_path: Path) -> N
     assert cycles(pkg) == [["tcmlib.a", "tcmlib.sub.b", "tcmlib.a"]]
     (pkg / "sub" / "b.py").write_text("if __name__ == '__main__':\n    from tcmlib import a\n")
     assert cycles(pkg) == []
+
+
+def test_the_study_package_imports_point_one_way() -> None:
+    """``tcmlib.study``: the runner and the analysis build on the protocol, never the other way, and neither on
+    the other (so the protocol and its rules can be read, and lifted, alone)."""
+    modules = module_names(TCMLIB)
+    layers = {"protocols": set(), "runner": {"protocols"}, "analysis": {"protocols"}}
+    assert {m.rpartition(".")[2] for m in modules if m.startswith("tcmlib.study.")} == set(layers)
+    for name, allowed in layers.items():
+        full = f"tcmlib.study.{name}"
+        inside = {t.rpartition(".")[2] for t in imports(modules[full], full, modules) if t.startswith("tcmlib.study")}
+        assert inside <= allowed, f"{full} imports {sorted(inside - allowed)} (allowed: {sorted(allowed)})"

@@ -312,10 +312,12 @@ def test_load_runs_counts_a_run_recorded_twice_once(tmp_path: Path) -> None:
 
 def test_run_as_recorded_trains_with_the_records_thread_count(monkeypatch) -> None:
     import tcmlib.study as st
+    import tcmlib.study.runner
 
     cfg = load_config(None, dataset="glyphs", glyph_size="tiny", seed=3)
     seen = []
-    monkeypatch.setattr(st, "run_cached", lambda c, cache_dir=None: seen.append(torch.get_num_threads()) or c)
+    monkeypatch.setattr(tcmlib.study.runner, "run_cached",
+                        lambda c, cache_dir=None: seen.append(torch.get_num_threads()) or c)
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
     record = {"key": config_key(cfg), "provenance": {"threads": want}}
@@ -323,6 +325,22 @@ def test_run_as_recorded_trains_with_the_records_thread_count(monkeypatch) -> No
     assert seen == [want] and torch.get_num_threads() == before   # set for the run, restored after
     st.run_as_recorded(cfg, [{"key": "other", "provenance": {"threads": want}}])
     assert seen[-1] == before                                      # no record of cfg: left alone
+
+
+def test_committed_results_and_the_checkout_are_found_from_the_study_package() -> None:
+    """``tcmlib/study/runner.py`` sits one folder deeper than ``study.py`` did: the committed results are still
+    ``tcmlib/results`` and provenance still reads git in the checkout (``tcmlib_dirty`` looks at ``tcmlib/``)."""
+    import subprocess
+
+    from tcmlib.study import provenance, runner
+
+    assert results_path("ch07", "cpu", smoke=False) == ROOT / "tcmlib" / "results" / "ch07" / "runs.jsonl"
+    assert results_path("converged", "gpu", smoke=False) == ROOT / "tcmlib" / "results" / "converged" / "runs-gpu.jsonl"
+    assert runner._REPO == ROOT
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if git.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert provenance("test")["commit"] == git.stdout.strip()
 
 
 def test_backbone_protocol_sets_a_backbones_losses_seeds_and_test() -> None:
