@@ -89,6 +89,7 @@ DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per block; see benchm
 COLLECT_ALL_MAX = 1 << 22  # up to this many negative pairs, pass 1 keeps them all (no pilot)
 PILOT_SIDE = 1024  # the quantile pilot: this many random rows x as many random columns (above COLLECT_ALL_MAX)
 KEEP_MAX = 1 << 25  # pass 1 keeps up to this many pairs for the counts (12 bytes each in float32: <= 400 MB)
+QUANTILE_BUDGET = 1 << 25  # negative similarities the quantile brackets keep at once, in all (float32: 128 MB)
 
 
 @dataclass
@@ -593,13 +594,26 @@ class _KeptTile:
 class Quantiles:
     """The negative pairs' similarities inside a bracket ``(s_lo, s_hi)`` per quantile, and how many lie above
     it, tile by tile: from them :meth:`result` reads the order statistics each quantile needs.  With ``keep``
-    (:class:`_KeptPairs`) every pair above the lowest bracket is kept too (for the counts)."""
+    (:class:`_KeptPairs`) every pair above the lowest bracket is kept too (for the counts).
 
-    def __init__(self, brackets: dict[int, tuple[float, float]], keep: _KeptPairs | None) -> None:
+    Memory is bounded: a bracket keeps at most ``budget // len(brackets)`` values (``QUANTILE_BUDGET`` in
+    all).  One that would hold more keeps a histogram instead (:class:`_KeyHistogram`: 2^``HIST_BITS`` bins
+    of the values' order-preserving bit patterns); :meth:`result` then gives None for it and, in
+    :attr:`refined`, the one or two adjacent bins that hold its order statistics, a bracket 2^(HIST_BITS - 1)
+    times narrower for the next pass (or the values themselves, when a bin is a single value).  The values
+    are the same whichever way they are found."""
+
+    def __init__(self, brackets: dict[int, tuple[float, float]], keep: _KeptPairs | None,
+                 budget: int | None = None) -> None:
         self.brackets, self.keep = brackets, keep
         self.s_min = min(lo for lo, _ in brackets.values())
         self.above = {i: 0 for i in brackets}  # negatives with s > s_hi (the smallest distances)
         self.inside: dict[int, list[torch.Tensor]] = {i: [] for i in brackets}  # bracket values
+        self.size = {i: 0 for i in brackets}  # values offered to each bracket
+        self.limit = max(1, (QUANTILE_BUDGET if budget is None else budget) // len(brackets))  # per bracket
+        self.hist: dict[int, _KeyHistogram] = {}  # brackets over their limit
+        self.refined: dict[int, tuple[float, float]] = {}  # narrower brackets for the next pass
+        self.peak = 0  # the most values held at once, all brackets together (a test reads it)
         if keep is not None:
             keep.reset(self.s_min)
 
@@ -612,30 +626,126 @@ class Quantiles:
             s = tile.values(self.s_min)  # (P,)
         for i, (lo, hi) in self.brackets.items():
             if lo == -math.inf and hi == math.inf:  # keep everything
-                self.inside[i].append(s)
+                inside = s
+            else:
+                self.above[i] += int((s > hi).sum())
+                inside = s[(s >= lo) & (s <= hi)]
+            if i not in self.hist and self.size[i] + inside.numel() > self.limit:  # too many to keep: count
+                self.hist[i] = _KeyHistogram(lo, hi, s.dtype, s.device)  # them in a histogram from here on
+                while self.inside[i]:
+                    self.hist[i].add(self.inside[i].pop())
+            if i in self.hist:
+                self.hist[i].add(inside)
                 continue
-            self.above[i] += int((s > hi).sum())
-            self.inside[i].append(s[(s >= lo) & (s <= hi)])
+            self.inside[i].append(inside)
+            self.size[i] += inside.numel()
+            self.peak = max(self.peak, sum(self.size[j] for j in self.size if j not in self.hist))
 
     def result(self, need: list[tuple[int, int, float]]) -> dict[int, float | None]:
         """Per bracket, ``lerp(d_(j0), d_(j1), gamma)`` for ``need[i] = (j0, j1, gamma)`` (0-based ascending
-        distance ranks), or None where the bracket missed them."""
+        distance ranks), or None where the bracket missed them or held too many (then :attr:`refined`
+        has a narrower bracket for it)."""
         out: dict[int, float | None] = {}
         for i in self.brackets:
-            vals = torch.cat(self.inside[i])  # (n_i,) the bracket's similarities
-            n_i = vals.shape[0]
             j0, j1, gamma = need[i]
             a, b = j0 - self.above[i], j1 - self.above[i]  # ranks inside the bracket (0 = largest s)
             out[i] = None
-            if a >= 0 and b < n_i:
-                s0 = torch.kthvalue(vals, n_i - a).values  # the a-th largest similarity
-                s1 = s0  # the b-th (b = a or a + 1): s0 again, or the next smaller value
-                if b > a and int((vals >= s0).sum()) <= b:
-                    s1 = vals[vals < s0].max()
-                lo_v, hi_v = 1.0 - float(s0), 1.0 - float(s1)  # d_(j0), d_(j1) in float64
-                # numpy's _lerp, so that the result matches numpy.quantile to the last bit
-                out[i] = lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
+            if i in self.hist:
+                found = self.hist[i].select(a, b)
+                if found is None:
+                    continue
+                exact, s0, s1 = found
+                if not exact:
+                    self.refined[i] = (s0, s1)
+                    continue
+            else:
+                vals = _concat(self.inside[i])  # (n_i,) the bracket's similarities
+                n_i = vals.shape[0]
+                if not (a >= 0 and b < n_i):
+                    continue
+                t0 = torch.kthvalue(vals, n_i - a).values  # the a-th largest similarity
+                t1 = t0  # the b-th (b = a or a + 1): t0 again, or the next smaller value
+                if b > a and int((vals >= t0).sum()) <= b:
+                    t1 = vals[vals < t0].max()
+                s0, s1 = float(t0), float(t1)
+            lo_v, hi_v = 1.0 - s0, 1.0 - s1  # d_(j0), d_(j1) in float64
+            # numpy's _lerp, so that the result matches numpy.quantile to the last bit
+            out[i] = lo_v + (hi_v - lo_v) * gamma if gamma < 0.5 else hi_v - (hi_v - lo_v) * (1 - gamma)
         return out
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, emptying ``parts`` as it copies (the peak: the result and one part, not twice all)."""
+    if not parts:
+        return torch.empty(0)
+    out = parts[0].new_empty(sum(p.numel() for p in parts))
+    at = 0
+    parts.reverse()
+    while parts:
+        p = parts.pop()
+        out[at : at + p.numel()] = p
+        at += p.numel()
+    return out
+
+
+HIST_BITS = 12  # a bracket over its budget is counted in 2^12 bins (its next pass: ~2^11 times narrower)
+_KEY_CLAMP = 1.25  # unit rows' cosines lie in [-1 - 1e-6, 1 + 1e-6]: keys are taken within +-1.25
+
+
+def _float_keys(s: torch.Tensor) -> torch.Tensor:
+    """(P,) int64 keys ordered as the float32 / float64 values ``s`` (P,) (their bit patterns, the negative
+    ones reversed; -0.0 is read as +0.0, which it equals)."""
+    s = s + 0.0  # -0.0 + 0.0 = +0.0
+    if s.dtype == torch.float64:
+        u = s.view(torch.int64)
+        return torch.where(u < 0, u ^ 0x7FFFFFFFFFFFFFFF, u)
+    u = s.float().view(torch.int32).long()
+    return torch.where(u < 0, u ^ 0x7FFFFFFF, u)
+
+
+def _key_value(key: int, dtype: torch.dtype) -> float:
+    """The float (of ``dtype``) whose :func:`_float_keys` key is ``key``."""
+    if dtype == torch.float64:
+        u = key ^ 0x7FFFFFFFFFFFFFFF if key < 0 else key
+        return float(torch.tensor([u], dtype=torch.int64).view(torch.float64))
+    u = key ^ 0x7FFFFFFF if key < 0 else key
+    return float(torch.tensor([u], dtype=torch.int32).view(torch.float32))
+
+
+class _KeyHistogram:
+    """Counts of the values of a bracket ``[lo, hi]`` in 2^``HIST_BITS`` bins of consecutive float keys
+    (:func:`_float_keys`; a constant-memory radix select, as ``tcmlib.distributed`` uses across ranks)."""
+
+    def __init__(self, lo: float, hi: float, dtype: torch.dtype, device: torch.device) -> None:
+        self.lo, self.hi, self.dtype = lo, hi, dtype
+        ends = torch.tensor([max(lo, -_KEY_CLAMP), min(hi, _KEY_CLAMP)], dtype=dtype)
+        self.k_lo, self.k_hi = (int(k) for k in _float_keys(ends))
+        self.shift = max(0, (self.k_hi - self.k_lo).bit_length() - HIST_BITS)
+        self.count = torch.zeros(((self.k_hi - self.k_lo) >> self.shift) + 1, dtype=torch.long, device=device)
+
+    def add(self, s: torch.Tensor) -> None:
+        """Count the values ``s`` (P,), all inside the bracket."""
+        b = (_float_keys(s).clamp_(self.k_lo, self.k_hi) - self.k_lo) >> self.shift
+        self.count.index_add_(0, b, torch.ones_like(b))
+
+    def select(self, a: int, b: int) -> tuple[bool, float, float] | None:
+        """The a-th and b-th largest values (0-based, b = a or a + 1): ``(True, s_a, s_b)`` when their bins hold
+        one value each; else ``(False, s_lo, s_hi)``, the narrower bracket of the bins that hold them; None
+        when the bracket does not hold them."""
+        desc = self.count.flip(0).cumsum(0)  # (bins,) values in the top j + 1 bins
+        if a < 0 or b >= int(desc[-1]):
+            return None
+        last = self.count.shape[0] - 1
+        bin_a, bin_b = (last - int(torch.searchsorted(desc, r, right=True)) for r in (a, b))
+
+        def one_value(k: int) -> bool:  # a bin of one key (not an end cut at +-_KEY_CLAMP)
+            return self.shift == 0 and not (k == 0 and self.lo < -_KEY_CLAMP) and not (k == last and self.hi > _KEY_CLAMP)
+
+        if one_value(bin_a) and one_value(bin_b):
+            return True, _key_value(self.k_lo + bin_a, self.dtype), _key_value(self.k_lo + bin_b, self.dtype)
+        s_hi = self.hi if bin_a == last else _key_value(self.k_lo + ((bin_a + 1) << self.shift) - 1, self.dtype)
+        s_lo = self.lo if bin_b == 0 else _key_value(self.k_lo + (bin_b << self.shift), self.dtype)
+        return False, s_lo, s_hi
 
 
 def _negative_distance_quantiles(
@@ -675,10 +785,16 @@ def _negative_distance_quantiles(
         riders = ()  # a rider sees the first pass only
         out.update(quant.result(need))
         pending = [i for i in pending if out[i] is None]
-        if pending:  # the pilot missed: widen those brackets and run the pass again
+        for i in [i for i in pending if i in quant.refined]:  # held too many: the bins that hold the values
+            if quant.refined[i] == brackets[i]:
+                raise RuntimeError(f"the quantile bracket {brackets[i]} could not be narrowed: are the "
+                                   "similarities outside [-1.25, 1.25]?")
+            brackets[i] = quant.refined[i]
+        missed = [i for i in pending if i not in quant.refined]
+        if missed:  # the pilot missed: widen those brackets and run the pass again
             slack = max(slack, 0.5) * 8.0
             wide = _pilot_brackets(pairs, qs, slack, seed)
-            for i in pending:
+            for i in missed:
                 # a superset of the old bracket; each miss widens 8x, so it ends at (-inf, inf) at worst
                 brackets[i] = (min(brackets[i][0], wide[i][0]), max(brackets[i][1], wide[i][1]))
     return [float(out[i]) for i in range(len(qs))]  # type: ignore[arg-type]
