@@ -36,8 +36,9 @@ each rank embeds a contiguous shard of the test set.  Then
   per-class accept counts at each threshold are all-reduced.  Each unordered pair is visited by
   exactly one rank (a cyclic schedule of shard pairs, balanced across ranks).
 
-No rank ever holds more than one (shard x shard) block of similarities; per rank, memory is its
-shard, one other shard and the block.
+No rank ever holds more than one tile of similarities (``TILE_ROWS`` x ``TILE_COLS``, 16 MiB in
+float32, whatever N); per rank, memory is its shard, one other shard, one tile and the retrieval's
+running top-K (n x K, K = max(ks, largest class size) + 1).
 """
 
 from __future__ import annotations
@@ -311,17 +312,43 @@ def _unit_rows(emb: torch.Tensor) -> torch.Tensor:
     return (x64 / torch.linalg.vector_norm(x64, dim=1, keepdim=True)).float()
 
 
+TILE_ROWS, TILE_COLS = 1024, 4096  # a (rows x columns) tile of similarities: 16 MiB in float32
+
+
+def _tiles(n: int, n_src: int, rows: int | None = None, cols: int | None = None):  # type: ignore[no-untyped-def]
+    """``(r0, c0)`` of the tiles of an (n, n_src) block, ``rows`` x ``cols`` at a time (default
+    ``TILE_ROWS`` x ``TILE_COLS``)."""
+    for r0 in range(0, n, rows or TILE_ROWS):
+        for c0 in range(0, n_src, cols or TILE_COLS):
+            yield r0, c0
+
+
+def _not_self(sim: torch.Tensor, r0: int, c0: int, fill: float) -> torch.Tensor:
+    """``sim`` (b, w), tile (r0, c0) of this rank's own shard, with its pairs (q, q) set to ``fill`` (in place)."""
+    i = torch.arange(sim.shape[0], device=sim.device)
+    j = i + r0 - c0  # column of row i's own item
+    ok = (j >= 0) & (j < sim.shape[1])
+    sim[i[ok], j[ok]] = fill
+    return sim
+
+
 @torch.no_grad()
 def sharded_retrieval(emb: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 2, 4, 8)
                       ) -> tuple[dict[int, float], float]:
     """Recall@k and MAP@R of the whole set, from this rank's shard ``emb`` (n, D), ``labels`` (n,).
 
     Same protocol as ``tcmlib.metrics.recall_and_map_at_r`` (leave-one-out, cosine similarity,
-    singletons left out; MAP@R = Musgrave et al. 2020, eq. 2).  Each rank ranks its queries against
-    every shard (one (n, n_src) block at a time), merges the blocks' top-K into the global top-K
-    (K = max(ks, largest R)); R = global class size - 1 (counts all-reduced).  Every rank returns
-    the same ``({k: recall}, map_at_r)``; call it on all ranks.
+    singletons left out; MAP@R = Musgrave et al. 2020, eq. 2), ties included: equal similarities count as
+    the expectation over a random order of the tied candidates, never by label
+    (``tcmlib.metrics.retrieval.ranked_per_query``), so identical embeddings score at chance.  Each rank
+    ranks its queries against every shard, one (``TILE_ROWS`` x ``TILE_COLS``) tile at a time, merging each
+    tile's top-K into the running top-K (K = max(ks, largest R) + 1, one rank deeper to see a tie); R =
+    global class size - 1 (counts all-reduced); a tie reaching past the kept ranks is counted in full by a
+    second pass over the tiles that hold its row.  Every rank returns the same ``({k: recall}, map_at_r)``;
+    call it on all ranks.  Memory per rank: its shard, one other shard, one tile and the (n, K) top-K.
     """
+    from tcmlib.metrics.retrieval import ranked_per_query
+
     x, y = l2_normalize(emb.detach().float(), dim=1), labels.long().to(emb.device)  # as recall_and_map_at_r
     classes, counts = _class_counts(y)
     n_all = int(counts.sum())
@@ -329,22 +356,49 @@ def sharded_retrieval(emb: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
     if bad:
         raise ValueError(f"ks {bad}: every k must satisfy 1 <= k < N = {n_all} (a query has N - 1 others)")
     r = counts[torch.searchsorted(classes, y)] - 1  # (n,) relevant others of each query
-    k_max = max(list(ks) + [int(counts.max()) - 1])
-    best_s = torch.empty(x.shape[0], 0, device=x.device)  # (n, <=K) best similarities so far
-    best_y = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)  # (n, <=K) their labels
+    depth = r.clamp(min=max(ks))  # (n,) ranks each query needs
+    k1 = max(list(ks) + [int(counts.max()) - 1]) + 1  # the deepest rank any query needs, plus one
+    n = x.shape[0]
+    best_s = torch.full((n, k1), float("-inf"), device=x.device)  # (n, K + 1) best similarities so far
+    best_r = torch.zeros(n, k1, dtype=torch.bool, device=x.device)  # (n, K + 1) relevant?
     for src, _, xs, ys in _shards(x, y):
-        sim = x @ xs.T  # (n, n_src)
-        if src == rank():
-            sim.fill_diagonal_(float("-inf"))  # a query is not its own neighbour
-        top = sim.topk(min(k_max, sim.shape[1]), dim=1)
-        cand_s, cand_y = torch.cat([best_s, top.values], 1), torch.cat([best_y, ys[top.indices]], 1)
-        keep = cand_s.topk(min(k_max, cand_s.shape[1]), dim=1).indices  # merge: the best K of both lists
-        best_s, best_y = cand_s.gather(1, keep), cand_y.gather(1, keep)
-    rel = best_y == y[:, None]  # (n, K) rel(i), most similar first
-    hits = rel.cumsum(dim=1)[:, [k - 1 for k in ks]] > 0  # (n, len(ks))
-    rank_i = torch.arange(1, k_max + 1, device=x.device, dtype=torch.float64)  # (K,)
-    rel_r = rel & (rank_i[None, :] <= r[:, None])  # rel(i) for i <= R
-    ap = ((rel_r.cumsum(dim=1) / rank_i) * rel_r).sum(dim=1) / r  # (n,) AP@R, NaN for singletons
+        for r0, c0 in _tiles(n, xs.shape[0]):
+            sim = x[r0 : r0 + TILE_ROWS] @ xs[c0 : c0 + TILE_COLS].T  # (b, w)
+            if src == rank():
+                _not_self(sim, r0, c0, float("-inf"))  # a query is not its own neighbour
+            top = sim.topk(min(k1, sim.shape[1]), dim=1)
+            rel = ys[c0 + top.indices] == y[r0 : r0 + sim.shape[0], None]
+            merged = torch.cat([best_s[r0 : r0 + TILE_ROWS], top.values], 1).topk(k1, dim=1)  # the best of both
+            best_r[r0 : r0 + TILE_ROWS] = torch.cat([best_r[r0 : r0 + TILE_ROWS], rel], 1).gather(1, merged.indices)
+            best_s[r0 : r0 + TILE_ROWS] = merged.values
+
+    def count_equal(rows: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All candidates of rows ``rows`` (S,) equal to ``target`` (S,), and the relevant ones, over every
+        shard: the same tiles recomputed (bit for bit), on every rank while any rank has such rows."""
+        count, relevant = torch.zeros_like(rows), torch.zeros_like(rows)
+        if not any(all_objects(bool(rows.numel()))):
+            return count, relevant
+        goal = torch.full((n,), math.nan, device=x.device)  # NaN equals nothing
+        goal[rows] = target.float()
+        where = torch.full((n,), -1, dtype=torch.long, device=x.device)
+        where[rows] = torch.arange(rows.numel(), device=x.device)  # (n,) place of a row in ``rows``
+        for src, _, xs, ys in _shards(x, y):
+            for r0, c0 in _tiles(n, xs.shape[0]):
+                at = where[r0 : r0 + TILE_ROWS]
+                if not bool((at >= 0).any()):
+                    continue
+                sim = x[r0 : r0 + TILE_ROWS] @ xs[c0 : c0 + TILE_COLS].T
+                if src == rank():
+                    _not_self(sim, r0, c0, math.nan)
+                eq = sim == goal[r0 : r0 + TILE_ROWS, None]  # (b, w)
+                same = ys[None, c0 : c0 + TILE_COLS] == y[r0 : r0 + TILE_ROWS, None]
+                ok = at >= 0
+                count.index_add_(0, at[ok], eq[ok].sum(dim=1))
+                relevant.index_add_(0, at[ok], (eq & same)[ok].sum(dim=1))
+        return count, relevant
+
+    pq = ranked_per_query(best_s, best_r, r, depth, list(ks), count_equal)
+    hits, ap = pq.hits, pq.ap  # (n, len(ks)), (n,): AP@R NaN for singletons
     # every query's values, in global order, averaged exactly as the single-process code averages them
     hits_all = torch.cat([h for h in all_objects(hits.cpu())])  # (N, len(ks))
     ap_all = torch.cat([a for a in all_objects(ap.cpu())])  # (N,)
@@ -356,27 +410,30 @@ def sharded_retrieval(emb: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]
 
 
 def _pair_blocks(x: torch.Tensor, y: torch.Tensor, cols: int):  # type: ignore[no-untyped-def]
-    """Yield ``(sim (n, c), pos (n, c), neg (n, c), y_cols (c,))`` tiles of the pairs this rank visits.
+    """Yield ``(r0, sim (b, c), pos (b, c), neg (b, c), y_cols (c,))`` tiles of the pairs this rank visits:
+    rows ``r0 .. r0 + b - 1`` of this rank's shard (``TILE_ROWS`` at a time) against ``cols`` columns.
 
     Every unordered pair {a, b} of the whole set is visited by exactly one rank: rank r compares its
     rows with shard s when j = (s - r) mod W is 0 (its own shard, pairs col > row only), below W/2,
     or W/2 with r < W/2 (a cyclic schedule: about W/2 + 1 of the W shards per rank).  ``pos`` /
-    ``neg`` mark the visited same-label / different-label pairs of the tile of ``cols`` columns.
+    ``neg`` mark the visited same-label / different-label pairs of the tile.
     """
     w, me = world_size(), rank()
     for src, _, xs, ys in _shards(x, y):
         j = (src - me) % w
         if not (j == 0 or 2 * j < w or (2 * j == w and me < w // 2)):
             continue
-        for c0 in range(0, xs.shape[0], cols):
-            y_cols = ys[c0 : c0 + cols]
-            sim = x @ xs[c0 : c0 + cols].T  # (n, c)
-            same = y[:, None] == y_cols[None, :]  # (n, c)
+        for r0, c0 in _tiles(x.shape[0], xs.shape[0], TILE_ROWS, cols):
+            if j == 0 and c0 + cols <= r0 + 1:  # own shard, every column <= every row: no pair col > row
+                continue
+            y_rows, y_cols = y[r0 : r0 + TILE_ROWS], ys[c0 : c0 + cols]
+            sim = x[r0 : r0 + TILE_ROWS] @ xs[c0 : c0 + cols].T  # (b, c)
+            same = y_rows[:, None] == y_cols[None, :]  # (b, c)
             visit = torch.ones_like(same)
             if j == 0:  # own shard: each pair once, col > row
-                rows = torch.arange(x.shape[0], device=x.device)[:, None]
+                rows = torch.arange(r0, r0 + len(y_rows), device=x.device)[:, None]
                 visit = torch.arange(c0, c0 + len(y_cols), device=x.device)[None, :] > rows
-            yield sim, same & visit, ~same & visit, y_cols
+            yield r0, sim, same & visit, ~same & visit, y_cols
 
 
 def _float_key(s: torch.Tensor) -> torch.Tensor:
@@ -407,13 +464,13 @@ def _negative_distance_quantiles(x: torch.Tensor, y: torch.Tensor, qs: Sequence[
     # ascending distance rank j = descending similarity rank j = ascending key position M - 1 - j
     pos = sorted({num_neg - 1 - j for j0, j1, _ in need for j in (j0, j1)})
     hist = torch.zeros(1 << 16, dtype=torch.long, device=x.device)
-    for sim, _, neg, _ in _pair_blocks(x, y, cols):
+    for _, sim, _, neg, _ in _pair_blocks(x, y, cols):
         hist += torch.bincount(_float_key(sim[neg]) >> 16, minlength=1 << 16)
     cum = _all_reduce(hist).cumsum(0)
     high = {p: int(torch.searchsorted(cum, p, right=True)) for p in pos}  # bucket holding position p
     buckets = sorted(set(high.values()))
     low = torch.zeros(len(buckets), 1 << 16, dtype=torch.long, device=x.device)
-    for sim, _, neg, _ in _pair_blocks(x, y, cols):
+    for _, sim, _, neg, _ in _pair_blocks(x, y, cols):
         key = _float_key(sim[neg])
         for i, b in enumerate(buckets):
             low[i] += torch.bincount(key[(key >> 16) == b] & 0xFFFF, minlength=1 << 16)
@@ -465,13 +522,13 @@ def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *,
     thr = thresholds.to(x.device)
     hist = torch.zeros(2, n_cls, k_thr + 1, dtype=torch.long, device=x.device)  # k = K: not accepted at t_max
     cls = torch.searchsorted(classes, y)  # (n,) class index of each row
-    for sim, pos, neg, y_cols in _pair_blocks(x, y, cols):
+    for r0, sim, pos, neg, y_cols in _pair_blocks(x, y, cols):
         col_cls = torch.searchsorted(classes, y_cols)  # (c,)
         for kind, mask, members in ((0, pos, (0,)), (1, neg, (0, 1))):
             rows, cs = torch.nonzero(mask, as_tuple=True)
             k0 = torch.searchsorted(thr, 1.0 - sim[rows, cs].double())  # first k with d <= t_k
             for member in members:  # a negative pair counts for both of its classes
-                c = cls[rows] if member == 0 else col_cls[cs]
+                c = cls[rows + r0] if member == 0 else col_cls[cs]
                 hist[kind].view(-1).index_add_(0, c * (k_thr + 1) + k0, torch.ones_like(k0))
     acc = _all_reduce(hist)[:, :, :k_thr].cumsum(dim=2)  # (2, C, K) pairs accepted at t_k
     acc = acc[:, eligible].transpose(1, 2).double().cpu()  # (2, K, T)

@@ -92,6 +92,7 @@ def _eval_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _eval_worker(rank: int, world: int, out: str) -> None:
     x, y = _eval_data()
+    distributed.TILE_ROWS, distributed.TILE_COLS = 8, 16  # several tiles of rows and columns per shard
     lo, hi = distributed.shard_bounds(len(y), world, rank)
     recall, map_r = distributed.sharded_retrieval(x[lo:hi], y[lo:hi], (1, 2, 4, 8))
     curves = distributed.sharded_utility_curves(x[lo:hi], y[lo:hi], cols=16)  # several column tiles
@@ -118,6 +119,38 @@ def test_sharded_evaluation_equals_single_process(tmp_path: Path) -> None:
         assert torch.allclose(getattr(got["curves"], key), getattr(ref, key), rtol=0, atol=1e-12), key
     assert got["curves"].opis == pytest.approx(ref.opis, abs=1e-15)
     assert got["curves"].eps_opis(0.1) == pytest.approx(ref.eps_opis(0.1), abs=1e-15)
+
+
+def _tied_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Identical embeddings (one unit vector, exact cosines of 1), 10 random classes: ties everywhere."""
+    gen = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 10, (230,), generator=gen)
+    return torch.zeros(230, 5).index_fill_(1, torch.tensor([2]), 1.0), y
+
+
+def _tied_worker(rank: int, world: int, out: str) -> None:
+    x, y = _tied_data()
+    distributed.TILE_ROWS, distributed.TILE_COLS = 16, 24  # ties across tile edges and shards
+    lo, hi = distributed.shard_bounds(len(y), world, rank)
+    recall, map_r = distributed.sharded_retrieval(x[lo:hi], y[lo:hi], (1, 2, 4, 8))
+    if rank == 0:
+        torch.save({"recall": recall, "map_r": map_r}, out)
+
+
+def test_sharded_retrieval_ranks_ties_without_labels(tmp_path: Path) -> None:
+    """Identical embeddings on 2 ranks: R@1 at chance, as the single-process retrieval and the brute force."""
+    out = tmp_path / "tied.pt"
+    _spawn(_tied_worker, 2, str(out))
+    got = torch.load(out, weights_only=False)
+    x, y = _tied_data()
+    recall, map_r = recall_and_map_at_r(x, y, (1, 2, 4, 8))
+    for k in (1, 2, 4, 8):
+        assert got["recall"][k] == pytest.approx(recall[k], abs=1e-12), k
+    assert got["map_r"] == pytest.approx(map_r, abs=1e-12)
+    # chance: a random other sample shares the query's label with probability (n_c - 1) / (N - 1)
+    n_c = torch.bincount(y)[y].double()
+    valid = n_c > 1
+    assert got["recall"][1] == pytest.approx(float(((n_c - 1) / (len(y) - 1))[valid].mean()), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

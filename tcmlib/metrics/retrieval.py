@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import numbers
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -65,7 +65,7 @@ import torch
 from tcmlib._checks import as_tensor, check_embeddings_labels
 from tcmlib.metrics._pairs import SortedPairs, Tile, Want, flat_nonzero, make_topk, pair_tiles, sort_pairs
 
-__all__ = ["RetrievalMetrics", "RetrievalTopK", "per_query_retrieval", "recall_at_k", "map_at_r", "recall_and_map_at_r", "retrieval_metrics"]
+__all__ = ["RetrievalMetrics", "RetrievalTopK", "per_query_retrieval", "ranked_per_query", "recall_at_k", "map_at_r", "recall_and_map_at_r", "retrieval_metrics"]
 
 DEFAULT_CHUNK_SIZE = 1024  # rows of the similarity matrix per tile (as tcmlib.metrics.opis)
 
@@ -192,58 +192,13 @@ class RetrievalTopK:
         tie-free data) take the plain formulas, bit for bit as before ties were handled.
         """
         val, rel = self.topk.ranked()  # (N, K + 1), most similar first
-        k_max = val.shape[1] - 1  # the deepest rank any query needs
-        n, dev = val.shape[0], val.device
-        col_k = torch.as_tensor([k - 1 for k in self.ks], dtype=torch.long, device=dev)  # (len(ks),)
-        k_rr = max(self.ks, default=0)  # the reciprocal rank counts the nearest relevant within max(ks)
-        rank = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64)  # (K,) 1-based rank i
-        hits = torch.zeros(n, len(self.ks), dtype=torch.float64, device=dev)
-        ap, rp, rr = (torch.empty(n, dtype=torch.float64, device=dev) for _ in range(3))
-        step = max(1, 2**22 // k_max)  # rows at a time: the cumulative sums stay small
-        for s0 in range(0, n, step):
-            rl, r = rel[s0 : s0 + step, :k_max], self.r[s0 : s0 + step]
-            hits[s0 : s0 + step] = (rl.cumsum(dim=1)[:, col_k] > 0).double()  # any relevant within the top k
-            rel_r = rl & (rank[None, :] <= r[:, None])  # (B, K) rel(i) for i <= R only
-            precision = rel_r.cumsum(dim=1) / rank  # (B, K) P(i), float64
-            ap[s0 : s0 + step] = (precision * rel_r).sum(dim=1) / r  # (B,) 0 / 0 = NaN where R = 0
-            rp[s0 : s0 + step] = rel_r.sum(dim=1).double() / r
-            if k_rr:
-                first = rl[:, :k_rr].double().argmax(dim=1)  # (B,) 0-based rank of the first relevant (0: none)
-                rr[s0 : s0 + step] = torch.where(rl[:, :k_rr].any(dim=1), 1.0 / (first + 1).double(), 0.0)
-            else:
-                rr[s0 : s0 + step] = math.nan
-        # rows with a tie among their exact ranks 1..depth+1: the expectation over the tie orders
-        pos = torch.arange(k_max + 1, device=dev)
-        tied_pair = (val[:, 1:] == val[:, :-1]) & (pos[None, 1:] <= self.depth[:, None])  # (N, K)
-        tied = flat_nonzero(tied_pair.any(dim=1))  # (T,)
-        if tied.numel():
-            dep = self.depth.index_select(0, tied)
-            v = val.index_select(0, tied)
-            at_last = (v == v.gather(1, dep[:, None])) & (pos[None, :] <= dep[:, None])  # (T, K + 1)
-            g, h = at_last.sum(dim=1), (at_last & rel.index_select(0, tied)).sum(dim=1)  # (T,) kept members
-            # the tie at the deepest rank reaches past the kept ranks: count all its members (second pass)
-            past = flat_nonzero(v.gather(1, dep[:, None] - 1).squeeze(1) == v.gather(1, dep[:, None]).squeeze(1))
-            if past.numel():
-                rows = tied.index_select(0, past)
-                g_all, h_all = self._count_equal(rows, v.index_select(0, past).gather(
-                    1, dep.index_select(0, past)[:, None]).squeeze(1))
-                if bool((g_all < g.index_select(0, past)).any()):
-                    raise RuntimeError("the second pass over the tiles saw fewer tied similarities than the first: "
-                                       "the tiles were not recomputed bit for bit")
-                g.index_copy_(0, past, g_all)
-                h.index_copy_(0, past, h_all)
-            e = _expected_under_ties(v, rel.index_select(0, tied), dep, self.r.index_select(0, tied), g, h,
-                                     self.ks, k_rr)
-            for out, new in zip((hits, ap, rp, rr), e):
-                out.index_copy_(0, tied, new)
-        if not self.to_r:  # the ranks down to R were not kept
-            ap.fill_(math.nan)
-            rp.fill_(math.nan)
-        return PerQuery(hits, ap, rp, rr)
+        return ranked_per_query(val, rel, self.r, self.depth, self.ks, self._count_equal, to_r=self.to_r)
 
     def _count_equal(self, rows: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(count, relevant)`` (S,) int64: candidates of each row of ``rows`` (S,) whose similarity equals its
         ``target`` (S,), and how many of them are relevant, from a second pass over the tiles those rows meet."""
+        if not rows.numel():
+            return rows.new_zeros(0), rows.new_zeros(0)
         n = self.row_labels.shape[0]
         goal = torch.full((n,), math.nan, dtype=target.dtype, device=target.device)  # NaN equals nothing
         goal[rows] = target
@@ -280,6 +235,69 @@ class RetrievalTopK:
                 if loc.numel():
                     tally(loc + c0, sim.index_select(1, loc).T, self.row_labels[r0 : r0 + b])
         return count.index_select(0, rows), relevant.index_select(0, rows)
+
+
+def ranked_per_query(
+    val: torch.Tensor, rel: torch.Tensor, r: torch.Tensor, depth: torch.Tensor, ks: list[int],
+    count_equal: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]], *, to_r: bool = True,
+) -> PerQuery:
+    """The :class:`PerQuery` results from every query's ranked candidates, most similar first.
+
+    ``val`` (N, K + 1) similarities and ``rel`` (N, K + 1) relevance, exact down to rank ``depth + 1``
+    (``depth`` (N,) = max(max(ks), R), one rank deeper so that a tie at the deepest rank shows); ``r`` (N,) R.
+    Ties count as the expectation over a uniformly random order of the tied candidates
+    (:func:`_expected_under_ties`).  ``count_equal(rows (S,), target (S,))`` gives, for rows whose tie at the
+    deepest rank reaches past what was kept, all candidates equal to ``target`` and how many are relevant
+    ``(count (S,), relevant (S,))``; it is called exactly once (``S`` may be 0), so a version that talks to
+    other processes stays in step.
+    """
+    k_max = val.shape[1] - 1  # the deepest rank any query needs
+    n, dev = val.shape[0], val.device
+    col_k = torch.as_tensor([k - 1 for k in ks], dtype=torch.long, device=dev)  # (len(ks),)
+    k_rr = max(ks, default=0)  # the reciprocal rank counts the nearest relevant within max(ks)
+    rank = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64)  # (K,) 1-based rank i
+    hits = torch.zeros(n, len(ks), dtype=torch.float64, device=dev)
+    ap, rp, rr = (torch.empty(n, dtype=torch.float64, device=dev) for _ in range(3))
+    step = max(1, 2**22 // max(k_max, 1))  # rows at a time: the cumulative sums stay small
+    for s0 in range(0, n, step):
+        rl, rs = rel[s0 : s0 + step, :k_max], r[s0 : s0 + step]
+        hits[s0 : s0 + step] = (rl.cumsum(dim=1)[:, col_k] > 0).double()  # any relevant within the top k
+        rel_r = rl & (rank[None, :] <= rs[:, None])  # (B, K) rel(i) for i <= R only
+        precision = rel_r.cumsum(dim=1) / rank  # (B, K) P(i), float64
+        ap[s0 : s0 + step] = (precision * rel_r).sum(dim=1) / rs  # (B,) 0 / 0 = NaN where R = 0
+        rp[s0 : s0 + step] = rel_r.sum(dim=1).double() / rs
+        if k_rr:
+            first = rl[:, :k_rr].double().argmax(dim=1)  # (B,) 0-based rank of the first relevant (0: none)
+            rr[s0 : s0 + step] = torch.where(rl[:, :k_rr].any(dim=1), 1.0 / (first + 1).double(), 0.0)
+        else:
+            rr[s0 : s0 + step] = math.nan
+    # rows with a tie among their exact ranks 1..depth+1: the expectation over the tie orders
+    pos = torch.arange(k_max + 1, device=dev)
+    tied_pair = (val[:, 1:] == val[:, :-1]) & (pos[None, 1:] <= depth[:, None])  # (N, K)
+    tied = flat_nonzero(tied_pair.any(dim=1))  # (T,)
+    rows, target = tied, val.new_empty(0)  # (S,) rows whose tie at the deepest rank reaches past the kept ranks
+    if tied.numel():
+        dep = depth.index_select(0, tied)
+        v = val.index_select(0, tied)
+        past = flat_nonzero(v.gather(1, dep[:, None] - 1).squeeze(1) == v.gather(1, dep[:, None]).squeeze(1))
+        rows, target = tied.index_select(0, past), v.index_select(0, past).gather(1, dep.index_select(0, past)[:, None]).squeeze(1)
+    g_all, h_all = count_equal(rows, target)  # all members of those ties (once, S may be 0)
+    if tied.numel():
+        at_last = (v == v.gather(1, dep[:, None])) & (pos[None, :] <= dep[:, None])  # (T, K + 1)
+        g, h = at_last.sum(dim=1), (at_last & rel.index_select(0, tied)).sum(dim=1)  # (T,) kept members
+        if past.numel():
+            if bool((g_all < g.index_select(0, past)).any()):
+                raise RuntimeError("the second pass over the tiles saw fewer tied similarities than the first: "
+                                   "the tiles were not recomputed bit for bit")
+            g.index_copy_(0, past, g_all)
+            h.index_copy_(0, past, h_all)
+        e = _expected_under_ties(v, rel.index_select(0, tied), dep, r.index_select(0, tied), g, h, ks, k_rr)
+        for out, new in zip((hits, ap, rp, rr), e):
+            out.index_copy_(0, tied, new)
+    if not to_r:  # the ranks down to R were not kept
+        ap.fill_(math.nan)
+        rp.fill_(math.nan)
+    return PerQuery(hits, ap, rp, rr)
 
 
 def _expected_under_ties(
