@@ -15,7 +15,7 @@ Five checks, each a row of the table it prints (and a JSON record, ``--json``):
 2. ``step (GPU alone)``: the same training step on a batch already on the GPU, no loader: the GPU's rate.
 3. ``loader``: the recipe's DataLoader (workers and prefetch as ``fit`` sets them on this machine) on
    the fabricated copy, images per second against the GPU's rate: above it, the GPU never waits for data.
-4. ``evaluate``: ``tcmlib.metrics.evaluate`` of N = 60,000 float32 embeddings (D = 512, SOP-like classes
+4. ``evaluate``: ``tcmlib.metrics.evaluate_embeddings`` of N = 60,000 float32 embeddings (D = 512, SOP-like classes
    of ~5) on the device: time, peak memory, and the metrics against float64 on the same device; at
    ``--eval-cpu-n`` (10,000 in quick mode: the CPU needs minutes at 60,000) the device's float32 and
    float64 results against the CPU's.  Tolerances: float64 = 1e-12 (the same sums); float32 against
@@ -335,9 +335,9 @@ def clustered(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _metrics(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    from tcmlib.metrics import evaluate
+    from tcmlib.metrics import evaluate_embeddings
 
-    return evaluate(x, y, ks=(1, 10, 100)).as_dict()
+    return evaluate_embeddings(x, y, ks=(1, 10, 100)).as_dict()
 
 
 def _worst(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:

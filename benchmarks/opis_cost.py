@@ -7,9 +7,9 @@ block, nothing else (one *full* GEMM).  Contenders, ratios to it, side by side:
   pass over the pairs a < b (half a full GEMM) before the counts; the counts take a second pass, or
   come from the pairs the first one kept when they fit (``KEEP_MAX``: N up to ~25k);
 * ``given``:    the same with ``distance_range`` given: one pass, floor 0.5;
-* ``evaluate``: :func:`tcmlib.metrics.evaluate` (R@1..8, MAP@R, OPIS, eps-OPIS; retrieval rides on
+* ``evaluate``: :func:`tcmlib.metrics.evaluate_embeddings` (R@1..8, MAP@R, OPIS, eps-OPIS; retrieval rides on
   OPIS's first pass);
-* ``separate``: what ``train.evaluate`` did before: ``recall_and_map_at_r`` then ``utility_curves``;
+* ``separate``: what ``train.evaluate_model`` did before: ``recall_and_map_at_r`` then ``utility_curves``;
 * ``report``:   :func:`tcmlib.report.threshold_report` (threshold, per-class rates, OPIS + bootstrap,
   R@1), compared with ``opis`` (goal: at most 1.5x).
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from tcmlib.metrics import evaluate, recall_and_map_at_r, utility_curves
+from tcmlib.metrics import evaluate_embeddings, recall_and_map_at_r, utility_curves
 from tcmlib.metrics.opis import DEFAULT_CHUNK_SIZE
 from tcmlib.report import threshold_report
 
@@ -112,14 +112,14 @@ def main() -> None:
             "gemm": lambda: blocked_gemm(x, a.chunk_size),
             "opis": run_opis,
             "given": lambda: utility_curves(x, y, distance_range=rng, chunk_size=a.chunk_size),
-            "evaluate": lambda: evaluate(x, y, chunk_size=a.chunk_size),
+            "evaluate": lambda: evaluate_embeddings(x, y, chunk_size=a.chunk_size),
             "separate": lambda: (recall_and_map_at_r(x, y, (1, 2, 4, 8), chunk_size=a.chunk_size),
                                  utility_curves(x, y, chunk_size=a.chunk_size)),
         }
         if not a.no_report:
             fns["report"] = lambda: threshold_report(x, y, n_boot=200, chunk_size=a.chunk_size)
         wall, cpu = round_robin(fns, a.repeats, device)
-        ev = evaluate(x, y, chunk_size=a.chunk_size)
+        ev = evaluate_embeddings(x, y, chunk_size=a.chunk_size)
         assert ev.opis == out["opis"] and ev.eps_opis == out["eps"], "evaluate and utility_curves disagree"
         for kind, sec in (("wall", wall), ("cpu", cpu)):
             g = sec["gemm"]

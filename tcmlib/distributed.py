@@ -544,7 +544,7 @@ def sharded_utility_curves(emb: torch.Tensor, labels: torch.Tensor, *,
 def evaluate_sharded(model: nn.Module, dataset: Any, *, ks: Sequence[int] = (1, 2, 4, 8),
                      batch_size: int = 256, device: str | torch.device = "cpu", amp: str | None = None,
                      num_workers: int = 0, channels_last: bool = False) -> dict[str, float]:
-    """``tcmlib.train.evaluate`` over ranks: each embeds a contiguous shard of ``dataset``, then the
+    """``tcmlib.train.evaluate_model`` over ranks: each embeds a contiguous shard of ``dataset``, then the
     sharded exact metrics; the same dict on every rank (R@k, MAP@R, OPIS, eps_OPIS at eps = 0.1)."""
     from torch.utils.data import Subset
 

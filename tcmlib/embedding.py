@@ -45,7 +45,7 @@ def embed(
     """Embed a whole data set in eval mode: ``(embeddings (N, D) float32, labels (N,) int64)``.
 
     ``out_device``: where both go, ``"cpu"`` by default; ``None`` keeps them on ``device``, where the model ran, so
-    that scoring them (``tcmlib.metrics.evaluate``) runs there too and N x D never crosses to the host.
+    that scoring them (``tcmlib.metrics.evaluate_embeddings``) runs there too and N x D never crosses to the host.
     """
     device = _usable_device(device, "embed")
     target = device if out_device is None else torch.device(out_device)

@@ -13,7 +13,7 @@ distance range (:mod:`tcmlib.metrics.opis`), OPIS with a bootstrap interval over
 global threshold that meets a false-accept target with the per-class (and per-group) FAR / FRR it
 gives (:mod:`tcmlib.report`); with ``--posthoc`` also per-class and per-cluster thresholds
 (:func:`tcmlib.posthoc.compare_thresholding`).  ``--json`` prints one JSON object instead,
-``--plot`` saves the utility-curve figure.  In Python: :func:`evaluate` returns an :class:`EvalReport`.
+``--plot`` saves the utility-curve figure.  In Python: :func:`eval_report` returns an :class:`EvalReport`.
 
 Units: distances are ``d = 1 - cosine`` in [0, 2], a pair is accepted when ``d <= threshold``;
 rates (FAR, FRR, R@k, MAP@R) are fractions in [0, 1] in JSON and percentages in the text; OPIS and
@@ -51,7 +51,7 @@ from tcmlib.metrics.opis import UtilityCurves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
 from tcmlib.report import OPIS_SCALE, ThresholdReport, _check_calibration, _check_far_target, threshold_report
 
-__all__ = ["EvalReport", "evaluate", "load_arrays", "main"]
+__all__ = ["EvalReport", "eval_report", "load_arrays", "main"]
 
 PROGRESS_MIN_N = 20_000  # show a progress bar (stderr) from this many samples on
 
@@ -205,7 +205,7 @@ def _retrieval(x: torch.Tensor, y: torch.Tensor, gallery: tuple[torch.Tensor, to
     return {**{f"R@{k}": v for k, v in recall.items()}, "MAP@R": mapr}
 
 
-def evaluate(
+def eval_report(
     embeddings: Any,
     labels: Any,
     *,
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             groups = g
         check_embeddings_labels(emb, lab, emb_name=f"embeddings ({args.embeddings})",
                                 label_name=f"labels ({args.labels or args.embeddings})")
-        result = evaluate(
+        result = eval_report(
             torch.from_numpy(np.ascontiguousarray(emb)), torch.from_numpy(np.ascontiguousarray(lab)),
             groups=None if groups is None else torch.from_numpy(np.ascontiguousarray(groups)),
             gallery=_pair(args.gallery, "gallery"), calibration=_pair(args.calibration, "calibration"),

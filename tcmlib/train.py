@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import importlib.resources
 import json
 import math
@@ -80,11 +81,11 @@ from tcmlib.losses.combine import WithTCM
 from tcmlib.losses.registry import available_losses, loss_kwarg_names, loss_param_groups, make_loss
 from tcmlib.losses.tcm import TCMLoss
 from tcmlib.memory import HOST_SHARE, machine_loader_settings
-from tcmlib.metrics import evaluate as evaluate_embeddings
+from tcmlib.metrics import evaluate_embeddings
 from tcmlib.models import BACKBONES, Embedder, build_embedder
 from tcmlib.runtime import default_device, seed_everything
 
-__all__ = ["TrainConfig", "FitResult", "fit", "evaluate", "embed", "build_data", "build_splits", "load_config",
+__all__ = ["TrainConfig", "FitResult", "fit", "evaluate_model", "evaluate", "embed", "build_data", "build_splits", "load_config",
            "config_from_record", "LEGACY_VALUES", "available_configs", "main", "resolve_amp"]
 
 # Fields a resumed run may change: where and how verbosely it runs, how often it saves, how big its
@@ -481,13 +482,13 @@ def _load_splits(cfg: TrainConfig) -> tuple[Dataset, Dataset, int]:
     return train, test, 3
 
 
-def evaluate(
+def evaluate_model(
     model: nn.Module, dataset: Dataset, *, ks: Sequence[int] = (1, 2, 4, 8), batch_size: int = 256,
     device: str | torch.device = "cpu", amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
 ) -> dict[str, float]:
     """Embed ``dataset`` and score it: ``{"R@k": ..., "MAP@R": ..., "OPIS": ..., "eps_OPIS": ...}``.
 
-    One :func:`tcmlib.metrics.evaluation.evaluate` call (the retrieval rides on OPIS's first pass), on ``device``:
+    One :func:`tcmlib.metrics.evaluation.evaluate_embeddings` call (the retrieval rides on OPIS's first pass), on ``device``:
     the embeddings stay where the model made them. OPIS and eps-OPIS (eps = 0.1) use its defaults: 100 thresholds
     between the global-FAR 1e-2 and 1e-1 quantiles of the negative-pair distances. Units: R@k, MAP@R fractions in
     [0, 1]; OPIS in [0, 0.25].
@@ -499,6 +500,13 @@ def evaluate(
         raise ValueError(f"eval_ks {too_big} >= N = {emb.shape[0]} samples: a query has only N - 1 others; "
                          f"use ks < {emb.shape[0]}")
     return evaluate_embeddings(emb, labels, ks=ks, eps=0.1).as_dict()
+
+
+@functools.wraps(evaluate_model, assigned=("__annotations__", "__type_params__"))
+def evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+    """Deprecated name of :func:`evaluate_model` (four functions were once called ``evaluate``)."""
+    warnings.warn("tcmlib.train.evaluate is now tcmlib.train.evaluate_model", DeprecationWarning, stacklevel=2)
+    return evaluate_model(*args, **kwargs)
 
 
 def _make_optimizer(cfg: TrainConfig, model: Embedder, criterion: nn.Module) -> torch.optim.Optimizer:
@@ -1036,7 +1044,7 @@ def _evaluate_epoch(cfg: TrainConfig, model: nn.Module, val_data: Dataset | None
     t1 = time.perf_counter()
     kw: dict[str, Any] = dict(ks=cfg.eval_ks, batch_size=cfg.eval_batch_size, device=device, amp=cfg.amp,
                               num_workers=min(cfg.num_workers, os.cpu_count() or 1), channels_last=cfg.channels_last)
-    score = distributed.evaluate_sharded if distributed.launched() else evaluate  # ddp: each rank embeds a shard
+    score = distributed.evaluate_sharded if distributed.launched() else evaluate_model  # ddp: each rank embeds a shard
     rec: dict[str, Any] = {}
     if val_data is not None:
         rec.update({f"val_{k}": v for k, v in score(model, val_data, **kw).items()})

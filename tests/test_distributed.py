@@ -28,7 +28,7 @@ from tcmlib.data import MPerClassBatchSampler
 from tcmlib.data.arrays import ImageArrayDataset
 from tcmlib.metrics import recall_and_map_at_r, utility_curves
 from tcmlib.models import build_embedder
-from tcmlib.train import evaluate, fit
+from tcmlib.train import evaluate_model, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_two_process_training_step_equals_one_process(tmp_path: Path) -> None:
         # the sharded evaluation in the 2-process run = the single-process evaluation of its weights
         model = build_embedder("small_cnn", 8, False, 1, image_size=16, frozen_bn=True)
         model.load_state_dict(b["model"])
-        for key, value in evaluate(model, _images(40, 8, 1), ks=[1, 2], amp=amp).items():
+        for key, value in evaluate_model(model, _images(40, 8, 1), ks=[1, 2], amp=amp).items():
             assert rec[0][key] == pytest.approx(value, rel=0, abs=1e-12), (loss, key)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcmlib.evaluate import EvalReport, evaluate, main
+from tcmlib.evaluate import EvalReport, eval_report, main
 from tcmlib.metrics.opis import utility_curves
 from tcmlib.metrics.retrieval import recall_and_map_at_r
 from tcmlib.report import opis_bootstrap_ci, rates_at_threshold, threshold_for_far
@@ -184,12 +184,12 @@ def test_bad_files_exit_2_with_one_clear_line(case, tmp_path, capsys) -> None:
 
 def test_evaluate_in_python_short_repr_and_progress_bar(capsys) -> None:
     x, y, _ = _data()
-    ev = evaluate(x, y, n_boot=50, progress=True)
+    ev = eval_report(x, y, n_boot=50, progress=True)
     assert isinstance(ev, EvalReport)
     r = repr(ev)
     assert len(r) < 300 and r.startswith("EvalReport(N=150") and "OPIS=" in r
     assert "tcmlib-eval" in capsys.readouterr().err  # the bar, on stderr
-    evaluate(x, y, n_boot=50)  # N < 20,000: no bar by default
+    eval_report(x, y, n_boot=50)  # N < 20,000: no bar by default
     assert "tcmlib-eval" not in capsys.readouterr().err
     assert not math.isnan(ev.to_dict()["OPIS"])
 

@@ -1,4 +1,4 @@
-"""metrics.evaluate (one call, retrieval riding on OPIS's pass), query/gallery retrieval and OPIS, and the
+"""metrics.evaluate_embeddings (one call, retrieval riding on OPIS's pass), query/gallery retrieval and OPIS, and the
 running top-k they share: against brute-force loops, pml's AccuracyCalculator and the separate functions."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcmlib.metrics import evaluate, map_at_r, per_query_retrieval, recall_and_map_at_r, recall_at_k, utility_curves
+from tcmlib.metrics import evaluate_embeddings, map_at_r, per_query_retrieval, recall_and_map_at_r, recall_at_k, utility_curves
 from tcmlib.metrics import _pairs
 from tcmlib.metrics._pairs import DenseTopK, TopK, cross_tiles, upper_tiles
 
@@ -193,7 +193,7 @@ def test_query_gallery_matches_pml(seed):
     recall, m = recall_and_map_at_r(q, qy, (1,), chunk_size=97, reference=g, reference_labels=gy)
     assert recall[1] == pytest.approx(acc["precision_at_1"], abs=1e-12)
     assert m == pytest.approx(acc["mean_average_precision_at_r"], abs=1e-12)
-    ev = evaluate(q, qy, ks=(1,), reference=g, reference_labels=gy)
+    ev = evaluate_embeddings(q, qy, ks=(1,), reference=g, reference_labels=gy)
     assert ev.recall == recall and ev.map_at_r == m
 
 
@@ -250,14 +250,14 @@ def test_query_gallery_curves_match_brute_force(use_groups):
 def test_evaluate_equals_the_separate_functions(dtype, use_groups):
     x, y = clustered(300, 25, 8, seed=7, dtype=dtype)
     groups = (y % 4) if use_groups else None
-    ev = evaluate(x, y, ks=(1, 3), groups=groups, chunk_size=64)
+    ev = evaluate_embeddings(x, y, ks=(1, 3), groups=groups, chunk_size=64)
     recall, m = recall_and_map_at_r(x, y, (1, 3), groups=groups, chunk_size=64)
     curves = utility_curves(x, y, groups=groups, chunk_size=64)
     assert ev.recall == recall and ev.map_at_r == m  # bit for bit: the same tiles
     assert ev.opis == curves.opis and ev.eps_opis == curves.eps_opis(0.1)
     hits, ap = per_query_retrieval(x, y, (1, 3), chunk_size=64)
     assert torch.equal(ev.hits, hits) and torch.equal(ev.ap_at_r.isnan(), ap.isnan())
-    given = evaluate(x, y, distance_range=curves.distance_range, chunk_size=64, groups=groups)
+    given = evaluate_embeddings(x, y, distance_range=curves.distance_range, chunk_size=64, groups=groups)
     assert given.opis == pytest.approx(curves.opis, abs=1e-15)
 
 
@@ -270,8 +270,8 @@ def test_evaluate_on_cuda_matches_cpu(kind):
     x, y = clustered(700, 20, 8, seed=11)
     kw = {"one set": {}, "groups": {"groups": y % 3},
           "gallery": {"reference": x[:300] + 0.1, "reference_labels": y[:300]}}[kind]
-    cpu = evaluate(x, y, ks=(1, 3), chunk_size=64, **kw)
-    gpu = evaluate(x.cuda(), y.cuda(), ks=(1, 3), chunk_size=64, **{k: v.cuda() for k, v in kw.items()})
+    cpu = evaluate_embeddings(x, y, ks=(1, 3), chunk_size=64, **kw)
+    gpu = evaluate_embeddings(x.cuda(), y.cuda(), ks=(1, 3), chunk_size=64, **{k: v.cuda() for k, v in kw.items()})
     assert gpu.recall == pytest.approx(cpu.recall, abs=1e-12)
     assert gpu.map_at_r == pytest.approx(cpu.map_at_r, abs=1e-12)
     assert gpu.opis == pytest.approx(cpu.opis, abs=1e-12) and gpu.eps_opis == pytest.approx(cpu.eps_opis, abs=1e-12)
@@ -281,7 +281,7 @@ def test_evaluate_on_cuda_matches_cpu(kind):
 
 def test_evaluation_keys_units_and_repr():
     x, y = clustered(200, 20, 6, seed=2)
-    ev = evaluate(x, y, ks=(1, 2))
+    ev = evaluate_embeddings(x, y, ks=(1, 2))
     d = ev.as_dict("val_")
     assert list(d) == ["val_R@1", "val_R@2", "val_MAP@R", "val_OPIS", "val_eps_OPIS"]
     assert all(0.0 <= v <= 1.0 for v in d.values()) and 0.0 <= ev.opis <= 0.25
@@ -297,7 +297,7 @@ def test_evaluation_keys_units_and_repr():
 def test_evaluate_bad_input(kw, match):
     x, y = clustered(60, 6, 6, seed=0)
     with pytest.raises(ValueError, match=match):
-        evaluate(x, y, **kw)
+        evaluate_embeddings(x, y, **kw)
 
 
 def test_evaluate_has_no_var_keyword_arguments():
@@ -305,7 +305,18 @@ def test_evaluate_has_no_var_keyword_arguments():
 
     from tcmlib.metrics import eps_opis, opis
 
-    for fn in (evaluate, opis, eps_opis, utility_curves, recall_at_k, map_at_r, recall_and_map_at_r):
+    for fn in (evaluate_embeddings, opis, eps_opis, utility_curves, recall_at_k, map_at_r, recall_and_map_at_r):
         kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
         assert inspect.Parameter.VAR_KEYWORD not in kinds, fn.__name__
     assert math.isfinite(opis(*clustered(60, 6, 6, seed=1), num_thresholds=5))
+
+
+def test_the_old_name_warns_and_gives_the_same_evaluation() -> None:
+    """``tcmlib.metrics.evaluate`` (the name the README once used) is now ``evaluate_embeddings``."""
+    import tcmlib.metrics as metrics
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 6, generator=g), torch.randint(0, 6, (120,), generator=g)
+    with pytest.warns(DeprecationWarning, match="evaluate_embeddings"):
+        old = metrics.evaluate(x, y, ks=(1, 2))
+    assert old.as_dict() == evaluate_embeddings(x, y, ks=(1, 2)).as_dict()

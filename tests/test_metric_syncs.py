@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from tcmlib.metrics import _pairs, evaluate, per_query_retrieval, reference
+from tcmlib.metrics import _pairs, evaluate_embeddings, per_query_retrieval, reference
 from tcmlib.metrics.retrieval import retrieval_metrics
 from test_train_syncs import SyncCounter
 
@@ -80,12 +80,12 @@ def test_dense_and_screened_topk_give_the_same_bits(dense, monkeypatch, dtype) -
     got = retrieval_metrics(x, y, (1, 2, 8), chunk_size=96)
     got_ref = retrieval_metrics(x[:300], y[:300], (1, 3), chunk_size=64, reference=x[300:],
                                 reference_labels=y[300:])
-    got_eval = evaluate(x, y, chunk_size=96)
+    got_eval = evaluate_embeddings(x, y, chunk_size=96)
     monkeypatch.setattr(_pairs, "_dense", lambda device: False)
     want = retrieval_metrics(x, y, (1, 2, 8), chunk_size=96)
     want_ref = retrieval_metrics(x[:300], y[:300], (1, 3), chunk_size=64, reference=x[300:],
                                  reference_labels=y[300:])
-    want_eval = evaluate(x, y, chunk_size=96)
+    want_eval = evaluate_embeddings(x, y, chunk_size=96)
     for a, b in ((got, want), (got_ref, want_ref)):
         for name in a.per_query._fields:
             assert torch.equal(getattr(a.per_query, name).nan_to_num(-1), getattr(b.per_query, name).nan_to_num(-1))

@@ -230,7 +230,7 @@ def test_eval_a_failing_figure_never_costs_the_report(arrays: tuple[Path, Path],
     assert ev.main(argv) == 1
     out, err = capsys.readouterr()
     x, y = torch.from_numpy(np.load(emb)), torch.from_numpy(np.load(lab))
-    want = ev.evaluate(x, y, n_boot=50)
+    want = ev.eval_report(x, y, n_boot=50)
     if as_json:
         got = json.loads(out)
         assert got["plot"] is None and got["OPIS"] == want.report.opis and got["retrieval"] == want.retrieval

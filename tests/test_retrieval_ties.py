@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcmlib.metrics import _pairs, evaluate, per_query_retrieval, recall_and_map_at_r, reference
+from tcmlib.metrics import _pairs, evaluate_embeddings, per_query_retrieval, recall_and_map_at_r, reference
 from tcmlib.metrics.retrieval import retrieval_metrics
 
 retrieval_module = importlib.import_module("tcmlib.metrics.retrieval")
@@ -205,7 +205,7 @@ def test_evaluate_rides_with_ties(monkeypatch, keep) -> None:
         monkeypatch.setattr(opis_module, "KEEP_MAX", 0)
     x = exact_points(300, 3)
     y = torch.randint(0, 12, (300,), generator=torch.Generator().manual_seed(3))
-    ev = evaluate(x, y, ks=(1, 4), chunk_size=32, far_range=(0.01, 0.9))  # distances are multiples of 1/4
+    ev = evaluate_embeddings(x, y, ks=(1, 4), chunk_size=32, far_range=(0.01, 0.9))  # distances are multiples of 1/4
     hits, ap = per_query_retrieval(x, y, (1, 4), chunk_size=32)
     torch.testing.assert_close(ev.hits, hits, rtol=0, atol=1e-12)
     torch.testing.assert_close(ev.ap_at_r, ap, rtol=0, atol=1e-12, equal_nan=True)

@@ -151,7 +151,7 @@ def test_fit_bf16_gradcache_channels_last_on_cpu(tmp_path: Path) -> None:
 
 
 def test_evaluation_scores_the_embeddings_where_the_model_made_them(monkeypatch) -> None:
-    """train.evaluate keeps the embeddings on the model's device (out_device=None); embed's default stays the CPU."""
+    """train.evaluate_model keeps the embeddings on the model's device (out_device=None); embed's default stays the CPU."""
     import tcmlib.train as train_mod
     from tcmlib.embedding import embed as real_embed
 
@@ -164,7 +164,7 @@ def test_evaluation_scores_the_embeddings_where_the_model_made_them(monkeypatch)
     monkeypatch.setattr(train_mod, "embed", spy)
     data = train_mod.build_data(train_mod.load_config(None, dataset="glyphs", glyph_size="tiny"))[1]
     model = train_mod.build_embedder("small_cnn", 8, False, 1, image_size=32)
-    out = train_mod.evaluate(model, data, ks=(1,), device="cpu")
+    out = train_mod.evaluate_model(model, data, ks=(1,), device="cpu")
     assert seen["out_device"] is None and 0.0 <= out["R@1"] <= 1.0
     emb, labels = real_embed(model, data, device="cpu", out_device=None)
     assert emb.device.type == "cpu" and emb.dtype == torch.float32 and labels.dtype == torch.int64

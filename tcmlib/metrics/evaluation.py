@@ -1,6 +1,6 @@
 """One call for every metric of the book: Recall@k, MAP@R, OPIS and eps-OPIS, from one set of passes.
 
-``evaluate(embeddings, labels)`` returns an :class:`Evaluation`.  Its numbers are those of
+``evaluate_embeddings(embeddings, labels)`` returns an :class:`Evaluation`.  Its numbers are those of
 :func:`~tcmlib.metrics.retrieval.recall_at_k`, :func:`~tcmlib.metrics.retrieval.map_at_r`, :func:`~tcmlib.metrics.opis.opis`
 and :func:`~tcmlib.metrics.opis.eps_opis` with the same arguments, bit for bit, but the pairs are visited
 only as often as OPIS needs: the calibration-range pass (skipped when ``distance_range`` is given),
@@ -32,6 +32,8 @@ state OPIS's scale.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +44,7 @@ from tcmlib.metrics.opis import (DEFAULT_CHUNK_SIZE, ClassCounts, UtilityCurves,
                                  curve_setup)
 from tcmlib.metrics.retrieval import RetrievalTopK, _check_ks, average_retrieval
 
-__all__ = ["Evaluation", "evaluate"]
+__all__ = ["Evaluation", "evaluate_embeddings", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Evaluation:
                 f"thresholds {lo:.4f}..{hi:.4f})")
 
 
-def evaluate(
+def evaluate_embeddings(
     embeddings: Any,
     labels: Any,
     *,
@@ -134,3 +136,11 @@ def evaluate(
     recall, map_r = average_retrieval(pq.hits, pq.ap, ks_list, g)
     return Evaluation(recall=recall, map_at_r=map_r, opis=curves.opis, eps_opis=curves.eps_opis(eps), eps=float(eps),
                       curves=curves, hits=pq.hits, ap_at_r=pq.ap)
+
+
+@functools.wraps(evaluate_embeddings, assigned=("__annotations__", "__type_params__"))
+def evaluate(*args: Any, **kwargs: Any) -> Evaluation:
+    """Deprecated name of :func:`evaluate_embeddings` (four functions were once called ``evaluate``)."""
+    warnings.warn("tcmlib.metrics.evaluate is now tcmlib.metrics.evaluate_embeddings", DeprecationWarning,
+                  stacklevel=2)
+    return evaluate_embeddings(*args, **kwargs)

@@ -140,7 +140,7 @@ class RetrievalTopK:
     candidates, is read off the sorted labels), ``ks`` checked, ``chunk_size`` the rows per tile of the
     pass (a second pass over the same tiles counts the rows whose tie at their deepest rank reaches past
     what the running top-k kept, :meth:`result`; never run on data without tied similarities).
-    :func:`per_query_retrieval` drives one pass; :func:`tcmlib.metrics.evaluation.evaluate` feeds it the
+    :func:`per_query_retrieval` drives one pass; :func:`tcmlib.metrics.evaluation.evaluate_embeddings` feeds it the
     tiles of OPIS's first pass.  ``to_r=False``: only the ``max(ks)`` nearest are ranked (enough for
     :meth:`recall`, far cheaper than ranking R); AP@R and R-precision are then NaN.
     """
