@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from tcmlib.metrics import _pairs, evaluate_embeddings, per_query_retrieval, reference
+from tcmlib.metrics import _pairs, evaluate_embeddings, per_query_retrieval, reference, utility_curves
 from tcmlib.metrics.retrieval import retrieval_metrics
 from test_train_syncs import SyncCounter
 
@@ -105,3 +105,55 @@ def test_dense_topk_with_ties_matches_the_dense_reference(dense, monkeypatch, ch
     for k in ks:
         assert got.recall[k] == pytest.approx(want[k], abs=1e-12)
     assert got.map_at_r == pytest.approx(reference.map_at_r(x, y), abs=1e-12)
+
+
+def count_curve_syncs(monkeypatch: pytest.MonkeyPatch, x: torch.Tensor, y: torch.Tensor, chunk: int, cols: int,
+                      **kw) -> tuple[int, int]:
+    """``(sync-forcing operations, tiles)`` of one counting pass of ``utility_curves`` (a given distance range:
+    no calibration pass) with tiles of ``chunk`` rows by ``cols``."""
+    monkeypatch.setattr(_pairs, "TILE_COLS", cols)
+    tiles = []
+    real = _pairs.Tile.__init__
+    monkeypatch.setattr(_pairs.Tile, "__init__", lambda self, *a: tiles.append(1) or real(self, *a))
+    with AllSyncs() as counter:
+        utility_curves(x, y, distance_range=(0.3, 1.1), num_thresholds=9, chunk_size=chunk, **kw)
+    return sum(counter.counts.values()), len(tiles)
+
+
+@pytest.mark.parametrize("kw", [{}, {"groups": "g"}, {"reference": True}])
+def test_dense_counting_pass_syncs_do_not_grow_with_the_tiles(dense, monkeypatch, kw) -> None:
+    x, y = clustered(600, 12, 16, seed=0)
+    if kw.get("groups"):
+        kw = {"groups": torch.arange(600) % 5}
+    if kw.get("reference"):
+        x, y, kw = x[:200], y[:200], {"reference": x[200:], "reference_labels": y[200:]}
+    few, few_tiles = count_curve_syncs(monkeypatch, x, y, 600, 4096, **kw)
+    many, many_tiles = count_curve_syncs(monkeypatch, x, y, 40, 40, **kw)
+    assert many_tiles >= 50 * few_tiles
+    assert many == few, f"{many} syncs over {many_tiles} tiles, {few} over {few_tiles}: the counting pass syncs per tile"
+
+
+def test_the_cpu_counting_pass_syncs_per_tile(monkeypatch) -> None:
+    """The counter sees the listing path's per-tile reads (why the dense binning is for a GPU)."""
+    x, y = clustered(600, 12, 16, seed=0)
+    few, few_tiles = count_curve_syncs(monkeypatch, x, y, 600, 4096)
+    many, many_tiles = count_curve_syncs(monkeypatch, x, y, 40, 40)
+    assert many - few >= many_tiles - few_tiles
+
+
+@pytest.mark.parametrize("kw", [{}, {"groups": True}, {"reference": True}, {"given": True}])
+def test_dense_and_listed_counts_give_the_same_bits(dense, monkeypatch, kw) -> None:
+    x, y = clustered(700, 15, 12, seed=1)
+    monkeypatch.setattr(_pairs, "TILE_COLS", 128)
+    args: dict = {"num_thresholds": 11, "chunk_size": 96}
+    if kw.get("groups"):
+        args["groups"] = torch.arange(700) % 7
+    if kw.get("reference"):
+        x, y, args = x[:300], y[:300], {**args, "reference": x[300:], "reference_labels": y[300:]}
+    if kw.get("given"):
+        args["distance_range"] = (0.2, 1.0)
+    got = utility_curves(x, y, **args)
+    monkeypatch.setattr(_pairs, "_dense", lambda device: False)
+    want = utility_curves(x, y, **args)
+    for name in ("thresholds", "tar", "trr", "utility"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name

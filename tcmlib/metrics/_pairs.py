@@ -223,6 +223,14 @@ class Tile:
             self._pos = Pairs(pr + self.r0, pc + self._band[0], self._band_sim[pr, pc])
         return self._pos
 
+    def dense(self) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+        """``(neg (B, W), lo, same (B, w), band (B, w))``, nothing listed (no host synchronisation): the tile
+        with its positives and non-pairs at -inf; the band of columns ``lo .. lo + w - 1`` that may hold
+        positives, which of its entries are positive pairs, and their similarities."""
+        neg = self._negatives()
+        assert self._same is not None
+        return neg, self._band[0], self._same, self._band_sim
+
     def values(self, s_min: float) -> torch.Tensor:
         """(P,) the similarities of the tile's negative pairs with ``s >= s_min`` (``s > -inf`` for -inf)."""
         neg = self._negatives()

@@ -80,6 +80,7 @@ import numpy as np
 import torch
 
 from tcmlib._checks import check_embeddings_labels, check_labels
+from tcmlib.metrics import _pairs
 from tcmlib.metrics._pairs import Pairs, SortedPairs, pair_tiles, sort_pairs
 from tcmlib.metrics.retrieval import _check_reference
 
@@ -357,8 +358,8 @@ def calibrate(setup: CurveSetup, *, extra_quantiles: tuple[float, ...] = (), rid
         if not 0.0 <= float(q) <= 1.0:
             raise ValueError(f"quantile {q} must lie in [0, 1]")
     qs = tuple(float(q) for q in extra_quantiles) + (() if setup.given_range else (setup.lo, setup.hi))
-    kept = None  # pass 1 keeps the pairs the counts need, when they fit
-    if not setup.given_range and setup.num_neg_all * setup.hi <= KEEP_MAX:
+    kept = None  # pass 1 keeps the pairs the counts need, when they fit (not on a GPU: listing them syncs)
+    if not setup.given_range and setup.num_neg_all * setup.hi <= KEEP_MAX and not _pairs._dense(setup.el.device):
         kept = _KeptPairs(KEEP_MAX)
     quant = []
     if qs:
@@ -518,19 +519,43 @@ class ClassCounts:
     of both members (once when both lie in one group; with a reference set, the column's unit is T)."""
 
     def __init__(self, setup: CurveSetup, thresholds: torch.Tensor) -> None:
-        self.bnd = _accept_boundaries(thresholds, setup.pairs.rows.dtype).to(setup.el.device)  # (K,) non-increasing
-        self.bound = float(self.bnd[-1])
+        bnd = _accept_boundaries(thresholds, setup.pairs.rows.dtype)  # (K,) non-increasing, on the host
+        self.bnd = bnd.to(setup.el.device)
+        self.bound = float(bnd[-1])
         self.step = float(thresholds[1] - thresholds[0])
         self.el, self.el_c, self.grouped = setup.el, setup.el_c, setup.grouped
-        self.hist = torch.zeros(2, setup.t_cls + 1, thresholds.shape[0], dtype=torch.long, device=setup.el.device)
+        self.k_thr = thresholds.shape[0]
+        self.dense = _pairs._dense(setup.el.device)  # a GPU: every entry of a tile binned, nothing listed
+        # (dense: one more column, k = K, for the pairs no threshold accepts)
+        self.hist = torch.zeros(2, setup.t_cls + 1, self.k_thr + self.dense, dtype=torch.long, device=setup.el.device)
 
     def add(self, tile: Any) -> None:
+        if self.dense and hasattr(tile, "dense"):
+            self._add_dense(tile)
+            return
         neg, pos = tile.pairs(self.bound)
         self._count(self.hist[0], pos, True)  # positives: few; a pair in two groups counts for both
         self._count(self.hist[1], neg, self.grouped)  # both members in one group: once (not for classes)
 
     def result(self) -> torch.Tensor:
-        return self.hist
+        return self.hist[:, :, : self.k_thr]
+
+    def _add_dense(self, tile: Any) -> None:
+        """Bin every entry of the tile by ``k0 = #{k : b_k > s}`` (K: not accepted), for the units of both
+        members, with no host synchronisation: the counts of :meth:`_count`, found without listing the pairs."""
+        neg, lo, same, band = tile.dense()  # (B, W); (B, w), (B, w)
+        b, w = neg.shape
+        asc, k1 = self.bnd.flip(0), self.k_thr + 1  # (K,) ascending
+        ur = self.el[tile.r0 : tile.r0 + b, None]  # (B, 1) the rows' units
+        for hist, sim, uc, weight, once in ((self.hist[1].view(-1), neg, self.el_c[tile.c0 : tile.c0 + w], None,
+                                             self.grouped),
+                                            (self.hist[0].view(-1), band, self.el_c[lo : lo + band.shape[1]], same,
+                                             True)):
+            k = self.k_thr - torch.bucketize(sim, asc, right=True)  # (B, W) first accepting threshold, K: none
+            ones = torch.ones_like(k) if weight is None else weight.long()
+            hist.index_add_(0, (ur * k1 + k).view(-1), ones.view(-1))
+            col = ones & (ur != uc[None, :]).long() if once else ones  # a pair inside one unit counts once
+            hist.index_add_(0, (uc[None, :] * k1 + k).view(-1), col.view(-1))
 
     def _count(self, hist: torch.Tensor, p: Pairs, once_in_one_unit: bool) -> None:
         """Add pairs ``p`` (each accepted at t_max) to ``hist`` (T + 1, K) at the first threshold accepting
