@@ -40,7 +40,7 @@ pair {a, b} appears once with a and once with b as the query), but TAR over ``n_
 including the ``n_i`` self-pairs (``n_i^2 TAR' = 2 C(n_i, 2) TAR + n_i``) and thresholds from every
 negative distance taken twice; to evaluate one set, pass no reference.
 
-Algorithm (exact, memory O(chunk_size * N), no N x N matrix, no Python loop over pairs or classes).
+Algorithm (exact, no N x N matrix, no Python loop over pairs or classes; memory: below).
 The samples are sorted by label once (results do not depend on the order). The cosine similarities of
 the pairs a < b are computed in tiles of ``chunk_size`` rows by ``TILE_COLS`` columns,
 ``(B, D) @ (D, W)``; the same-label pairs of a row block lie in one band of columns, so only that band
@@ -62,6 +62,18 @@ t_max lie above the lower end of t_max's bracket), so it keeps them (similarity,
 there are at most ``KEEP_MAX`` (a bit more than ``far_range[1]`` of all negatives: N up to ~25k at
 the default range), and the counts come from the kept pairs instead of a second pass over the tiles;
 it checks that t_max's boundary lies inside what was kept, and falls back to pass 2 otherwise.
+
+Memory (CPU; peak beyond the inputs, whatever N): the unit rows sorted by label (N x D, the working
+dtype), one tile and its masks (``chunk_size`` x ``TILE_COLS``: 16 MiB of float32 at the defaults), at most
+``QUANTILE_BUDGET`` bracket values (128 MiB of float32; the select may copy them once) and at most
+``KEEP_MAX`` kept pairs (400 MiB): under 1 GB in all.  A bracket that would hold more than its share of
+``QUANTILE_BUDGET`` keeps a histogram of its values' bit patterns instead and the next pass keeps only the
+one or two bins that hold the order statistics (a constant-memory radix select; the values found are the
+same).  The histograms are (2, T + 1, K).  :func:`tcmlib.metrics.evaluation.evaluate_embeddings` adds the
+running top-k of the retrieval, N x (max(ks, largest R) + 66) entries.  On a GPU the counting pass bins
+every entry of a tile densely (a few (chunk_size x ``GPU_TILE_COLS``) int64 temporaries on the device) and
+never waits for the device; pass 1 then keeps no pairs.  ``benchmarks/eval_memory.py`` measures
+``tcmlib-eval``'s peak at N = 100k.
 
 Exactness: ``s`` is computed in the working dtype (float32, or float64 for float64 input) and
 ``d = 1 - s`` is evaluated in float64, which is exact for float32 ``s``. Every comparison ``d <= t`` is
