@@ -1,29 +1,37 @@
-"""README's headline and figure say what the committed pilot runs say.
+"""README's headline and figure say what the committed converged study says.
 
-The numbers are recomputed here from ``tcmlib/results/ch07/runs.jsonl`` with plain json, numpy, scipy
-(``ttest_rel``, ``wilcoxon``, the noncentral t) and statsmodels' Holm -- not with tcmlib's comparison code -- and
-compared with the README's headline block and with the data the figure embeds.  README's block must also be what
-``book/images/make_readme_result.py`` writes now (not stale).
+The numbers are recomputed here from ``tcmlib/results/converged/runs.jsonl`` and ``plan.json`` (and the pilot's
+``tcmlib/results/ch07/runs.jsonl``) with plain json, numpy, scipy (``ttest_rel`` and its ``confidence_interval``,
+``wilcoxon``) and statsmodels' ``TTestPower`` -- not with tcmlib's comparison code -- and compared with the README's
+headline block and with the data the figure embeds.  The interval over seeds and test classes is
+``tcmlib.evidence.two_level_bootstrap``'s (checked here to bracket the point estimate and to be what README
+prints).  README's block must be what ``book/images/make_readme_result.py`` writes now (not stale), and the script
+must stop when the data contradict a word of direction in its text.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "tcmlib" / "results" / "ch07" / "runs.jsonl"
+RESULTS = ROOT / "tcmlib" / "results" / "converged"
+RUNS, PLAN = RESULTS / "runs.jsonl", RESULTS / "plan.json"
+PILOT = ROOT / "tcmlib" / "results" / "ch07" / "runs.jsonl"
 SCRIPT = ROOT / "book" / "images" / "make_readme_result.py"
-FIGURE = ROOT / "book" / "images" / "pilot_opis_change.png"
+FIGURE = ROOT / "book" / "images" / "tcm_change.png"
 PAPER = "tcm(m+=0.9, m-=0.5, l+=1, l-=1)"
-TEST = {"small_cnn": "wilcoxon", "conv_vit_tiny": "t"}  # the pilot's declared test per backbone
+CELL = ("small_cnn", "smooth_ap")
+UNITS = {"OPIS": "%", "eps_OPIS": "%", "R@1": "points", "MAP@R": "points"}
 
 
 def _script():
@@ -33,93 +41,189 @@ def _script():
     return module
 
 
-def _final_runs() -> dict[tuple[str, str, str, int], dict]:
+def _final(path: Path) -> dict[tuple[str, str, str, int], dict]:
     out: dict[tuple[str, str, str, int], dict] = {}
-    for line in RUNS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         r = json.loads(line)
         if r["stage"] == "final":
             out.setdefault((r["backbone"], r["loss"], r["variant"], r["seed"]), r)
     return out
 
 
-def _oracle() -> dict[str, list[dict]]:
-    """Per metric, every (backbone, loss, TCM variant) comparison: relative change, its t interval, Holm p."""
-    runs = _final_runs()
-    cells = list(dict.fromkeys((b, loss) for b, loss, _, _ in runs))
-    out: dict[str, list[dict]] = {}
-    for m in ("OPIS", "eps_OPIS", "R@1"):
-        rows = []
-        for b, loss in cells:
-            seeds = sorted(s for bb, ll, v, s in runs if (bb, ll, v) == (b, loss, "base"))
-            for v in dict.fromkeys(v for bb, ll, v, _ in runs if (bb, ll) == (b, loss) and v != "base"):
-                base = np.array([runs[b, loss, "base", s]["final"][m] for s in seeds])
-                treat = np.array([runs[b, loss, v, s]["final"][m] for s in seeds])
-                t = stats.ttest_rel(treat, base)
-                ci = t.confidence_interval(0.95)
-                p = t.pvalue if TEST[b] == "t" else stats.wilcoxon(treat, base).pvalue
-                rows.append({"backbone": b, "loss": loss, "variant": v, "base": base, "treat": treat,
-                             "delta": (treat - base).mean(), "rel": (treat - base).mean() / base.mean(),
-                             "low": ci.low / base.mean(), "high": ci.high / base.mean(), "p": p,
-                             "ci_low": ci.low, "ci_high": ci.high})
-        for r, adj in zip(rows, multipletests([r["p"] for r in rows], method="holm")[1]):
-            r["p_holm"] = adj
-        out[m] = rows
-    return out
+def _pairs(runs: dict, backbone: str, loss: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    seeds = sorted(s for b, lo, v, s in runs if (b, lo, v) == (backbone, loss, PAPER) and (b, lo, "base", s) in runs)
+    return (np.array([runs[backbone, loss, "base", s]["final"][metric] for s in seeds]),
+            np.array([runs[backbone, loss, PAPER, s]["final"][metric] for s in seeds]))
+
+
+def _compare(base: np.ndarray, treat: np.ndarray) -> dict[str, Any]:
+    t = stats.ttest_rel(treat, base)
+    ci = t.confidence_interval(0.95)
+    m = base.mean()
+    return {"n": base.size, "delta": (treat - base).mean(), "rel": (treat - base).mean() / m, "p": t.pvalue,
+            "low": ci.low, "high": ci.high, "rel_low": ci.low / m, "rel_high": ci.high / m, "base_mean": m}
 
 
 def _block() -> str:
     text = (ROOT / "README.md").read_text()
-    start, end = "<!-- pilot-headline:start -->", "<!-- pilot-headline:end -->"
+    start, end = "<!-- headline:start -->", "<!-- headline:end -->"
     assert start in text and end in text, "README.md lacks its headline block"
     return " ".join(text[text.index(start): text.index(end)].split())  # one line, single spaces
 
 
-def test_readme_headline_is_up_to_date() -> None:
-    assert _script().main(["--check"]) == 0, "README's headline is stale: python book/images/make_readme_result.py"
+def pct(x: float) -> str:
+    return f"{100 * x:+.0f} %"  # the README's format
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def numbers(script) -> dict[str, Any]:
+    return script.numbers(*script.converged(), script.pilot_runs())
+
+
+def test_readme_headline_is_up_to_date(script) -> None:
+    assert script.main(["--check"]) == 0, "README's headline is stale: python book/images/make_readme_result.py"
 
 
 def test_readme_headline_numbers_match_the_committed_runs() -> None:
-    o, block = _oracle(), _block()
-    pct = lambda x: f"{100 * x:+.0f} %"   # noqa: E731  (the README's format)
-    prim = next(r for r in o["OPIS"] if (r["backbone"], r["loss"], r["variant"]) == ("small_cnn", "smooth_ap", PAPER))
-    assert f"changed test OPIS by {pct(prim['rel'])} (95 % interval {pct(prim['low'])} to {pct(prim['high'])})" in block
-    assert prim["low"] < 0 < prim["high"] and "*cannot tell*" in block
-    n, lower = len(o["OPIS"]), sum(r["delta"] < 0 for r in o["OPIS"])
-    assert f"mean OPIS fell in {lower} of {n}" in block
-    assert all(r["p_holm"] >= 0.05 for r in o["OPIS"]) and f"none of the {n} changes survives Holm" in block
-    rels = [r["rel"] for r in o["OPIS"]]
-    assert f"(changes from {pct(min(rels))} to {pct(max(rels))})" in block
-    eps = [r for r in o["eps_OPIS"] if r["p_holm"] < 0.05]
-    assert len(eps) == 1 and (eps[0]["backbone"], eps[0]["loss"]) == ("small_cnn", "smooth_ap") and eps[0]["variant"] != PAPER
-    assert (f"{pct(eps[0]['rel'])} ({pct(eps[0]['low'])} to {pct(eps[0]['high'])}, "
-            f"adjusted p = {eps[0]['p_holm']:.2g})") in block
-    cnn = [r for r in o["R@1"] if r["backbone"] == "small_cnn"]
-    vit = [r for r in o["R@1"] if r["backbone"] != "small_cnn"]
-    assert all(r["delta"] > 0 and r["p_holm"] < 0.05 for r in cnn)
-    d = [100 * r["delta"] for r in cnn]
-    assert f"rose by {min(d):.1f} to {max(d):.1f} points on the small CNN (all {len(cnn)} survive Holm)" in block
-    v = vit[0]
-    assert (f"changed by {100 * v['delta']:+.1f} points ({100 * v['ci_low']:+.1f} to {100 * v['ci_high']:+.1f})"
-            in block)
-    # the design's power for a 10 % change: paired sd / base mean of the primary comparison, noncentral t
-    diff = prim["treat"] - prim["base"]
-    ratio, k = diff.std(ddof=1) / prim["base"].mean(), len(diff)
-    crit, nc = stats.t.ppf(0.975, k - 1), 0.10 / ratio * np.sqrt(k)
-    power = stats.nct.sf(crit, k - 1, nc) + stats.nct.cdf(-crit, k - 1, nc)
-    assert f"had a power of {power:.2f} to detect a 10 % change" in block
+    runs, plan, block = _final(RUNS), json.loads(PLAN.read_text()), _block()
+    cell = plan["cells"]["/".join(CELL)]
+    o = _compare(*_pairs(runs, *CELL, "OPIS"))
+    n, planned = o["n"], cell["seeds"]
+    assert f"for {cell['length']} epochs, the longest length we tried" in block and not cell["converged"]
+    first = runs[(*CELL, "base", 0)]
+    with np.load(RESULTS / first["class_curves"]["file"]) as z:
+        n_test = z["utility"].shape[1]  # (thresholds, test classes)
+    assert f"{n_test:,} test classes" in block
+    assert (f"changed test OPIS (how unevenly one distance threshold serves the classes; lower is better) by "
+            f"{pct(o['rel'])} (95 % interval {pct(o['rel_low'])} to {pct(o['rel_high'])};") in block
+    # the declared test, and whether the text may give its verdict yet
+    assert o["p"] >= 0.05 and f"does not find a change (p = {o['p']:.2g})" in block
+    if n < planned:
+        assert f"{n} of the {planned} planned paired seeds so far" in block
+        assert f"is read once all {planned} pairs are in; on the {n} of {planned} planned pairs so far" in block
+    else:
+        assert f"{n} paired seeds" in block and "so far" not in block
+        assert "(paired t-test, two-sided, α = 0.05) does not find a change" in block
+    # the effect n pairs detect with 80 % power, from the pilot's paired spread (recomputed from the pilot's runs)
+    pb, pt = _pairs(_final(PILOT), *CELL, "OPIS")
+    ratio = (pt - pb).std(ddof=1) / pb.mean()
+    assert ratio == pytest.approx(plan["pilot"]["ratio"], rel=1e-12)
+    d = TTestPower().solve_power(nobs=n, alpha=0.05, power=0.8, alternative="two-sided")
+    assert f"with {n} pairs it detects changes of {100 * d * ratio:.0f} % or more with 80 % power" in block
+    assert o["rel_low"] < 0 < o["rel_high"] and "so smaller effects are not excluded" in block
+    # accuracy, in points
+    for m, words in (("R@1", "test Recall@1 rose by"), ("MAP@R", "and MAP@R by")):
+        a = _compare(*_pairs(runs, *CELL, m))
+        assert a["low"] > 0, f"TCM's {m} change no longer lies above zero"
+        assert f"{words} {100 * a['delta']:.1f} points ({100 * a['low']:.1f} to {100 * a['high']:.1f})" in block
+    assert "TCM made the model more accurate" in block
+    # RS@k only once all its planned pairs are recorded
+    rs = plan["cells"].get("small_cnn/recall_surrogate")
+    rs_pairs = _pairs(runs, "small_cnn", "recall_surrogate", "OPIS")[0].size
+    if rs is not None and rs_pairs >= rs["seeds"]:
+        r = _compare(*_pairs(runs, "small_cnn", "recall_surrogate", "OPIS"))
+        assert f"With RS@k as the base loss ({r['n']} paired seeds), TCM changed test OPIS by {pct(r['rel'])}" in block
+    else:
+        assert "RS@k" not in block
+    # the pilot: its primary comparison's interval spans zero and its declared test (Wilcoxon) finds nothing
+    p = _compare(pb, pt)
+    assert p["low"] < 0 < p["high"] and stats.wilcoxon(pt, pb).pvalue >= 0.05
+    epochs = {r["config"]["epochs"] for k, r in _final(PILOT).items() if k[:2] == CELL}
+    assert len(epochs) == 1
+    assert f"(the pilot: {p['n']} pairs, {epochs.pop()} epochs of training) could not tell either way" in block
+
+
+def test_readme_interval_over_seeds_and_classes_is_the_bootstrap() -> None:
+    from tcmlib import evidence, study
+
+    runs = study.load_runs(RUNS)
+    boot = evidence.two_level_bootstrap(RUNS, runs, *CELL)
+    o = _compare(*_pairs(_final(RUNS), *CELL, "OPIS"))
+    assert boot["ci_low"] < boot["estimate"] < boot["ci_high"]
+    assert boot["ci_low"] < o["rel"] < boot["ci_high"]
+    assert f"over seeds and test classes together {pct(boot['ci_low'])} to {pct(boot['ci_high'])})" in _block()
 
 
 def test_readme_figure_shows_the_committed_runs() -> None:
-    assert "book/images/pilot_opis_change.png" in _block()
-    data = json.loads(Image.open(FIGURE).info["Description"])
-    o = _oracle()
-    for m in ("OPIS", "eps_OPIS"):
-        assert len(data[m]) == len(o[m])
-        for shown, r in zip(data[m], o[m]):
-            assert (shown["backbone"], shown["loss"], shown["variant"]) == (r["backbone"], r["loss"], r["variant"])
-            per_seed = 100 * (r["treat"] - r["base"]) / r["base"].mean()
-            np.testing.assert_allclose(shown["change_pct"], per_seed, rtol=1e-9, atol=1e-9)
-            assert shown["mean_pct"] == pytest.approx(100 * r["rel"], rel=1e-9)
-            assert shown["low_pct"] == pytest.approx(100 * r["low"], rel=1e-9)
-            assert shown["high_pct"] == pytest.approx(100 * r["high"], rel=1e-9)
-            assert shown["p_holm"] == pytest.approx(r["p_holm"], rel=1e-9)
+    assert "book/images/tcm_change.png" in _block()
+    assert not (ROOT / "book" / "images" / "pilot_opis_change.png").exists()
+    with Image.open(FIGURE) as im:
+        data = json.loads(im.info["Description"])
+    runs = _final(RUNS)
+    shown = data["comparisons"]
+    assert [(c["backbone"], c["loss"], c["variant"]) for c in shown][0] == (*CELL, PAPER)
+    assert "RS@k" in _block() or len(shown) == 1
+    for c in shown:
+        for m, unit in UNITS.items():
+            base, treat = _pairs(runs, c["backbone"], c["loss"], m)
+            o = _compare(base, treat)
+            scale = 100 / base.mean() if unit == "%" else 100.0
+            d = c["metrics"][m]
+            assert d["unit"] == unit
+            np.testing.assert_allclose(d["change"], (treat - base) * scale, rtol=1e-9, atol=1e-12)
+            for key, want in (("mean", o["delta"]), ("low", o["low"]), ("high", o["high"])):
+                assert d[key] == pytest.approx(want * scale, rel=1e-9), (m, key)
+
+
+def test_figure_is_deterministic(script, numbers, tmp_path: Path) -> None:
+    script.draw(numbers, tmp_path / "a.png")
+    script.draw(numbers, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert script.figure_data(tmp_path / "a.png") == json.loads(json.dumps(numbers["figure"]))
+
+
+def _with_pairs_planned(plan: dict, cell: str, seeds: int) -> dict:
+    out = copy.deepcopy(plan)
+    out["cells"][cell] = {**out["cells"]["/".join(CELL)], "seeds": seeds}
+    return out
+
+
+def test_script_stops_when_the_data_contradict_the_text(script) -> None:
+    path, runs, plan = script.converged()
+    pilot = script.pilot_runs()
+    worse = copy.deepcopy(runs)  # TCM's R@1 below the base's: "rose" and "more accurate" are false
+    for r in worse:
+        if r["stage"] == "final" and r["variant"] == PAPER:
+            r["final"]["R@1"] -= 0.2
+    with pytest.raises(script.DataDisagree, match="R@1"):
+        script.numbers(path, worse, plan, pilot, n_boot=20)
+    halved = copy.deepcopy(runs)  # TCM's OPIS halved: the declared test finds a change
+    for r in halved:
+        if r["stage"] == "final" and r["variant"] == PAPER:
+            r["final"]["OPIS"] *= 0.5
+    with pytest.raises(script.DataDisagree, match="does not find"):
+        script.numbers(path, halved, plan, pilot, n_boot=20)
+
+
+def test_text_says_the_count_until_the_planned_pairs_are_in(script) -> None:
+    path, runs, plan = script.converged()
+    n = len(_pairs(_final(RUNS), *CELL, "OPIS")[0])
+    pilot = script.pilot_runs()
+    more = script.text(script.numbers(path, runs, _with_pairs_planned(plan, "/".join(CELL), n + 3), pilot, n_boot=20))
+    done = script.text(script.numbers(path, runs, _with_pairs_planned(plan, "/".join(CELL), n), pilot, n_boot=20))
+    flat = lambda s: " ".join(s.split())  # noqa: E731
+    assert f"{n} of the {n + 3} planned paired seeds so far" in flat(more) and "is read once all" in flat(more)
+    assert f"{n} paired seeds;" in flat(done) and "so far" not in flat(done)
+    assert "α = 0.05) does not find a change" in flat(done)
+
+
+def test_rsk_is_reported_only_once_all_its_planned_pairs_are_in(script) -> None:
+    path, runs, plan = script.converged()
+    pilot = script.pilot_runs()
+    rs = [{**copy.deepcopy(r), "loss": "recall_surrogate"} for r in runs
+          if (r["stage"], r["backbone"], r["loss"]) == ("final", *CELL)]
+    k = len({r["seed"] for r in rs if r["variant"] == PAPER})
+    both = runs + rs
+    v = script.numbers(path, both, _with_pairs_planned(plan, "small_cnn/recall_surrogate", k), pilot, n_boot=20)
+    o = _compare(*_pairs({(r["backbone"], r["loss"], r["variant"], r["seed"]): r for r in rs}, "small_cnn",
+                         "recall_surrogate", "OPIS"))
+    assert f"With RS@k as the base loss ({k} paired seeds), TCM changed test OPIS by {pct(o['rel'])}" in " ".join(
+        script.text(v).split())
+    assert [c["loss"] for c in v["figure"]["comparisons"]] == ["smooth_ap", "recall_surrogate"]
+    v = script.numbers(path, both, _with_pairs_planned(plan, "small_cnn/recall_surrogate", k + 1), pilot, n_boot=20)
+    assert "RS@k" not in script.text(v) and len(v["figure"]["comparisons"]) == 1
