@@ -23,6 +23,8 @@ from PIL import Image
 from scipy import stats
 from statsmodels.stats.power import TTestPower
 
+from tcmlib.data import GLYPH_PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tcmlib" / "results" / "converged"
 RUNS, PLAN = RESULTS / "runs.jsonl", RESULTS / "plan.json"
@@ -133,9 +135,13 @@ def test_readme_headline_numbers_match_the_committed_runs() -> None:
     # the pilot: its primary comparison's interval spans zero and its declared test (Wilcoxon) finds nothing
     p = _compare(pb, pt)
     assert p["low"] < 0 < p["high"] and stats.wilcoxon(pt, pb).pvalue >= 0.05
-    epochs = {r["config"]["epochs"] for k, r in _final(PILOT).items() if k[:2] == CELL}
-    assert len(epochs) == 1
-    assert f"(the pilot: {p['n']} pairs, {epochs.pop()} epochs of training) could not tell either way" in block
+    configs = {(r["config"]["epochs"], r["config"]["glyph_size"]) for k, r in _final(PILOT).items() if k[:2] == CELL}
+    assert len(configs) == 1
+    epochs, size = configs.pop()
+    pilot_test = GLYPH_PRESETS[size].n_test
+    assert epochs < cell["length"] and pilot_test < n_test  # "smaller"
+    assert (f"(the pilot: {p['n']} pairs, {epochs} epochs of training, {pilot_test:,} test classes) could not tell "
+            "either way") in block
 
 
 def test_readme_interval_over_seeds_and_classes_is_the_bootstrap() -> None:

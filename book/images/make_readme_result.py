@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tcmlib import evidence, pilot, study  # noqa: E402
+from tcmlib.data import GLYPH_PRESETS  # noqa: E402
 from tcmlib.stats import paired_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,17 +119,21 @@ def numbers(path: Path, runs: list[dict[str, Any]], plan: Mapping[str, Any],
     require(not cell["converged"] and gains["epochs"] == cell["length"]
             and min(gains["gain_base"], gains["gain_tcm"]) > 0,
             "the length is the longest tried and validation MAP@R was still rising at it")
+    require(n_test == GLYPH_PRESETS[first["config"]["glyph_size"]].n_test, "the runs were scored on every test class")
     pp, pr = pilot_study
     h = pilot.headline(study.comparisons(pp, pr))["OPIS"]
     require(h["primary"]["ci_low"] < 0 < h["primary"]["ci_high"] and not h["holm"],
             "the pilot could not tell (its primary interval spans 0, no OPIS change survives Holm)")
+    pilot_length, pilot_test = study.training_length(pp, pr, *PRIMARY), GLYPH_PRESETS[pp.glyph_size].n_test
+    require(pilot_length < cell["length"] and pilot_test < n_test,
+            "the pilot was the smaller study (fewer epochs of training, fewer test classes)")
 
     v: dict[str, Any] = {
         "length": cell["length"], "n": n, "planned": int(cell["seeds"]), "complete": prim["complete"],
         "n_test": n_test, "rel": prim["rel"], "lo": prim["rel_low"], "hi": prim["rel_high"], "p": prim["p_t"],
         "alpha": prim["alpha"], "boot_lo": boot["ci_low"], "boot_hi": boot["ci_high"], "boot_est": boot["estimate"],
         "detect": detect, "power": plan["target_power"],
-        "pilot_n": h["primary"]["n"], "pilot_length": study.training_length(pp, pr, *PRIMARY),
+        "pilot_n": h["primary"]["n"], "pilot_length": pilot_length, "pilot_test": pilot_test,
         "figure": {"comparisons": []},
     }
     for b, loss in cells:
@@ -180,7 +185,7 @@ two-sided, α = {v['alpha']:g}) {verdict} (p = {v['p']:.2g}); with {n} pairs it 
 excluded. TCM made the model more accurate: test Recall@1 rose by {v['r1']:.1f} points
 ({v['r1_lo']:.1f} to {v['r1_hi']:.1f}) and MAP@R by {v['map']:.1f} points ({v['map_lo']:.1f} to
 {v['map_hi']:.1f}).{second} The first, smaller study (the pilot: {v['pilot_n']} pairs, {v['pilot_length']} epochs
-of training) could not tell either way; chapter 13 says what it got wrong.
+of training, {v['pilot_test']:,} test classes) could not tell either way; chapter 13 says what it got wrong.
 [Chapter 13](notebooks/13_what_the_evidence_says.md) has the details and a short guide on
 whether to use TCM."""
     return f"""{START}
