@@ -129,7 +129,8 @@ def test_readme_headline_numbers_match_the_committed_runs() -> None:
     rs_pairs = _pairs(runs, "small_cnn", "recall_surrogate", "OPIS")[0].size
     if rs is not None and rs_pairs >= rs["seeds"]:
         r = _compare(*_pairs(runs, "small_cnn", "recall_surrogate", "OPIS"))
-        assert f"With RS@k as the base loss ({r['n']} paired seeds), TCM changed test OPIS by {pct(r['rel'])}" in block
+        assert (f"With RS@k as the base loss ({r['n']} paired seeds), TCM changed test OPIS by {pct(r['rel'])} "
+                f"(95 % interval {pct(r['rel_low'])} to {pct(r['rel_high'])})") in block
     else:
         assert "RS@k" not in block
     # the pilot: its primary comparison's interval spans zero and its declared test (Wilcoxon) finds nothing
@@ -228,8 +229,8 @@ def test_rsk_is_reported_only_once_all_its_planned_pairs_are_in(script) -> None:
     v = script.numbers(path, both, _with_pairs_planned(plan, "small_cnn/recall_surrogate", k), pilot, n_boot=20)
     o = _compare(*_pairs({(r["backbone"], r["loss"], r["variant"], r["seed"]): r for r in rs}, "small_cnn",
                          "recall_surrogate", "OPIS"))
-    assert f"With RS@k as the base loss ({k} paired seeds), TCM changed test OPIS by {pct(o['rel'])}" in " ".join(
-        script.text(v).split())
+    assert (f"With RS@k as the base loss ({k} paired seeds), TCM changed test OPIS by {pct(o['rel'])} "
+            f"(95 % interval {pct(o['rel_low'])} to {pct(o['rel_high'])})") in " ".join(script.text(v).split())
     assert [c["loss"] for c in v["figure"]["comparisons"]] == ["smooth_ap", "recall_surrogate"]
     v = script.numbers(path, both, _with_pairs_planned(plan, "small_cnn/recall_surrogate", k + 1), pilot, n_boot=20)
     assert "RS@k" not in script.text(v) and len(v["figure"]["comparisons"]) == 1
