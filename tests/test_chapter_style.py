@@ -42,7 +42,8 @@ PROCESS_WORDS = [
 ]
 # Code cells of these chapters: median <= MEDIAN_CELL lines, none over MAX_CELL (others join as rewritten).
 MEDIAN_CELL, MAX_CELL = 15, 40
-SHORT_CELLS = ["07_offline_benchmark.md", "08_frontier.md", "09_utility_curves.md", "10_ablations.md"]
+SHORT_CELLS = ["07_offline_benchmark.md", "08_frontier.md", "09_utility_curves.md", "10_ablations.md",
+               "13_what_the_evidence_says.md"]
 # The study's internal words, not the reader's: checked in the prose (markdown outside code) of PLAIN_WORDS.
 JARGON = r"\b(cells?|stages?|variants?|fallbacks?|near-twins?|twins?)\b"
 PLAIN_WORDS = ["07_offline_benchmark.md", "08_frontier.md", "09_utility_curves.md", "10_ablations.md",
