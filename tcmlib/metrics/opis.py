@@ -636,7 +636,7 @@ class Quantiles:
     Memory is bounded: a bracket keeps at most ``budget // len(brackets)`` values (``QUANTILE_BUDGET`` in
     all).  One that would hold more keeps a histogram instead (:class:`_KeyHistogram`: 2^``HIST_BITS`` bins
     of the values' order-preserving bit patterns); :meth:`result` then gives None for it and, in
-    :attr:`refined`, the one or two adjacent bins that hold its order statistics, a bracket 2^(HIST_BITS - 1)
+    ``refined``, the one or two adjacent bins that hold its order statistics, a bracket 2^(HIST_BITS - 1)
     times narrower for the next pass (or the values themselves, when a bin is a single value).  The values
     are the same whichever way they are found."""
 
@@ -680,7 +680,7 @@ class Quantiles:
 
     def result(self, need: list[tuple[int, int, float]]) -> dict[int, float | None]:
         """Per bracket, ``lerp(d_(j0), d_(j1), gamma)`` for ``need[i] = (j0, j1, gamma)`` (0-based ascending
-        distance ranks), or None where the bracket missed them or held too many (then :attr:`refined`
+        distance ranks), or None where the bracket missed them or held too many (then ``refined``
         has a narrower bracket for it)."""
         out: dict[int, float | None] = {}
         for i in self.brackets:
