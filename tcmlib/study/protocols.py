@@ -56,7 +56,7 @@ __all__ = ["Protocol", "protocol", "STUDIES", "PAPER_TCM", "FRONTIER_LOSSES", "A
            "final_seeds", "with_plan"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
-STUDIES = ("ch07", "ch08", "ch10", "converged")
+STUDIES = ("ch07", "ch08", "ch10", "converged", "ch08_converged")
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,8 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
         return _ablation_protocol(scale, smoke)
     if study == "converged":
         return _converged_protocol(scale, smoke)
+    if study == "ch08_converged":
+        return _frontier_converged_protocol(scale, smoke)
     losses = ("smooth_ap", "recall_surrogate")
     if smoke:
         return Protocol(backbones=("small_cnn",), losses=losses[:1], glyph_size="tiny", val_fraction=0.25,
@@ -291,6 +293,29 @@ def _converged_protocol(scale: str, smoke: bool) -> Protocol:
                         class_curves_every=4,
                         budget_cpu_h={f"{b}/{loss}": 4.0 for b in ("small_cnn", "conv_vit_tiny", "resnet18")
                                       for loss in ("smooth_ap", "recall_surrogate")})
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+
+
+def _frontier_converged_protocol(scale: str, smoke: bool) -> Protocol:
+    """Chapter 8's five base losses trained like the converged study's final runs (its glyph preset, cosine
+    learning rate, per-sample augmentation, its length: 64 epochs on the CPU), each without and with TCM at the
+    paper's margins.
+
+    Exploratory: one seed a loss on the CPU (each pair costs about 0.7 CPU-hours; Part II's budget had that much
+    left after the converged study), three on a GPU.  Smooth-AP's and RS@k's runs are the converged study's own
+    (``reuse``), not trained again.  Fixed before any of its runs.
+    """
+    conv = _converged_protocol(scale, smoke)
+    common = dict(backbones=("small_cnn",), losses=FRONTIER_LOSSES, curve_seeds=(), tune_seeds=(), planned=False,
+                  horizons=(), tcm_grid=(_GRID[0],), stages=("final",), reuse=("converged",), test="t",
+                  length_from={}, budget_cpu_h={}, backbone_protocol={})
+    if smoke:
+        return dataclasses.replace(conv, **{**common, "losses": ("smooth_ap", "proxy_anchor", "contrastive")},
+                                   final_seeds=(0, 1), epochs=2)
+    if scale == "cpu":
+        return dataclasses.replace(conv, **common, final_seeds=(0,), epochs=64)
+    if scale == "gpu":
+        return dataclasses.replace(conv, **common, final_seeds=(0, 1, 2), epochs=conv.max_epochs)
     raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
 
 
