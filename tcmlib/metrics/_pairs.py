@@ -28,6 +28,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from tcmlib._heap import bound_heap
+
 __all__ = ["TILE_COLS", "Pairs", "SortedPairs", "Tile", "TopK", "cross_tiles", "flat_nonzero", "make_topk",
            "nonzero_rc", "pair_tiles", "sort_pairs", "unit_rows", "upper_tiles"]
 
@@ -259,7 +261,9 @@ def _select(p: Pairs, s_min: float) -> Pairs:
 def pair_tiles(pairs: SortedPairs, chunk_size: int, want: Want | None = None) -> Iterator[Tile]:
     """The one loop over the pairs: the :class:`Tile` s of :func:`upper_tiles` (one set: the upper triangle of
     ``rows rows^T``) or :func:`cross_tiles` (``rows cols^T``), ``min(chunk_size, N)`` rows by
-    :data:`TILE_COLS` columns (:data:`GPU_TILE_COLS` on a GPU).  ``want`` (optional) skips tiles; the others are the same, bit for bit."""
+    :data:`TILE_COLS` columns (:data:`GPU_TILE_COLS` on a GPU).  ``want`` (optional) skips tiles; the others are the same, bit for bit.
+    The tiles' buffers are unmapped when freed (:func:`tcmlib._heap.bound_heap`), so they cannot pile up in the heap."""
+    bound_heap()
     xn, lab = pairs.rows, pairs.lab
     n = xn.shape[0]
     chunk = min(int(chunk_size), n)
