@@ -5,14 +5,19 @@ user runs), measured by the kernel's high-water mark of its resident memory (``r
 finished child, from ``os.wait4``: short peaks count too).  The same is measured for a process that only
 imports ``tcmlib.evaluate`` and loads the two arrays: the *base*.  The claim (``tcmlib.metrics.opis``,
 "Memory") is that the evaluation adds at most a few copies of the embeddings (the unit rows, sorted by
-label) plus a fixed budget, whatever N::
+label) plus a fixed budget, whatever N, in every run (the largest peak is checked, not the median)::
 
-    peak - base <= 4 x embedding bytes + budget        (budget: --budget-gb, default 1 GB)
+    max peak - base <= 4 x embedding bytes + budget        (budget: --budget-gb, default 1 GB)
+
+Why every run: before the tile loop fixed glibc's mmap threshold (:mod:`tcmlib._heap`), the main heap
+ratcheted up during the first pass in some runs and not in others (same data, same numbers out): at the
+defaults below, on the shared 2-core machine, 12 runs peaked at 1.24-1.35 GB and 6 at 5.0-7.7 GB (two
+earlier single runs: 5.8 and 6.2, one of three: 8.2).  With it, 6 of 6 runs: see ``benchmarks/README.md``.
 
 Data: ``--classes`` clusters in D dimensions whose spreads differ by a factor of ~30 from class to class
 (uneven spread: what made the quantile bracket of the calibration range grow before it was bounded).
-Few thresholds and bootstrap replicates, so one run takes minutes on one core.  ``--repeats`` runs,
-medians reported.  ``OMP_WAIT_POLICY=PASSIVE`` and, unless set, ``OMP_NUM_THREADS=1``.
+Few thresholds and bootstrap replicates, so one run takes minutes on one core.  ``--repeats`` runs:
+each run's peak, their median and the largest.  ``OMP_WAIT_POLICY=PASSIVE`` and, unless set, ``OMP_NUM_THREADS=1``.
 
     python benchmarks/eval_memory.py                      # N = 100k, D = 64
     python benchmarks/eval_memory.py --quick              # N = 20k
@@ -99,19 +104,21 @@ def main() -> None:
             walls.append(wall)
             print(f"  run: peak {peak / 1e9:.3f} GB, {wall:.0f} s", flush=True)
         report = json.loads(out)
-    base, peak = statistics.median(bases), statistics.median(peaks)
+    base, peak, worst = statistics.median(bases), statistics.median(peaks), max(peaks)
     budget = args.budget_gb * 1e9
     bound = 4 * emb_bytes + budget
-    extra = peak - base
+    extra = worst - base
     print(f"tcmlib-eval, N = {args.n}, D = {args.dim}, {args.classes} classes of uneven spread, "
-          f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {args.repeats} run(s), medians")
-    print(f"  embeddings {emb_bytes / 1e9:.3f} GB; base (imports + arrays) {base / 1e9:.3f} GB")
-    print(f"  peak RSS {peak / 1e9:.3f} GB; above the base {extra / 1e9:.3f} GB; "
+          f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {args.repeats} run(s)")
+    print(f"  embeddings {emb_bytes / 1e9:.3f} GB; base (imports + arrays, median) {base / 1e9:.3f} GB")
+    print(f"  peak RSS: median {peak / 1e9:.3f} GB, largest {worst / 1e9:.3f} GB "
+          f"(runs: {', '.join(f'{p / 1e9:.2f}' for p in peaks)}); largest above the base {extra / 1e9:.3f} GB; "
           f"bound 4 x embeddings + budget = {bound / 1e9:.3f} GB ({'within' if extra <= bound else 'OVER'}); "
-          f"wall {statistics.median(walls):.0f} s")
+          f"wall {statistics.median(walls):.0f} s (median)")
     print(f"  OPIS {report.get('OPIS', report.get('opis'))}")
-    print(json.dumps({"n": args.n, "dim": args.dim, "peak_bytes": peak, "base_bytes": base,
-                      "embedding_bytes": emb_bytes, "budget_bytes": budget, "within": extra <= bound}))
+    print(json.dumps({"n": args.n, "dim": args.dim, "peak_bytes": peak, "max_peak_bytes": worst,
+                      "peaks_bytes": peaks, "base_bytes": base, "embedding_bytes": emb_bytes,
+                      "budget_bytes": budget, "within": extra <= bound}))
 
 
 if __name__ == "__main__":
