@@ -12,7 +12,8 @@ label) plus a fixed budget, whatever N, in every run (the largest peak is checke
 Why every run: before the tile loop fixed glibc's mmap threshold (:mod:`tcmlib._heap`), the main heap
 ratcheted up during the first pass in some runs and not in others (same data, same numbers out): at the
 defaults below, on the shared 2-core machine, 12 runs peaked at 1.24-1.35 GB and 6 at 5.0-7.7 GB (two
-earlier single runs: 5.8 and 6.2, one of three: 8.2).  With it, 6 of 6 runs: see ``benchmarks/README.md``.
+earlier single runs: 5.8 and 6.2, one of three: 8.2).  With it, 5 of 5 runs peaked at 1.105-1.110 GB
+(``benchmarks/README.md``).
 
 Data: ``--classes`` clusters in D dimensions whose spreads differ by a factor of ~30 from class to class
 (uneven spread: what made the quantile bracket of the calibration range grow before it was bounded).

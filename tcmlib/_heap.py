@@ -14,8 +14,11 @@ main heap growing during the first pass (``benchmarks/eval_memory.py``).
 
 :func:`bound_heap` fixes the threshold at ``MMAP_THRESHOLD`` (1 MiB), which also turns the dynamic
 adjustment off: every block of 1 MiB or more is mapped and unmapped on its own, so the heap holds only
-small blocks and the peak is what is alive.  The tile loop (:func:`tcmlib.metrics._pairs.pair_tiles`)
-calls it; it changes no value.  It leaves the allocator alone where the C library is not glibc, or where
+small blocks and the peak is what is alive.  The tile loops (:func:`tcmlib.metrics._pairs.pair_tiles`,
+sharded evaluation) call it for passes over at least ``LARGE_ROWS`` embeddings, where tile buffers are
+what fills memory; it changes no value.  The setting holds for the rest of the process (glibc has no way
+back to the dynamic threshold), and a fresh map per large block costs page faults, so smaller passes --
+a training run's evaluation after each epoch -- leave the allocator as it is.  It leaves the allocator alone where the C library is not glibc, or where
 ``MALLOC_MMAP_THRESHOLD_`` (glibc's own setting) is in the environment.
 """
 
@@ -25,16 +28,22 @@ import ctypes
 import os
 import platform
 
-__all__ = ["MMAP_THRESHOLD", "bound_heap"]
+__all__ = ["MMAP_THRESHOLD", "LARGE_ROWS", "bound_heap"]
 
 MMAP_THRESHOLD = 1 << 20  # bytes: blocks from this size on get a memory map of their own
+LARGE_ROWS = 1 << 15  # passes over this many embeddings (or more) bound the heap
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 _done: bool | None = None  # None: not tried yet; then whether the threshold was set
 
 
-def bound_heap() -> bool:
-    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (once per process); whether it is set by us."""
+def bound_heap(rows: int | None = None) -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` (once per process); whether it is set by us.
+
+    ``rows``: the number of embeddings of the pass about to run; below :data:`LARGE_ROWS` nothing changes.
+    """
     global _done
+    if rows is not None and rows < LARGE_ROWS:
+        return bool(_done)
     if _done is None:
         _done = False
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" \

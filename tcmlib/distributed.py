@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tcmlib._heap import bound_heap
 from tcmlib.embedding import embed
 from tcmlib.normalize import l2_normalize
 
@@ -317,7 +318,9 @@ TILE_ROWS, TILE_COLS = 1024, 4096  # a (rows x columns) tile of similarities: 16
 
 def _tiles(n: int, n_src: int, rows: int | None = None, cols: int | None = None):  # type: ignore[no-untyped-def]
     """``(r0, c0)`` of the tiles of an (n, n_src) block, ``rows`` x ``cols`` at a time (default
-    ``TILE_ROWS`` x ``TILE_COLS``)."""
+    ``TILE_ROWS`` x ``TILE_COLS``); for large blocks their buffers are unmapped when freed
+    (:func:`tcmlib._heap.bound_heap`)."""
+    bound_heap(max(n, n_src))
     for r0 in range(0, n, rows or TILE_ROWS):
         for c0 in range(0, n_src, cols or TILE_COLS):
             yield r0, c0

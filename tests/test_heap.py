@@ -30,8 +30,11 @@ class MallInfo2(ctypes.Structure):
 
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "after-tile-loop":
+if sys.argv[1] in ("after-tile-loop", "after-small-loop"):
+    import tcmlib._heap
     from tcmlib.metrics.opis import utility_curves
+    if sys.argv[1] == "after-tile-loop":
+        tcmlib._heap.LARGE_ROWS = 300  # stands for a large pass (a real one takes minutes)
     utility_curves(torch.randn(300, 8), torch.arange(300) % 5, chunk_size=64)
 big = torch.empty(24 << 20, dtype=torch.uint8).fill_(1)  # one large block freed: glibc raises its threshold
 del big
@@ -55,14 +58,25 @@ def _heap_growth(mode: str, **env: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _grows(mode: str, tries: int = 5) -> bool:
+    """Whether the heap keeps (nearly) every buffer in one of ``tries`` fresh processes: the ratchet depends on
+    where earlier blocks happened to land, so a process shows it in most runs, not all."""
+    return any(_heap_growth(mode) > 0.8 * MIB_BUFFERS for _ in range(tries))
+
+
 def test_default_allocator_grows_the_heap():
-    """The pathology itself (so that the next test can fail): without the bound, every buffer stays in the heap."""
-    assert _heap_growth("alone") > 0.8 * MIB_BUFFERS
+    """The pathology itself (so that the next test can fail): without the bound, the buffers stay in the heap."""
+    assert _grows("alone")
 
 
 def test_tile_loop_bounds_the_heap():
-    """After a streamed metric's tile loop, the buffers leave the heap: it grows by the kept blocks only."""
-    assert _heap_growth("after-tile-loop") < 8.0  # the kept blocks: 32 x 64 KiB = 2 MiB (+ allocator slack)
+    """After a large pass's tile loop, the buffers leave the heap, in every run: it grows by the kept blocks only."""
+    assert max(_heap_growth("after-tile-loop") for _ in range(3)) < 8.0  # the kept blocks: 32 x 64 KiB = 2 MiB (+ allocator slack)
+
+
+def test_small_pass_leaves_the_allocator_alone():
+    """A pass below ``LARGE_ROWS`` (a training run's evaluation) keeps glibc's dynamic threshold."""
+    assert _grows("after-small-loop")
 
 
 def test_user_setting_is_left_alone():

@@ -262,10 +262,11 @@ def pair_tiles(pairs: SortedPairs, chunk_size: int, want: Want | None = None) ->
     """The one loop over the pairs: the :class:`Tile` s of :func:`upper_tiles` (one set: the upper triangle of
     ``rows rows^T``) or :func:`cross_tiles` (``rows cols^T``), ``min(chunk_size, N)`` rows by
     :data:`TILE_COLS` columns (:data:`GPU_TILE_COLS` on a GPU).  ``want`` (optional) skips tiles; the others are the same, bit for bit.
-    The tiles' buffers are unmapped when freed (:func:`tcmlib._heap.bound_heap`), so they cannot pile up in the heap."""
-    bound_heap()
+    From :data:`tcmlib._heap.LARGE_ROWS` rows on, the tiles' buffers are unmapped when freed
+    (:func:`tcmlib._heap.bound_heap`), so they cannot pile up in the heap."""
     xn, lab = pairs.rows, pairs.lab
     n = xn.shape[0]
+    bound_heap(n)
     chunk = min(int(chunk_size), n)
     cols, col_lab = pairs.col_side
     # the same-label columns of row block i lie in [lo[i], hi[i]) (labels sorted on both sides)
