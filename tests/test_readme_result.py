@@ -133,6 +133,15 @@ def test_readme_headline_numbers_match_the_committed_runs() -> None:
                 f"(95 % interval {pct(r['rel_low'])} to {pct(r['rel_high'])})") in block
     else:
         assert "RS@k" not in block
+    # the transformer (exploratory) once its planned pairs are in: TCM's OPIS above the base's in every pair
+    vit = plan["cells"].get("conv_vit_tiny/smooth_ap")
+    vb, vt = _pairs(runs, "conv_vit_tiny", "smooth_ap", "OPIS")
+    if vit is not None and vb.size >= vit["seeds"]:
+        assert (vt > vb).all()
+        assert (f"On a small transformer (a conv-stem ViT, {vit['length']} epochs), TCM raised test OPIS in each of "
+                f"the {vb.size} pairs we could afford ({pct((vt - vb).mean() / vb.mean())} on average)") in block
+    else:
+        assert "transformer" not in block
     # the pilot: its primary comparison's interval spans zero and its declared test (Wilcoxon) finds nothing
     p = _compare(pb, pt)
     assert p["low"] < 0 < p["high"] and stats.wilcoxon(pt, pb).pvalue >= 0.05
