@@ -73,7 +73,7 @@ same).  The histograms are (2, T + 1, K).  :func:`tcmlib.metrics.evaluation.eval
 running top-k of the retrieval, N x (max(ks, largest R) + 66) entries.  On a GPU the counting pass bins
 every entry of a tile densely (a few (chunk_size x ``GPU_TILE_COLS``) int64 temporaries on the device) and
 never waits for the device; pass 1 then keeps no pairs.  From 32k embeddings on, a freed tile buffer goes
-back to the system (:mod:`tcmlib._heap`: glibc's heap otherwise kept them in some runs, 5-8 GB at N = 100k).
+back to the system (``tcmlib._heap``: glibc's heap otherwise kept them in some runs, 5-8 GB at N = 100k).
 ``benchmarks/eval_memory.py`` measures ``tcmlib-eval``'s peak at N = 100k, the largest of several runs.
 
 Exactness: ``s`` is computed in the working dtype (float32, or float64 for float64 input) and
