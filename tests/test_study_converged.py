@@ -166,3 +166,19 @@ def test_a_cell_may_take_its_length_from_another_cells_curves() -> None:
     bad = p.__class__(**{**p.__dict__, "length_from": {"small_cnn/recall_surrogate": "conv_vit_tiny/smooth_ap"}})
     with pytest.raises(ValueError, match="its own backbone"):
         cell_length(bad, curves, "small_cnn", "recall_surrogate")
+
+
+def test_reused_run_finds_its_class_curves_with_the_study_that_trained_it() -> None:
+    """Chapter 8's converged-length study reuses the converged study's Smooth-AP and RS@k runs: their per-class
+    curves stay in ``converged/classes`` and are found from ``ch08_converged/runs.jsonl``, hash-checked."""
+    from tcmlib.study import results_path
+
+    path = results_path("ch08_converged", "cpu", smoke=False)
+    reused = [r for r in load_runs(path) if r.get("reused_from") == "converged"]
+    assert reused, "chapter 8's converged-length study reuses the converged study's runs"
+    donor = results_path("converged", "cpu", smoke=False)
+    for r in reused[:2]:
+        u = class_utility(path, r)
+        assert u.ndim == 2 and np.array_equal(u, class_utility(donor, {k: v for k, v in r.items()
+                                                                        if k != "reused_from"}))
+        assert not (path.parent / r["class_curves"]["file"]).exists()  # not copied: one file, one place

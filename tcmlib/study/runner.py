@@ -209,14 +209,18 @@ def _sha256_file(path: Path) -> str:
 def class_utility(path: str | os.PathLike, record: Mapping[str, Any]) -> Any:
     """The per-class utility curves a final run kept: float64 array (K', T), checked against its recorded sha256.
 
-    ``path``: the study's ``runs.jsonl`` (the curves lie in ``classes/`` beside it).
+    ``path``: the study's ``runs.jsonl`` (the curves lie in ``classes/`` beside it; a run reused from another
+    study keeps them in that study's folder, beside this one).
     """
     import numpy as np
 
     info = record.get("class_curves")
     if info is None:
         raise ValueError(f"run {record.get('name')} kept no per-class curves (only the converged study's final runs do)")
-    file = Path(path).parent / info["file"]
+    folder = Path(path).parent
+    if "reused_from" in record:
+        folder = folder.parent / record["reused_from"]
+    file = folder / info["file"]
     if not file.exists():
         raise FileNotFoundError(f"{file} is missing: its run's per-class curves; restore it from git")
     if _sha256_file(file) != info["sha256"]:
