@@ -309,9 +309,10 @@ def _frontier_converged_protocol(scale: str, smoke: bool) -> Protocol:
     one seed; the second was added while the first trained, before any of its numbers was read.
     """
     conv = _converged_protocol(scale, smoke)
-    common = dict(backbones=("small_cnn",), losses=FRONTIER_LOSSES, curve_seeds=(), tune_seeds=(), planned=False,
-                  horizons=(), tcm_grid=(_GRID[0],), stages=("final",), reuse=("converged",), test="t",
-                  length_from={}, budget_cpu_h={}, backbone_protocol={})
+    common: dict[str, Any] = dict(
+        backbones=("small_cnn",), losses=FRONTIER_LOSSES, curve_seeds=(), tune_seeds=(), planned=False, horizons=(),
+        tcm_grid=(_GRID[0],), stages=("final",), reuse=("converged",), test="t", length_from={}, budget_cpu_h={},
+        backbone_protocol={})
     if smoke:
         return dataclasses.replace(conv, **{**common, "losses": ("smooth_ap", "proxy_anchor", "contrastive")},
                                    final_seeds=(0, 1), epochs=2)
