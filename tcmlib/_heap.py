@@ -18,8 +18,9 @@ small blocks and the peak is what is alive.  The tile loops (:func:`tcmlib.metri
 sharded evaluation) call it for passes over at least ``LARGE_ROWS`` embeddings, where tile buffers are
 what fills memory; it changes no value.  The setting holds for the rest of the process (glibc has no way
 back to the dynamic threshold), and a fresh map per large block costs page faults, so smaller passes --
-a training run's evaluation after each epoch -- leave the allocator as it is.  It leaves the allocator alone where the C library is not glibc, or where
-``MALLOC_MMAP_THRESHOLD_`` (glibc's own setting) is in the environment.
+a training run's evaluation after each epoch -- leave the allocator as it is.  It leaves the allocator alone
+where the C library is not glibc, or where ``MALLOC_MMAP_THRESHOLD_`` (glibc's own setting) is in the
+environment.
 """
 
 from __future__ import annotations

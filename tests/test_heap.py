@@ -71,7 +71,8 @@ def test_default_allocator_grows_the_heap():
 
 def test_tile_loop_bounds_the_heap():
     """After a large pass's tile loop, the buffers leave the heap, in every run: it grows by the kept blocks only."""
-    assert max(_heap_growth("after-tile-loop") for _ in range(3)) < 8.0  # the kept blocks: 32 x 64 KiB = 2 MiB (+ allocator slack)
+    # the kept blocks: 32 x 64 KiB = 2 MiB (+ allocator slack)
+    assert max(_heap_growth("after-tile-loop") for _ in range(3)) < 8.0
 
 
 def test_small_pass_leaves_the_allocator_alone():

@@ -179,9 +179,10 @@ def text(v: Mapping[str, Any]) -> str:
         s = v["second"]
         second = (f" With RS@k as the base loss ({s['n']} paired seeds), TCM changed test OPIS by {pct(s['rel'])} "
                   f"(95 % interval {pct(s['lo'])} to {pct(s['hi'])}).")
+    vit = ""
     if "vit" in v:
         t = v["vit"]
-        second += (f" On a small transformer (a conv-stem ViT, {t['length']} epochs), TCM raised test OPIS in each "
+        vit = (f" On a small transformer (a conv-stem ViT, {t['length']} epochs), TCM raised test OPIS in each "
                    f"of the {t['n']} pairs we could afford ({pct(t['rel'])} on average): an exploratory result.")
     answer = f"""**The answer.** On the book's glyph benchmark (a small CNN trained from scratch with Smooth-AP
 for {v['length']} epochs, the longest length we tried, with validation accuracy still rising;
@@ -193,7 +194,7 @@ two-sided, α = {v['alpha']:g}) {verdict} (p = {v['p']:.2g}); with {n} pairs it 
 {100 * v['detect']:.0f} % or more with {100 * v['power']:.0f} % power, so smaller effects are not
 excluded. TCM made the model more accurate: test Recall@1 rose by {v['r1']:.1f} points
 ({v['r1_lo']:.1f} to {v['r1_hi']:.1f}) and MAP@R by {v['map']:.1f} points ({v['map_lo']:.1f} to
-{v['map_hi']:.1f}).{second} The first, smaller study (the pilot: {v['pilot_n']} pairs, {v['pilot_length']} epochs
+{v['map_hi']:.1f}).{second}{vit} The first, smaller study (the pilot: {v['pilot_n']} pairs, {v['pilot_length']} epochs
 of training, {v['pilot_test']:,} test classes) could not tell either way; chapter 13 says what it got wrong.
 [Chapter 13](notebooks/13_what_the_evidence_says.md) has the details and a short guide on
 whether to use TCM."""
