@@ -56,7 +56,7 @@ __all__ = ["Protocol", "protocol", "STUDIES", "PAPER_TCM", "FRONTIER_LOSSES", "A
            "final_seeds", "with_plan"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
-STUDIES = ("ch07", "ch08", "ch10", "converged", "ch08_converged", "converged_long")
+STUDIES = ("ch07", "ch08", "ch10", "converged", "ch08_converged", "converged_long", "ch10_converged")
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,8 @@ def protocol(study: str = "ch07", scale: str | None = None, smoke: bool | None =
         return _frontier_converged_protocol(scale, smoke)
     if study == "converged_long":
         return _longer_protocol(scale, smoke)
+    if study == "ch10_converged":
+        return _terms_converged_protocol(scale, smoke)
     losses = ("smooth_ap", "recall_surrogate")
     if smoke:
         return Protocol(backbones=("small_cnn",), losses=losses[:1], glyph_size="tiny", val_fraction=0.25,
@@ -344,6 +346,34 @@ def _longer_protocol(scale: str, smoke: bool) -> Protocol:
         horizons=(h, 2 * h), max_epochs=2 * h, final_seeds=(), tune_seeds=(), tcm_grid=(), length_from={},
         budget_cpu_h={}, backbone_protocol={})
     return dataclasses.replace(conv, **common)
+
+
+TERMS = ((0.9, 0.5, 1.0, 1.0), (0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0))  # both terms, positive alone, negative alone
+
+
+def _terms_converged_protocol(scale: str, smoke: bool) -> Protocol:
+    """Chapter 10's two terms at the converged study's settings: Smooth-AP x small CNN, the baseline, both TCM terms
+    (the paper's margins and weights), the positive term alone and the negative term alone, on the validation
+    classes (stage ``tune``), three tuning seeds, at the converged study's length (64 epochs on the CPU) with its
+    cosine schedule, per-sample augmentation and glyph preset.
+
+    Exploratory, like chapter 10's sweeps.  Its question is the one chapter 10's pilot-length runs answered most
+    sharply (the two terms moved OPIS in opposite directions); the other 13 settings of the sweep at this length
+    would cost ~6 CPU-hours more than Part II's budget had left (12 runs here: ~1.8 CPU-hours).  Fixed before any
+    of its runs.
+    """
+    conv = _converged_protocol(scale, smoke)
+    common: dict[str, Any] = dict(
+        backbones=("small_cnn",), losses=("smooth_ap",), stages=("tune",), reuse=(), planned=False, horizons=(),
+        curve_seeds=(), final_seeds=(), tcm_grid=TERMS, length_from={}, budget_cpu_h={}, backbone_protocol={},
+        class_curves_every=0)
+    if smoke:
+        return dataclasses.replace(conv, **common, tune_seeds=(100,), epochs=2)
+    if scale == "cpu":
+        return dataclasses.replace(conv, **common, tune_seeds=(100, 101, 102), epochs=64)
+    if scale == "gpu":
+        return dataclasses.replace(conv, **common, tune_seeds=(100, 101, 102), epochs=conv.max_epochs)
+    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
 
 
 def converged_length(ends: Mapping[str, Mapping[int, float]], horizons: Sequence[int], tol: float
