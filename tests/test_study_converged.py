@@ -182,3 +182,51 @@ def test_reused_run_finds_its_class_curves_with_the_study_that_trained_it() -> N
         assert u.ndim == 2 and np.array_equal(u, class_utility(donor, {k: v for k, v in r.items()
                                                                         if k != "reused_from"}))
         assert not (path.parent / r["class_curves"]["file"]).exists()  # not copied: one file, one place
+
+
+def test_longer_study_reuses_the_converged_curves_and_doubles_the_longest_length() -> None:
+    """``converged_long`` trains only the doubled length: its shorter length's configs are, key for key, the
+    converged study's longest curves, which its ``reuse`` takes from the committed file."""
+    from tcmlib.study import cells, results_path
+
+    conv, long = protocol("converged", "cpu", smoke=False), protocol("converged_long", "cpu", smoke=False)
+    assert long.horizons == (conv.horizons[-1], 2 * conv.horizons[-1]) and long.length_tol == conv.length_tol
+    assert cells(long) == [("small_cnn", "smooth_ap")] and long.reuse == ("converged",)
+    wanted = stage_configs(long, [], "small_cnn", "smooth_ap", "curves")
+    assert wanted is not None
+    assert {c.epochs for _, c in wanted} == set(long.horizons)
+    donor = {r["key"] for r in load_runs(results_path("converged", "cpu", smoke=False)) if r["stage"] == "curves"}
+    short = {config_key(c) for _, c in wanted if c.epochs == conv.horizons[-1]}
+    longer = [c for _, c in wanted if c.epochs == 2 * conv.horizons[-1]]
+    assert len(short) == 2 * len(conv.curve_seeds) and short <= donor
+    assert longer and not {config_key(c) for c in longer} & donor
+    assert {(c.lr_schedule, c.augment_rng, c.glyph_size) for c in longer} == {("cosine", "sample", conv.glyph_size)}
+
+
+def test_smoke_longer_study_trains_only_what_the_converged_study_lacks(tmp_path: Path) -> None:
+    root, cache = tmp_path / "results", tmp_path / "runs"
+    reproduce("converged", smoke=True, results_root=root, cache_dir=cache, progress=False)
+    runs = load_runs(reproduce("converged_long", smoke=True, results_root=root, cache_dir=cache, progress=False))
+    p = protocol("converged_long", smoke=True)
+    short, longer = p.horizons
+    assert {r["config"]["epochs"] for r in runs if "reused_from" in r} == {short}
+    assert {r["config"]["epochs"] for r in runs if "reused_from" not in r} == {longer}
+    from tcmlib.study import cell_length
+    length, _ = cell_length(p, runs, "small_cnn", "smooth_ap")
+    assert length in p.horizons  # the rule reads the two lengths
+
+
+def test_terms_study_trains_each_term_alone_at_the_converged_settings() -> None:
+    from tcmlib.study import ABLATION_TERMS
+    conv, p = protocol("converged", "cpu", smoke=False), protocol("ch10_converged", "cpu", smoke=False)
+    plan = load_plan(plan_path("converged", "cpu", smoke=False))
+    assert plan is not None and p.epochs == plan["cells"]["small_cnn/smooth_ap"]["length"]
+    wanted = stage_configs(p, [], "small_cnn", "smooth_ap", "tune")
+    assert wanted is not None and len(wanted) == len(p.tune_seeds) * (1 + len(ABLATION_TERMS)) and len(p.tune_seeds) >= 3
+    names = {v for v, _ in wanted}
+    assert names == {"base", *(variant_name({"margin_pos": mp, "margin_neg": mn, "lambda_pos": lp, "lambda_neg": ln})
+                               for mp, mn, lp, ln in ABLATION_TERMS)}
+    for v, c in wanted:
+        got = (c.lr_schedule, c.augment_rng, c.glyph_size, c.epochs)
+        assert got == ("cosine", "sample", conv.glyph_size, p.epochs)
+        assert not set(p.tune_seeds) & set(range(20))  # tuning seeds are not final seeds

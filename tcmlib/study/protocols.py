@@ -50,7 +50,8 @@ from tcmlib.runtime import is_smoke, scale as default_scale
 from tcmlib.train import TrainConfig, load_config
 
 __all__ = ["Protocol", "protocol", "STUDIES", "PAPER_TCM", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS",
-           "PRIMARY", "EFFECT_OF_INTEREST", "TARGET_POWER", "SELECTED_SEEDS", "for_backbone", "cells", "variant_name",
+           "ABLATION_TERMS", "PRIMARY", "EFFECT_OF_INTEREST", "TARGET_POWER", "SELECTED_SEEDS", "for_backbone", "cells",
+           "variant_name",
            "make_config", "stage_configs", "plateau_epoch", "converged_length", "cell_length", "training_length",
            "select_setting", "tuning_means", "selected_setting", "tuning_fell_back", "power_plan", "smoke_plan",
            "final_seeds", "with_plan"]
@@ -348,7 +349,8 @@ def _longer_protocol(scale: str, smoke: bool) -> Protocol:
     return dataclasses.replace(conv, **common)
 
 
-TERMS = ((0.9, 0.5, 1.0, 1.0), (0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0))  # both terms, positive alone, negative alone
+# chapter 10 at the converged length: both terms (the paper's setting), the positive term alone, the negative alone
+ABLATION_TERMS = ((0.9, 0.5, 1.0, 1.0), (0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0))
 
 
 def _terms_converged_protocol(scale: str, smoke: bool) -> Protocol:
@@ -365,8 +367,8 @@ def _terms_converged_protocol(scale: str, smoke: bool) -> Protocol:
     conv = _converged_protocol(scale, smoke)
     common: dict[str, Any] = dict(
         backbones=("small_cnn",), losses=("smooth_ap",), stages=("tune",), reuse=(), planned=False, horizons=(),
-        curve_seeds=(), final_seeds=(), tcm_grid=TERMS, length_from={}, budget_cpu_h={}, backbone_protocol={},
-        class_curves_every=0)
+        curve_seeds=(), final_seeds=(), tcm_grid=ABLATION_TERMS, length_from={}, budget_cpu_h={},
+        backbone_protocol={}, class_curves_every=0)
     if smoke:
         return dataclasses.replace(conv, **common, tune_seeds=(100,), epochs=2)
     if scale == "cpu":
