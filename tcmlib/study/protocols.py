@@ -51,10 +51,9 @@ from tcmlib.train import TrainConfig, load_config
 
 __all__ = ["Protocol", "protocol", "STUDIES", "PAPER_TCM", "FRONTIER_LOSSES", "ABLATION_MARGINS", "ABLATION_WEIGHTS",
            "ABLATION_TERMS", "PRIMARY", "EFFECT_OF_INTEREST", "TARGET_POWER", "SELECTED_SEEDS", "for_backbone", "cells",
-           "variant_name",
-           "make_config", "stage_configs", "plateau_epoch", "converged_length", "cell_length", "training_length",
-           "select_setting", "tuning_means", "selected_setting", "tuning_fell_back", "power_plan", "smoke_plan",
-           "final_seeds", "with_plan"]
+           "variant_name", "make_config", "stage_configs", "plateau_epoch", "converged_length", "cell_length",
+           "training_length", "select_setting", "tuning_means", "selected_setting", "tuning_fell_back", "power_plan",
+           "smoke_plan", "final_seeds", "with_plan"]
 
 PAPER_TCM = {"margin_pos": 0.9, "margin_neg": 0.5, "lambda_pos": 1.0, "lambda_neg": 1.0}
 STUDIES = ("ch07", "ch08", "ch10", "converged", "ch08_converged", "converged_long", "ch10_converged")
@@ -350,7 +349,7 @@ def _longer_protocol(scale: str, smoke: bool) -> Protocol:
 
 
 # chapter 10 at the converged length: both terms (the paper's setting), the positive term alone, the negative alone
-ABLATION_TERMS = ((0.9, 0.5, 1.0, 1.0), (0.9, 0.5, 1.0, 0.0), (0.9, 0.5, 0.0, 1.0))
+ABLATION_TERMS = (_GRID[0], *ABLATION_WEIGHTS[-2:])
 
 
 def _terms_converged_protocol(scale: str, smoke: bool) -> Protocol:
@@ -369,13 +368,8 @@ def _terms_converged_protocol(scale: str, smoke: bool) -> Protocol:
         backbones=("small_cnn",), losses=("smooth_ap",), stages=("tune",), reuse=(), planned=False, horizons=(),
         curve_seeds=(), final_seeds=(), tcm_grid=ABLATION_TERMS, length_from={}, budget_cpu_h={},
         backbone_protocol={}, class_curves_every=0)
-    if smoke:
-        return dataclasses.replace(conv, **common, tune_seeds=(100,), epochs=2)
-    if scale == "cpu":
-        return dataclasses.replace(conv, **common, tune_seeds=(100, 101, 102), epochs=64)
-    if scale == "gpu":
-        return dataclasses.replace(conv, **common, tune_seeds=(100, 101, 102), epochs=conv.max_epochs)
-    raise ValueError(f"unknown scale {scale!r}; choose 'cpu' or 'gpu'")
+    seeds = (100,) if smoke else (100, 101, 102)
+    return dataclasses.replace(conv, **common, tune_seeds=seeds, epochs=conv.horizons[-1])
 
 
 def converged_length(ends: Mapping[str, Mapping[int, float]], horizons: Sequence[int], tol: float
